@@ -1,0 +1,92 @@
+"""The driver: load -> PassManager(pipeline) -> target.lower -> Artifact, in one function."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import ir, plugins
+from .errors import UsageError
+from .instruments import BisectLimit, VerifyEach
+from .pass_manager import Instrument, PassContext, PassManager
+from .pipelines import pipeline_for_level
+from .targets import Artifact, get_target
+
+
+def compile(
+    model: ir.ModelSource,
+    target: str = "onnx",
+    opt_level: int | str = 2,
+    passes: str | None = None,
+    *,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    instruments: Sequence[Instrument] = (),
+    verify_each: bool = False,
+    opt_bisect_limit: int | None = None,
+    load_plugins: Sequence[str] = (),
+    **target_options: Any,
+) -> Artifact:
+    """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
+
+    ``passes`` (pipeline text) replaces the pipeline of ``opt_level`` when given.
+    The artifact also carries ``source`` (the loaded input model) and ``pass_records``.
+    """
+    for path in load_plugins:
+        plugins.load_plugin_file(path)
+    backend = get_target(target)(**target_options)
+    backend.check_available()
+    source = ir.load_model(model)
+    graph = ir.to_graph(ir.infer_shapes(source))
+    bind_input_shapes(graph, input_shapes or {})
+    instruments = list(instruments)
+    if verify_each:
+        instruments.append(VerifyEach(source))
+    if opt_bisect_limit is not None:
+        instruments.append(BisectLimit(opt_bisect_limit))
+    manager = PassManager(passes if passes is not None else pipeline_for_level(opt_level), instruments)
+    records = manager.run(graph, PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {})))
+    artifact = backend.lower(ir.from_graph(graph, source))
+    artifact.source = source
+    artifact.pass_records = records
+    artifact.pipeline = str(manager)
+    return artifact
+
+
+def optimize(model: ir.ModelSource, opt_level: int | str = 2, passes: str | None = None, **kwargs: Any) -> onnx.ModelProto:
+    """Run the pipeline and return the optimized ``onnx.ModelProto`` (the ``onnx`` target's model)."""
+    kwargs.setdefault("target", "onnx")
+    return compile(model, opt_level=opt_level, passes=passes, **kwargs).model
+
+
+def bind_input_shapes(graph: gs.Graph, shapes: dict[str, Sequence[int]]) -> None:
+    """Replace the (possibly symbolic) shapes of graph inputs by concrete ones."""
+    by_name = {t.name: t for t in graph.inputs}
+    for name, shape in shapes.items():
+        if name not in by_name:
+            raise UsageError(f"--input-shape names {name!r}, which is not a model input "
+                             f"(inputs: {', '.join(map(repr, by_name))})")
+        tensor = by_name[name]
+        if tensor.shape is not None and len(tensor.shape) != len(shape):
+            raise UsageError(f"--input-shape {name}: rank {len(shape)} given, the model's input has rank {len(tensor.shape)}")
+        for old, new in zip(tensor.shape or [], shape):
+            if isinstance(old, int) and old > 0 and old != new:
+                raise UsageError(f"--input-shape {name}: dimension {new} given where the model fixes {old}")
+        if any(int(d) <= 0 for d in shape):
+            raise UsageError(f"--input-shape {name}: dimensions must be positive")
+        tensor.shape = [int(d) for d in shape]
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["x:1x3x224x224", "ids:1,128"]`` -> ``{"x": (1, 3, 224, 224), "ids": (1, 128)}``."""
+    out = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = tuple(int(d) for d in dims.replace(",", "x").split("x"))
+        except ValueError:
+            raise UsageError(f"bad --input-shape {spec!r}; expected NAME:1x3x224x224") from None
+    return out

@@ -1,0 +1,455 @@
+"""Loading, validating and saving ONNX models; conversion to and from onnx-graphsurgeon.
+
+The pass pipeline works on an ``onnx_graphsurgeon.Graph``. Everything the graph does not carry
+(metadata, doc strings, model version, training info) is copied back from the source model on
+export, so a round trip through ``to_graph``/``from_graph`` loses nothing a user would notice.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import InvalidModelError, UsageError
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+# Protobuf cannot serialize a message above 2 GiB; big models go to a side file.
+PROTOBUF_LIMIT = 2**31 - 1
+# Above this total initializer size ``save_model`` writes external data by default.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+# Domains we accept without a schema check: ONNX Runtime's contrib ops.
+RUNTIME_DOMAINS = {"com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc"}
+ONNX_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(source: ModelSource, *, validate: bool = True) -> onnx.ModelProto:
+    """Load a model from a path, bytes or a ``ModelProto`` (which is copied, never modified).
+
+    External data is loaded after checking that every location stays inside the model's folder.
+    Raises ``InvalidModelError`` with a one-line message for anything malformed.
+    """
+    base_dir: Path | None = None
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    elif isinstance(source, (bytes, bytearray)):
+        model = _parse(bytes(source), "<bytes>")
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InvalidModelError(f"{path}: no such file")
+        if path.is_dir():
+            raise InvalidModelError(f"{path}: is a directory, expected an .onnx file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InvalidModelError(f"{path}: cannot read: {e.strerror}") from None
+        model = _parse(data, str(path))
+        base_dir = path.resolve().parent
+    else:
+        raise TypeError(f"cannot load a model from {type(source).__name__}")
+
+    if _has_external_data(model):
+        if base_dir is None:
+            raise InvalidModelError(
+                "model refers to external data but was not loaded from a file; pass its path"
+            )
+        load_external_data(model, base_dir)
+    if validate:
+        validate_model(model)
+    return model
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError(f"{where}: empty file, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise InvalidModelError(f"{where}: not an ONNX model (protobuf parse failed; truncated or wrong file?)") from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise InvalidModelError(f"{where}: not an ONNX model (no graph or ir_version)")
+    return model
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graphs(g)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers and Constant-node/attribute values."""
+    for g in iter_graphs(model.graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in iter_tensors(model))
+
+
+def _safe_location(base_dir: Path, location: str) -> Path:
+    """Resolve an external-data location, refusing anything that leaves ``base_dir``."""
+    if not location:
+        raise InvalidModelError("external data entry has an empty location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise InvalidModelError(f"external data location {location!r} is absolute; refused")
+    parts = Path(location).parts
+    if ".." in parts:
+        raise InvalidModelError(f"external data location {location!r} leaves the model's folder; refused")
+    path = base_dir / location
+    # Refuse links anywhere on the way (a link could point outside the folder).
+    probe = base_dir
+    for part in parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise InvalidModelError(f"external data location {location!r} is a symbolic link; refused")
+    if not path.resolve().is_relative_to(base_dir.resolve()):
+        raise InvalidModelError(f"external data location {location!r} leaves the model's folder; refused")
+    if not path.is_file():
+        raise InvalidModelError(f"external data file {location!r} is missing (looked in {base_dir})")
+    return path
+
+
+def load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read every external tensor into memory after checking its location, offset and length."""
+    for tensor in iter_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        path = _safe_location(base_dir, info.location)
+        size = path.stat().st_size
+        offset = int(info.offset or 0)
+        expected = _tensor_nbytes(tensor)
+        length = int(info.length) if info.length else (expected if expected is not None else size - offset)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InvalidModelError(
+                f"external data for tensor {tensor.name!r} runs past the end of {info.location!r} "
+                f"(offset {offset} + length {length} > {size} bytes)"
+            )
+        with open(path, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,):
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_model(model: onnx.ModelProto) -> None:
+    """Structural checks with one-line messages, then the ONNX checker."""
+    graph = model.graph
+    if len(graph.node) == 0:
+        raise InvalidModelError("graph is empty: it has no nodes")
+    if len(graph.output) == 0:
+        raise InvalidModelError("graph has no outputs")
+    _check_opsets(model)
+    _check_ops(model)
+    for g in iter_graphs(graph):
+        _check_names_and_cycles(g, top_level=g is graph)
+    _check_tensor_sizes(model)
+    for vi in list(graph.input) + list(graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value < 0:
+                raise InvalidModelError(f"tensor {vi.name!r} has a negative dimension {d.dim_value}")
+    try:
+        onnx.checker.check_model(_without_raw_data(model) if model.ByteSize() > PROTOBUF_LIMIT else model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise InvalidModelError(f"ONNX checker: {first}") from None
+
+
+def _without_raw_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with initializer payloads dropped: small enough for the checker."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for t in iter_tensors(light):
+        if t.raw_data:
+            t.ClearField("raw_data")
+            t.dims[:] = [0]
+    return light
+
+
+def _opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return imp.version
+    return 0
+
+
+def _check_opsets(model: onnx.ModelProto) -> None:
+    supported = onnx.defs.onnx_opset_version()
+    version = _opset_version(model, "")
+    if version > supported:
+        raise InvalidModelError(
+            f"model uses ONNX opset {version}, newer than the installed onnx {onnx.__version__} supports ({supported}); "
+            "upgrade onnx or export with an older opset"
+        )
+
+
+def _check_ops(model: onnx.ModelProto) -> None:
+    imports = {imp.domain or "": imp.version for imp in model.opset_import}
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    function_domains = {f.domain for f in model.functions}
+    bodies = [g.node for g in iter_graphs(model.graph)] + [f.node for f in model.functions]
+    for nodes in bodies:
+        for node in nodes:
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if (domain, node.op_type) in local_functions:
+                continue
+            if domain in ONNX_DOMAINS:
+                version = imports.get(domain, imports.get("ai.onnx", 0) if domain == "" else 0)
+                if not onnx.defs.has(node.op_type, max_inclusive_version=max(version, 1), domain=domain):
+                    where = f"domain {domain!r}" if domain else "the ONNX standard"
+                    raise InvalidModelError(
+                        f"unknown op {node.op_type!r} (node {node.name or '<unnamed>'!r}) in {where} at opset {version}"
+                    )
+            elif domain not in RUNTIME_DOMAINS and domain not in function_domains:
+                raise InvalidModelError(
+                    f"unknown op domain {node.domain!r} (op {node.op_type!r}, node {node.name or '<unnamed>'!r})"
+                )
+
+
+def _check_names_and_cycles(graph: onnx.GraphProto, top_level: bool) -> None:
+    produced: dict[str, str] = {}
+    for vi in graph.input:
+        produced.setdefault(vi.name, "graph input")
+    for init in graph.initializer:
+        if init.name in produced and produced[init.name] != "graph input":
+            raise InvalidModelError(f"duplicate tensor name {init.name!r}: initializer defined twice")
+        produced[init.name] = "initializer"
+    names = Counter(vi.name for vi in graph.input)
+    dup = [n for n, c in names.items() if c > 1]
+    if dup:
+        raise InvalidModelError(f"duplicate tensor name {dup[0]!r}: graph input listed twice")
+    producer_of: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            if not out:
+                continue
+            if out in produced or out in producer_of:
+                other = produced.get(out) or f"node {graph.node[producer_of[out]].name!r}"
+                raise InvalidModelError(
+                    f"duplicate tensor name {out!r}: produced by node {node.name or node.op_type!r} and by {other}"
+                )
+            producer_of[out] = i
+    # Kahn's algorithm over the node list; whatever remains sits on (or behind) a cycle.
+    deps: list[set[int]] = []
+    for node in graph.node:
+        deps.append({producer_of[x] for x in _node_inputs(node) if x in producer_of})
+    users: dict[int, list[int]] = {i: [] for i in range(len(graph.node))}
+    indeg = [0] * len(graph.node)
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+        indeg[i] = len(d)
+    ready = [i for i, n in enumerate(indeg) if n == 0]
+    seen = 0
+    while ready:
+        i = ready.pop()
+        seen += 1
+        for u in users[i]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+    if seen != len(graph.node):
+        stuck = [graph.node[i].name or graph.node[i].op_type for i, n in enumerate(indeg) if n > 0]
+        raise InvalidModelError(f"graph contains a cycle (through nodes {', '.join(map(repr, stuck[:4]))})")
+
+
+def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """Inputs of a node including outer-scope names its subgraphs read."""
+    yield from (x for x in node.input if x)
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            yield from _outer_scope_reads(g)
+
+
+def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+    local = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    local |= {o for n in graph.node for o in n.output}
+    reads = set()
+    for n in graph.node:
+        reads.update(x for x in _node_inputs(n) if x)
+    reads.update(o.name for o in graph.output)
+    return reads - local
+
+
+def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+    for t in iter_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise InvalidModelError(f"tensor {t.name!r} has a negative dimension {list(t.dims)}")
+        if t.raw_data:
+            expected = _tensor_nbytes(t)
+            if expected is not None and expected != len(t.raw_data):
+                raise InvalidModelError(
+                    f"tensor {t.name!r} has shape {list(t.dims)} ({expected} bytes) but holds {len(t.raw_data)} bytes"
+                )
+
+
+# ----------------------------------------------------------------------------- graph conversion
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with ONNX shape inference applied, so passes see dtypes and shapes; the model
+    itself when inference fails (passes then work with what the model declares)."""
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import into onnx-graphsurgeon, the IR the passes work on."""
+    return gs.import_onnx(model)
+
+
+def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graph, restoring model-level fields of ``template`` that graphsurgeon drops."""
+    kwargs = {}
+    if template is not None:
+        kwargs["opset_imports"] = _merged_opsets(graph, template)
+    model = gs.export_onnx(graph, do_type_check=False, **kwargs)
+    if template is not None:
+        model.ir_version = template.ir_version
+        model.producer_name = template.producer_name
+        model.producer_version = template.producer_version
+        model.domain = template.domain
+        model.model_version = template.model_version
+        model.doc_string = template.doc_string
+        model.graph.doc_string = template.graph.doc_string
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+        del model.training_info[:]
+        model.training_info.extend(template.training_info)
+    return model
+
+
+def _merged_opsets(graph: gs.Graph, template: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
+    """Keep the template's opset imports, adding domains that passes introduced."""
+    versions = {imp.domain: imp.version for imp in template.opset_import}
+    for imp in gs_domains(graph):
+        versions.setdefault(imp, 1)
+    return [onnx.helper.make_opsetid(d, v) for d, v in versions.items()]
+
+
+def gs_domains(graph: gs.Graph) -> set[str]:
+    domains = set()
+    for node in graph.nodes:
+        if node.domain and node.domain != "ai.onnx":
+            domains.add(node.domain)
+        for sub in node.subgraphs():
+            domains |= gs_domains(sub)
+    return domains
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in iter_tensors(model))
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+    """Write ``model`` atomically: into a temporary folder beside ``path``, then rename into place.
+
+    ``external_data=None`` decides by size: models whose tensors exceed ~1.8 GB (protobuf's limit
+    is 2 GiB) get their tensors in ``<name>.data`` next to the model. Returns the files written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a directory")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {path}: folder {folder} is not writable")
+    if external_data is None:
+        external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    written: list[Path] = []
+    try:
+        if external_data:
+            data_name = path.name + ".data"
+            out = onnx.ModelProto()
+            out.CopyFrom(model)  # conversion mutates tensors; the caller's model stays intact
+            _write_external(out, tmp / data_name, data_name)
+            (tmp / path.name).write_bytes(out.SerializeToString(deterministic=True))
+            pairs = [(tmp / data_name, folder / data_name), (tmp / path.name, path)]
+        else:
+            (tmp / path.name).write_bytes(model.SerializeToString(deterministic=True))
+            pairs = [(tmp / path.name, path)]
+        for src, dst in pairs:
+            os.replace(src, dst)
+            written.append(dst)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    except ValueError as e:  # protobuf refuses >2 GiB messages
+        raise UsageError(f"cannot write {path}: {e}; use external data") from None
+    finally:
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+    return written
+
+
+def _write_external(model: onnx.ModelProto, data_path: Path, location: str, threshold: int = 1024) -> None:
+    """Move every tensor payload above ``threshold`` bytes into one side file, 64-byte aligned."""
+    offset = 0
+    with open(data_path, "wb") as f:
+        for t in iter_tensors(model):
+            if not t.HasField("raw_data") or len(t.raw_data) < threshold:
+                continue
+            pad = (-offset) % 64
+            f.write(b"\0" * pad)
+            offset += pad
+            data = t.raw_data
+            f.write(data)
+            external_data_helper.set_external_data(t, location=location, offset=offset, length=len(data))
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.ClearField("raw_data")
+            offset += len(data)

@@ -1,0 +1,121 @@
+"""The textual pipeline language and the -O levels.
+
+    pipeline := item ("," item)*
+    item     := NAME ["{" key=value ("," key=value)* "}"]      a pass with options
+              | "fixpoint" ["{max-iterations=N}"] "(" pipeline ")"
+              | "default<O2>"                                  an -O level, inline
+
+Example: ``dce,fold-constants{size-limit=1MB},fixpoint(cse,dce)``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UsageError
+from .pass_manager import Fixpoint, get_pass
+
+# Every -O level, top to bottom, in one place. `infoptc passes --pipeline -O2` prints these.
+OPT_LEVELS: dict[str, str] = {
+    # Nothing: the model is only validated and re-serialized.
+    "O0": "",
+    # Cleanup that cannot change arithmetic (bit-identical outputs).
+    "O1": "fixpoint(dce,eliminate-noops),toposort",
+    # O1 plus folding and standard fusions.
+    "O2": "fixpoint(dce,eliminate-noops),toposort",
+    # O2 plus target-specific fusions and layout-sensitive rewrites.
+    "O3": "fixpoint(dce,eliminate-noops),toposort",
+    # Size: deduplicate and fold without blowing constants up.
+    "Os": "fixpoint(dce,eliminate-noops),toposort",
+}
+
+
+def opt_level_name(level: int | str) -> str:
+    key = str(level).lstrip("-")
+    key = key if key.startswith("O") else f"O{key}"
+    if key not in OPT_LEVELS:
+        raise UsageError(f"unknown optimization level {level!r}; choose one of -O0 -O1 -O2 -O3 -Os")
+    return key
+
+
+def pipeline_for_level(level: int | str) -> str:
+    return OPT_LEVELS[opt_level_name(level)]
+
+
+_TOKEN = re.compile(r"\s*(?:(default<[A-Za-z0-9]+>)|([A-Za-z0-9_.\-]+)|(.))")
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = [m.group(0).strip() for m in _TOKEN.finditer(text) if m.group(0).strip()]
+        self.pos = 0
+
+    def peek(self) -> str | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            want = f"{expected!r}" if expected else "a pass name"
+            got = "end of text" if tok is None else repr(tok)
+            raise UsageError(f"bad pipeline {self.text!r}: expected {want}, got {got}")
+        self.pos += 1
+        return tok
+
+    def pipeline(self, closing: str | None = None) -> list:
+        items = []
+        if self.peek() in (None, closing):
+            return items
+        while True:
+            items.extend(self.item())
+            if self.peek() != ",":
+                return items
+            self.take(",")
+
+    def item(self) -> list:
+        name = self.take()
+        if name.startswith("default<"):
+            return parse_pipeline(pipeline_for_level(name[len("default<") : -1]))
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise UsageError(f"bad pipeline {self.text!r}: unexpected {name!r}")
+        options = self.options() if self.peek() == "{" else {}
+        if name == "fixpoint":
+            self.take("(")
+            inner = self.pipeline(")")
+            self.take(")")
+            unknown = set(options) - {"max-iterations"}
+            if unknown:
+                raise UsageError(f"unknown option {sorted(unknown)[0]!r} for fixpoint; it takes max-iterations")
+            try:
+                limit = int(options.get("max-iterations", 8))
+            except ValueError:
+                raise UsageError("fixpoint max-iterations must be an integer") from None
+            return [Fixpoint(inner, max_iterations=limit)]
+        return [get_pass(name)(**options)]
+
+    def options(self) -> dict[str, str]:
+        self.take("{")
+        opts: dict[str, str] = {}
+        while self.peek() != "}":
+            key = self.take()
+            self.take("=")
+            value = []
+            while self.peek() not in (",", "}", None):
+                value.append(self.take())
+            if not value:
+                raise UsageError(f"bad pipeline {self.text!r}: option {key!r} has no value")
+            opts[key] = "".join(value)
+            if self.peek() == ",":
+                self.take(",")
+        self.take("}")
+        return opts
+
+
+def parse_pipeline(text: str) -> list:
+    """Parse pipeline text into a list of pass instances and ``Fixpoint`` groups."""
+    parser = _Parser(text)
+    items = parser.pipeline()
+    if parser.peek() is not None:
+        raise UsageError(f"bad pipeline {text!r}: unexpected {parser.peek()!r}")
+    return items
