@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, analysis, config, ir, plugins
+from . import __version__, analysis, commands, config, ir, plugins
 from .errors import InfoptcError, UsageError
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 4
@@ -108,12 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--save-outputs", metavar="OUT.npz", help="write the outputs to an .npz file")
     _common(r)
+    COMMANDS.update(commands.add_all(sub, _common))
     return parser
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
     """The bare form: a first argument that is not a command or a flag means `compile`."""
     argv = list(argv)
+    if not COMMANDS.keys() - {"compile", "passes", "targets", "inspect", "run"}:
+        build_parser()  # registers the extra commands' names
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         argv.insert(0, "compile")
     return argv

@@ -1,3 +1,8 @@
-"""Built-in passes. Each module registers its passes on import; one module per pass family."""
+"""Built-in passes, one module per pass family. Every module in this package is imported
+here, and its passes register themselves by decorator; a new pass only needs a new module."""
 
-from . import dce, eliminate_noops, toposort  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
