@@ -28,8 +28,8 @@ from .errors import InfoptcError, UsageError
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 4
 
-out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)  # follows sys.stdout, so tests can capture it
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 log = logging.getLogger("infoptc")
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}

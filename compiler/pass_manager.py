@@ -333,7 +333,7 @@ class PassManager:
         except Exception as e:  # a pass bug must name the pass, not surface as a traceback
             raise CompileError(f"pass {p.name!r} failed: {type(e).__name__}: {e}") from e
         if isinstance(result, dict):
-            result = PassResult(changed=bool(result), counters=result)
+            result = PassResult(counters=result)  # changes are then found by fingerprint
         result = result or PassResult()
         record.changed = bool(result.changed) or fingerprint(graph) != before
         if record.changed:

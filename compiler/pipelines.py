@@ -78,7 +78,7 @@ class _Parser:
         if name.startswith("default<"):
             return parse_pipeline(pipeline_for_level(name[len("default<") : -1]))
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-            raise UsageError(f"bad pipeline {self.text!r}: unexpected {name!r}")
+            raise UsageError(f"bad pipeline {self.text!r}: expected a pass name, got {name!r}")
         options = self.options() if self.peek() == "{" else {}
         if name == "fixpoint":
             self.take("(")
