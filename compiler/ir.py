@@ -183,15 +183,24 @@ def validate_model(model: onnx.ModelProto) -> None:
         raise InvalidModelError("graph has no outputs")
     _check_opsets(model)
     _check_ops(model)
-    for g in iter_graphs(graph):
-        _check_names_and_cycles(g, top_level=g is graph)
+    order = [_check_names_and_cycles(g) for g in iter_graphs(graph)][0]
     _check_tensor_sizes(model)
     for vi in list(graph.input) + list(graph.output):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value < 0:
                 raise InvalidModelError(f"tensor {vi.name!r} has a negative dimension {d.dim_value}")
+    checked = _without_raw_data(model) if model.ByteSize() > PROTOBUF_LIMIT else model
+    if order != sorted(order):  # unsorted but acyclic: the checker insists on order, we don't
+        if checked is model:
+            checked = onnx.ModelProto()
+            checked.CopyFrom(model)
+        nodes = [onnx.NodeProto() for _ in order]
+        for dst, i in zip(nodes, order):
+            dst.CopyFrom(model.graph.node[i])
+        del checked.graph.node[:]
+        checked.graph.node.extend(nodes)
     try:
-        onnx.checker.check_model(_without_raw_data(model) if model.ByteSize() > PROTOBUF_LIMIT else model)
+        onnx.checker.check_model(checked)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise InvalidModelError(f"ONNX checker: {first}") from None
@@ -248,7 +257,8 @@ def _check_ops(model: onnx.ModelProto) -> None:
                 )
 
 
-def _check_names_and_cycles(graph: onnx.GraphProto, top_level: bool) -> None:
+def _check_names_and_cycles(graph: onnx.GraphProto) -> list[int]:
+    """Check SSA names and acyclicity; return a topological order of the node indices."""
     produced: dict[str, str] = {}
     for vi in graph.input:
         produced.setdefault(vi.name, "graph input")
@@ -281,18 +291,19 @@ def _check_names_and_cycles(graph: onnx.GraphProto, top_level: bool) -> None:
         for j in d:
             users[j].append(i)
         indeg[i] = len(d)
-    ready = [i for i, n in enumerate(indeg) if n == 0]
-    seen = 0
+    ready = [i for i, n in reversed(list(enumerate(indeg))) if n == 0]
+    order: list[int] = []
     while ready:
         i = ready.pop()
-        seen += 1
-        for u in users[i]:
+        order.append(i)
+        for u in reversed(users[i]):
             indeg[u] -= 1
             if indeg[u] == 0:
                 ready.append(u)
-    if seen != len(graph.node):
+    if len(order) != len(graph.node):
         stuck = [graph.node[i].name or graph.node[i].op_type for i, n in enumerate(indeg) if n > 0]
         raise InvalidModelError(f"graph contains a cycle (through nodes {', '.join(map(repr, stuck[:4]))})")
+    return order
 
 
 def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
