@@ -29,11 +29,13 @@ def parameter_count(model: onnx.ModelProto) -> int:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
+    return ir.model_bytes(model)
 
 
 def _shape_map(model: onnx.ModelProto, bind: dict[str, int]) -> dict[str, tuple]:
     """Static shapes of every value, symbolic dims bound (default 1) before inference."""
+    if ir.is_large(model):
+        return {}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for vi in m.graph.input:

@@ -240,7 +240,7 @@ def _size_facts(model) -> dict:
     return {
         "nodes": analysis.node_count(model),
         "initializers": sum(len(g.initializer) for g in ir.iter_graphs(model.graph)),
-        "bytes": model.ByteSize(),
+        "bytes": analysis.model_bytes(model),
         "ops": dict(analysis.op_histogram(model)),
     }
 

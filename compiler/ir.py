@@ -189,7 +189,7 @@ def validate_model(model: onnx.ModelProto) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value < 0:
                 raise InvalidModelError(f"tensor {vi.name!r} has a negative dimension {d.dim_value}")
-    checked = _without_raw_data(model) if model.ByteSize() > PROTOBUF_LIMIT else model
+    checked = _without_raw_data(model) if is_large(model) else model
     if order != sorted(order):  # unsorted but acyclic: the checker insists on order, we don't
         if checked is model:
             checked = onnx.ModelProto()
@@ -343,7 +343,7 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with ONNX shape inference applied, so passes see dtypes and shapes; the model
     itself when inference fails (passes then work with what the model declares)."""
-    if model.ByteSize() > PROTOBUF_LIMIT:
+    if is_large(model):
         return model
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -361,7 +361,24 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
     kwargs = {}
     if template is not None:
         kwargs["opset_imports"] = _merged_opsets(graph, template)
-    model = gs.export_onnx(graph, do_type_check=False, **kwargs)
+    # Protobuf cannot copy a >2 GiB message into a list (graphsurgeon's exporter does), so big
+    # constants are exported as empty placeholders and their payload is attached afterwards.
+    big = [t for t in _all_constants(graph) if _constant_nbytes(t) > LARGE_TENSOR]
+    saved = [t._values for t in big]
+    try:
+        for t in big:
+            t._values = np.zeros((0,), dtype=t.dtype)
+        model = gs.export_onnx(graph, do_type_check=False, **kwargs)
+    finally:
+        for t, values in zip(big, saved):
+            t._values = values
+    if big:
+        by_name = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
+        for t in big:
+            proto = t._values.tensor if isinstance(t._values, gs.ir.tensor.LazyValues) else \
+                onnx.numpy_helper.from_array(np.asarray(t.values), t.name)
+            by_name[t.name].CopyFrom(proto)
+            by_name[t.name].name = t.name
     if template is not None:
         model.ir_version = template.ir_version
         model.producer_name = template.producer_name
@@ -375,6 +392,21 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
         del model.training_info[:]
         model.training_info.extend(template.training_info)
     return model
+
+
+LARGE_TENSOR = 64 * 2**20  # bytes; above this a constant is attached after export
+
+
+def _all_constants(graph: gs.Graph) -> list[gs.Constant]:
+    found = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            found.extend(_all_constants(sub))
+    return found
+
+
+def _constant_nbytes(t: gs.Constant) -> int:
+    return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize if t.shape is not None else 0
 
 
 def _merged_opsets(graph: gs.Graph, template: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
@@ -400,6 +432,18 @@ def gs_domains(graph: gs.Graph) -> set[str]:
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in iter_tensors(model))
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Too big to serialize as one protobuf (``ByteSize`` itself fails above 2 GiB)."""
+    return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size, counting tensor payloads without serializing them."""
+    if not is_large(model):
+        return model.ByteSize()
+    return _without_raw_data(model).ByteSize() + initializer_bytes(model)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
