@@ -42,7 +42,7 @@ def test_compile_json_report(tmp_path, cli, model_path):
     report = json.loads(out)
     assert report["before"]["nodes"] == 6 and report["after"]["nodes"] == 2
     assert report["stats"]["eliminate-noops"]["removed_identity"] == 1
-    assert {r["pass"] for r in report["time_passes"]} == {"dce", "eliminate-noops", "toposort"}
+    assert {"dce", "eliminate-noops", "toposort"} <= {r["pass"] for r in report["time_passes"]}
     assert report["target"]["target"] == "onnx"
 
 
