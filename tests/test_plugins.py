@@ -82,3 +82,29 @@ def test_plugin_registering_a_duplicate_name_is_a_warning(tmp_path, cli):
     code, out, err = cli("passes", "--json", "--load-plugin", plugin)
     assert code == 0 and "already registered" in err
     assert {r["name"]: r["summary"] for r in json.loads(out)}["dce"] != "impostor"
+
+
+def test_a_target_plugin_file(tmp_path, cli):
+    plugin = tmp_path / "echo_target.py"
+    plugin.write_text(
+        "import numpy as np\n"
+        "from infoptc import Artifact, Target, register_target\n"
+        "class EchoArtifact(Artifact):\n"
+        "    target = 'echo'\n"
+        "    def __init__(self, model): self.model = model\n"
+        "    def save(self, path):\n"
+        "        open(path, 'w').write(str(len(self.model.graph.node)))\n"
+        "        return [path]\n"
+        "@register_target\n"
+        "class EchoTarget(Target):\n"
+        "    name = 'echo'\n"
+        "    summary = 'writes the node count'\n"
+        "    suffix = '.txt'\n"
+        "    def lower(self, model): return EchoArtifact(model)\n")
+    model = tmp_path / "m.onnx"
+    onnx.save(double_neg(), model)
+    code, out, err = cli("targets", "--json", "--load-plugin", plugin)
+    assert "echo" in {t["name"] for t in json.loads(out)}
+    code, out, err = cli(model, "--load-plugin", plugin, "--target", "echo", "-O0", "-o", tmp_path / "o.txt")
+    assert code == 0, err
+    assert (tmp_path / "o.txt").read_text() == "4"
