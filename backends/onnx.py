@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 
 from infoptc import ir
-from infoptc.errors import InvalidModelError
 from infoptc.targets import Artifact, Target, TensorSpec, register_target
 from infoptc.verify import OrtRunner, tensor_specs
 

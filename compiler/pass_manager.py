@@ -9,7 +9,6 @@ and the instruments (timing, printing, verification, bisection, statistics).
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import enum
 import logging
@@ -18,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
-import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import CompileError, InfoptcError, UsageError

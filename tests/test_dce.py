@@ -1,7 +1,6 @@
 """dce: dead nodes and initializers go, graph inputs and outputs stay."""
 
 import numpy as np
-import onnx
 from onnx import helper as h
 from onnx import numpy_helper as nh
 

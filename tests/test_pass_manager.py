@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-import onnx_graphsurgeon as gs
 import pytest
 
 import infoptc

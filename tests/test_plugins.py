@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import onnx
-import pytest
 
 from _models import double_neg
 
