@@ -42,10 +42,7 @@ def _shape_map(model: onnx.ModelProto, bind: dict[str, int]) -> dict[str, tuple]
         for d in vi.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.dim_value = bind.get(d.dim_param, 1)
-    try:
-        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:
-        pass
+    m = _infer_static_shapes(m)
     shapes = {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
         dims = vi.type.tensor_type.shape.dim
@@ -54,6 +51,21 @@ def _shape_map(model: onnx.ModelProto, bind: dict[str, int]) -> dict[str, tuple]
     for t in m.graph.initializer:
         shapes[t.name] = tuple(t.dims)
     return shapes
+
+
+def _infer_static_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's symbolic shape inference resolves more (Expand, Reshape from computed
+    shapes) than onnx's; fall back to onnx's where it fails (unknown ops, control flow)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(m, auto_merge=True)
+    except Exception:
+        pass
+    try:
+        return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        return m
 
 
 def estimate_flops(model: onnx.ModelProto, bind: dict[str, int] | None = None) -> int:

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--opt-bisect-limit", type=int, default=None, metavar="N",
                    help="run only the first N pass applications (find a bad pass by bisection)")
     c.add_argument("--threads", type=int, default=None, help="threads for the runtime of the artifact")
+    c.add_argument("--bisect", action="store_true",
+                   help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     _common(c)
 
     p = sub.add_parser("passes", help="list registered passes, or print the pipeline of an -O level")
@@ -179,6 +181,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .targets import get_target
 
     config.apply(args, args.config)
+    if args.bisect:
+        from .bisect import run_bisect_cli
+
+        return run_bisect_cli(args)
     target = args.target or "onnx"
     opt_level = args.opt_level or "2"
     input_path = Path(args.model)

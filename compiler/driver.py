@@ -41,8 +41,8 @@ def compile(
     graph = ir.to_graph(ir.infer_shapes(source))
     bind_input_shapes(graph, input_shapes or {})
     instruments = list(instruments)
-    if verify_each:
-        instruments.append(VerifyEach(source))
+    if verify_each:  # the reference must take the same (bound) inputs as the optimized model
+        instruments.append(VerifyEach(ir.from_graph(graph, source) if input_shapes else source))
     if opt_bisect_limit is not None:
         instruments.append(BisectLimit(opt_bisect_limit))
     manager = PassManager(passes if passes is not None else pipeline_for_level(opt_level), instruments)

@@ -46,3 +46,8 @@ def test_golden_mlp_runs_end_to_end(golden):
     np.testing.assert_array_equal(art.run(feeds)["y"], run_onnx(m, feeds)["y"])
     ops = {n.op_type for n in art.model.graph.node}
     assert not ops & {"Identity", "Dropout"}
+
+
+def test_verify_each_with_bound_input_shapes(golden):
+    art = infoptc.compile(golden("mlp"), opt_level=2, input_shapes={"x": (3, 64)}, verify_each=True)
+    assert [d.dim_value for d in art.model.graph.input[0].type.tensor_type.shape.dim] == [3, 64]

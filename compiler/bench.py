@@ -1,0 +1,703 @@
+"""`infoptc bench`: latency statistics of models and artifacts, several of them interleaved.
+
+    infoptc bench model.onnx                       the model as-is, with ONNX Runtime
+    infoptc bench model.onnx -O 0 -O 2             compiled twice, run A B A B ...
+    infoptc bench a.onnx b.so --json out.json --plot latency.png
+
+The library half (subjects, inputs, the interleaved loop, statistics, the CPU's peak) is quiet
+and reusable; the CLI half at the bottom owns the table, the progress bar and the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import MissingDependencyError, UsageError
+from .targets import Artifact, TensorSpec
+
+log = logging.getLogger("infoptc")
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+# ----------------------------------------------------------------------------- subjects
+
+
+@dataclass
+class Subject:
+    """One thing to measure: an artifact, the ONNX model behind it (when there is one), a label."""
+
+    label: str
+    artifact: Artifact
+    path: str
+    target: str
+    opt_level: str | None = None  # None: run as given, not compiled here
+    load_seconds: float = 0.0  # loading, or compiling, the subject
+
+    @property
+    def model(self):
+        """The ONNX model the artifact runs, or None for targets with their own format."""
+        return getattr(self.artifact, "model", None)
+
+
+def open_subject(path: str | os.PathLike, target: str | None = None, opt_level: str | None = None,
+                 threads: int | None = None) -> Subject:
+    """A model compiled with ``target``/``opt_level`` when either is given; otherwise the model or
+    artifact as it is (``infoptc.load``: .onnx files run with ONNX Runtime)."""
+    from .driver import compile as compile_model
+    from .targets import load
+
+    start = time.perf_counter()
+    if target is not None or opt_level is not None:
+        options = {"threads": threads} if threads else {}
+        artifact = compile_model(path, target=target or "onnx", opt_level=opt_level or "2", **options)
+    else:
+        artifact = load(path)
+        if threads:
+            if hasattr(artifact, "threads"):
+                artifact.threads = threads
+            else:
+                log.warning("%s: the %s target takes no thread count; --threads ignored", path, artifact.target)
+    seconds = time.perf_counter() - start
+    label = Path(path).name
+    if opt_level is not None:
+        label += f" -O{opt_level}"
+    if target is not None:
+        label += f" [{target}]"
+    return Subject(label, artifact, str(path), artifact.target or (target or "onnx"), opt_level, seconds)
+
+
+def open_subjects(paths: Sequence[str], targets: Sequence[str] = (), levels: Sequence[str] = (),
+                  threads: int | None = None) -> list[Subject]:
+    """Every ONNX model compiled for every target x level given (as-is when none is given);
+    artifacts of other targets always as they are."""
+    combos = [(t, o) for t in (targets or [None]) for o in (levels or [None])]
+    subjects = [open_subject(p, t, o, threads)
+                for p in paths for t, o in (combos if _is_onnx(p) else [(None, None)])]
+    seen: dict[str, int] = {}
+    for s in subjects:  # a model given twice still needs two names
+        seen[s.label] = seen.get(s.label, 0) + 1
+        if seen[s.label] > 1:
+            s.label += f" #{seen[s.label]}"
+    return subjects
+
+
+def _is_onnx(path: str | os.PathLike) -> bool:
+    """An ONNX model file (what the onnx target loads), as opposed to another target's artifact;
+    a missing path counts as a model so that loading it reports the missing file."""
+    from .targets import get_target
+
+    p = Path(path)
+    return not p.is_file() or get_target("onnx").can_load(p)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def parse_dims(specs: Sequence[str]) -> dict[str, int]:
+    """``["seq=128", "batch=4"]`` -> ``{"seq": 128, "batch": 4}``."""
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = int(value)
+            if out[name] <= 0:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"bad --dim {spec!r}; expected NAME=N with N > 0, e.g. seq=128") from None
+    return out
+
+
+def bind_dims(specs: Sequence[TensorSpec], batch: int | None, dims: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Values for every symbolic dim of the inputs, and the batch size.
+
+    The batch is the leading dim of the inputs: a symbolic one is bound to ``batch`` (default 1);
+    a fixed one is the batch, and ``batch`` must agree with it. Other symbolic dims come from
+    ``dims`` or default to ``verify.DEFAULT_DIM``.
+    """
+    from .verify import DEFAULT_DIM
+
+    bound = dict(dims)
+    fixed_batch = None
+    for spec in specs:
+        if not spec.shape:
+            continue
+        lead = spec.shape[0]
+        if isinstance(lead, str):
+            if lead in dims and batch is not None and dims[lead] != batch:
+                raise UsageError(f"--batch {batch} and --dim {lead}={dims[lead]} disagree")
+            bound.setdefault(lead, batch or 1)
+        elif isinstance(lead, int) and lead > 0:
+            if batch is not None and lead != batch:
+                raise UsageError(f"input {spec.name!r} has a fixed leading dimension {lead}; "
+                                 f"--batch {batch} cannot apply")
+            fixed_batch = lead
+    unset = sorted({d for s in specs for d in (s.shape or ()) if isinstance(d, str) and d not in bound})
+    for name in unset:
+        log.warning("symbolic dimension %r set to %d; bind it with --dim %s=N", name, DEFAULT_DIM, name)
+        bound[name] = DEFAULT_DIM
+    leads = [s.shape[0] for s in specs if s.shape]
+    batch_value = next((bound[d] if isinstance(d, str) else d for d in leads if d is not None), None)
+    return bound, int(batch or fixed_batch or batch_value or 1)
+
+
+def inputs_for(artifact: Artifact, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Generated inputs: ``verify.random_inputs`` for ONNX models (vocabulary-aware indices,
+    positive values before Log/Sqrt); zeros for integer inputs and normal floats otherwise.
+    Symbolic dims missing from ``dims`` take ``verify.DEFAULT_DIM``."""
+    from .verify import DEFAULT_DIM, random_inputs
+
+    model = getattr(artifact, "model", None)
+    if model is not None:
+        return random_inputs(model, seed=seed, dims=dims)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in artifact.inputs:
+        if spec.shape is None:
+            raise UsageError(f"input {spec.name!r} has no known shape; give inputs with --inputs DATA.npz")
+        shape = tuple(dims.get(d, DEFAULT_DIM) if isinstance(d, str) or d is None else d for d in spec.shape)
+        dtype = np.dtype(spec.dtype)
+        feeds[spec.name] = (rng.standard_normal(shape) if dtype.kind == "f" else np.zeros(shape)).astype(dtype)
+    return feeds
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def run_interleaved(runners: Sequence[Callable[[], Any]], *, iterations: int | None = None,
+                    duration: float | None = None, warmup: int = 0,
+                    on_round: Callable[[int, float], None] | None = None,
+                    clock: Callable[[], int] = time.perf_counter_ns) -> list[list[float]]:
+    """Run ``runners`` in rounds (A B A B ...), so drift in clock speed or load hits all alike.
+
+    ``warmup`` untimed rounds first; then ``iterations`` timed rounds, or rounds until
+    ``duration`` seconds have passed (at least one). Returns each runner's latencies in seconds.
+    ``on_round(rounds_done, seconds_elapsed)`` is called after every timed round.
+    """
+    if (iterations is None) == (duration is None):
+        raise UsageError("give either iterations or duration")
+    if iterations is not None and iterations < 1:
+        raise UsageError("iterations must be at least 1")
+    if duration is not None and duration <= 0:
+        raise UsageError("duration must be positive")
+    for _ in range(warmup):
+        for run in runners:
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
+    begin = clock()
+    rounds = 0
+    while True:
+        for i, run in enumerate(runners):
+            t0 = clock()
+            run()
+            samples[i].append((clock() - t0) * 1e-9)
+        rounds += 1
+        elapsed = (clock() - begin) * 1e-9
+        if on_round:
+            on_round(rounds, elapsed)
+        if (iterations is not None and rounds >= iterations) or (duration is not None and elapsed >= duration):
+            return samples
+
+
+@dataclass
+class LatencyStats:
+    """Latency figures in seconds; ``throughput`` in inferences (batch items) per second."""
+
+    runs: int
+    min: float
+    mean: float
+    max: float
+    std: float
+    percentiles: dict[int, float]
+    batch: int = 1
+
+    @classmethod
+    def of(cls, samples: Sequence[float], batch: int = 1) -> "LatencyStats":
+        a = np.asarray(samples, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("no samples")
+        return cls(runs=int(a.size), min=float(a.min()), mean=float(a.mean()), max=float(a.max()),
+                   std=float(a.std(ddof=1)) if a.size > 1 else 0.0,
+                   percentiles={p: float(np.percentile(a, p)) for p in PERCENTILES}, batch=batch)
+
+    @property
+    def p50(self) -> float:
+        return self.percentiles[50]
+
+    @property
+    def cv(self) -> float:
+        """Coefficient of variation: standard deviation / mean."""
+        return self.std / self.mean if self.mean > 0 else 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.batch / self.mean if self.mean > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        ms = {"min": self.min, "mean": self.mean, **{f"p{p}": v for p, v in self.percentiles.items()},
+              "max": self.max, "std": self.std}
+        return {"runs": self.runs, "latency_ms": {k: v * 1e3 for k, v in ms.items()}, "cv": self.cv,
+                "throughput_per_s": self.throughput, "batch": self.batch}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (``getrusage``; KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# ----------------------------------------------------------------------------- the machine's peak
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the fp32 peak estimate is built from; ``vector_bits`` 0 means unknown."""
+
+    model: str
+    logical_cores: int
+    physical_cores: int
+    mhz: float | None
+    mhz_source: str
+    vector_bits: int
+    fma: bool
+    isa: str
+
+    @property
+    def flops_per_cycle_per_core(self) -> int:
+        """2 vector FP units x fp32 lanes x (2 with FMA: a multiply-add is two FLOPs)."""
+        return 2 * (self.vector_bits // 32) * (2 if self.fma else 1)
+
+    def peak_gflops(self, cores: int | None = None) -> float | None:
+        """Estimated fp32 peak of ``cores`` physical cores (default: all of them) at ``mhz``."""
+        if not self.mhz or not self.vector_bits:
+            return None
+        n = min(cores or self.physical_cores, self.physical_cores)
+        return n * self.mhz * 1e-3 * self.flops_per_cycle_per_core
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "logical_cores": self.logical_cores, "physical_cores": self.physical_cores,
+                "mhz": self.mhz, "mhz_source": self.mhz_source, "isa": self.isa, "vector_bits": self.vector_bits,
+                "fma": self.fma, "fp32_flops_per_cycle_per_core": self.flops_per_cycle_per_core,
+                "peak_gflops_estimate": self.peak_gflops()}
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def cpu_info(cpuinfo: str | None = None, max_khz: str | None = None, usable: set[int] | None = None) -> CpuInfo:
+    """Parse ``/proc/cpuinfo`` (and the cpufreq maximum that ``lscpu`` shows as "CPU max MHz").
+
+    Arguments default to this machine's files and the CPUs this process may run on (``usable``,
+    from the affinity mask); tests pass text instead, and then all CPUs of the text count.
+    """
+    if cpuinfo is None:
+        cpuinfo = _read("/proc/cpuinfo") or ""
+        if usable is None:
+            try:
+                usable = os.sched_getaffinity(0)
+            except (AttributeError, OSError):
+                usable = None
+    if max_khz is None:
+        max_khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    blocks = [b for b in re.split(r"\n\s*\n", cpuinfo) if "processor" in b]
+    procs = []
+    for block in blocks:
+        fields = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip().lower()] = value.strip()
+        procs.append(fields)
+    if usable is not None:
+        procs = [p for p in procs if not p.get("processor", "").isdigit() or int(p["processor"]) in usable] or procs
+    logical = len(procs) or (len(usable) if usable else os.cpu_count() or 1)
+    if procs and all("core id" in p for p in procs):
+        physical = len({(p.get("physical id", "0"), p["core id"]) for p in procs})
+    else:
+        physical = logical
+    first = procs[0] if procs else {}
+    flags = set((first.get("flags") or first.get("features") or "").split())
+    if "avx512f" in flags:
+        bits, isa = 512, "AVX-512"
+    elif "avx2" in flags or "avx" in flags:
+        bits, isa = 256, "AVX2" if "avx2" in flags else "AVX"
+    elif flags & {"sse", "sse2", "asimd", "neon"}:
+        bits, isa = 128, "NEON" if flags & {"asimd", "neon"} else "SSE"
+    else:
+        bits, isa = 0, "unknown"
+    fma = bool(flags & {"fma", "asimd"})  # AArch64's Advanced SIMD always has FMA
+    mhz, source = None, "unknown"
+    if max_khz and max_khz.strip().isdigit():
+        mhz, source = int(max_khz.strip()) / 1000, "cpufreq max (lscpu max MHz)"
+    else:
+        clocks = [float(p["cpu mhz"]) for p in procs if _is_float(p.get("cpu mhz"))]
+        if clocks:
+            mhz, source = max(clocks), "/proc/cpuinfo cpu MHz"
+    return CpuInfo(first.get("model name", "") or first.get("cpu model", "") or "unknown", logical, physical,
+                   mhz, source, bits, fma, isa + ("+FMA" if fma and isa not in ("unknown", "NEON") else ""))
+
+
+def _is_float(text: str | None) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------- one call
+
+
+@dataclass
+class BenchResult:
+    subject: Subject
+    stats: LatencyStats
+    samples: list[float]
+    first_run_seconds: float
+    flops: int | None = None
+    peak_rss_after_setup: int = 0
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def gflops_per_s(self) -> float | None:
+        return self.flops / self.stats.p50 * 1e-9 if self.flops and self.stats.p50 > 0 else None
+
+
+def benchmark(subjects: Sequence[Subject], *, iterations: int | None = None, duration: float | None = None,
+              warmup: int = 10, batch: int | None = None, dims: dict[str, int] | None = None,
+              inputs: dict[str, np.ndarray] | None = None, seed: int = 0,
+              on_round: Callable[[int, float], None] | None = None) -> tuple[list[BenchResult], int]:
+    """Measure ``subjects`` interleaved; returns the results and the batch size used."""
+    from . import analysis
+    from .verify import check_feeds
+
+    feeds_per, flops_per, rss_per, first_per, batches = [], [], [], [], set()
+    for s in subjects:
+        specs = list(s.artifact.inputs)
+        if inputs is not None:
+            check_feeds({sp.name: sp for sp in specs}, inputs)
+            feeds = inputs
+            lead = next((v.shape[0] for v in inputs.values() if np.ndim(v) > 0), 1)
+            n = batch or int(lead)
+            bound = {}
+            for sp in specs:
+                for d, v in zip(sp.shape or (), inputs[sp.name].shape):
+                    if isinstance(d, str):
+                        bound[d] = int(v)
+        else:
+            bound, n = bind_dims(specs, batch, dims or {})
+            feeds = inputs_for(s.artifact, bound, seed)
+        batches.add(n)
+        try:
+            flops = analysis.estimate_flops(s.model, bound) if s.model is not None else None
+        except Exception:  # a FLOPs estimate is a nicety; an odd model must not stop the benchmark
+            flops = None
+        t0 = time.perf_counter()
+        s.artifact.run(feeds)  # first run: sessions, JIT, allocations; reported, never timed with the rest
+        first_per.append(time.perf_counter() - t0)
+        feeds_per.append(feeds)
+        flops_per.append(flops)
+        rss_per.append(peak_rss_bytes())
+    if len(batches) > 1:
+        raise UsageError(f"the subjects run different batch sizes ({sorted(batches)}); give --batch")
+    runners = [(lambda a=s.artifact, f=f: a.run(f)) for s, f in zip(subjects, feeds_per)]
+    samples = run_interleaved(runners, iterations=iterations, duration=duration, warmup=warmup, on_round=on_round)
+    n = batches.pop()
+    results = [BenchResult(s, LatencyStats.of(smp, n), smp, first, flops, rss,
+                           {k: list(np.shape(v)) for k, v in f.items()})
+               for s, smp, first, flops, rss, f in zip(subjects, samples, first_per, flops_per, rss_per, feeds_per)]
+    return results, n
+
+
+def report(results: Sequence[BenchResult], cpu: CpuInfo, *, threads: int | None, settings: dict) -> dict:
+    """Everything ``--json`` writes."""
+    cores = min(threads, cpu.physical_cores) if threads else cpu.physical_cores
+    peak = cpu.peak_gflops(cores)
+    base = results[0].stats.p50 if results else 0.0
+    rows = []
+    for r in results:
+        gf = r.gflops_per_s
+        rows.append({
+            "label": r.subject.label, "path": r.subject.path, "target": r.subject.target,
+            "opt_level": r.subject.opt_level, "load_seconds": r.subject.load_seconds,
+            "input_shapes": r.input_shapes, "first_run_ms": r.first_run_seconds * 1e3,
+            **r.stats.as_dict(),
+            "ratio_to_first": r.stats.p50 / base if base > 0 else None,
+            "flops_estimate": r.flops, "gflops_per_s": gf,
+            "percent_of_peak_estimate": 100 * gf / peak if gf and peak else None,
+            "peak_rss_after_setup_bytes": r.peak_rss_after_setup,
+            "samples_ms": [x * 1e3 for x in r.samples],
+        })
+    return {
+        "machine": {**cpu.as_dict(), "cores_used_for_peak": cores, "peak_gflops_used": peak},
+        "settings": {**settings, "threads": threads, "threads_effective": threads or f"runtime default ({cores} cores)",
+                     "interleaved": len(results) > 1},
+        "peak_rss_bytes": peak_rss_bytes(),
+        "results": rows,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+HELP = """\
+figures (latencies are wall time of one artifact.run call, first run and warm-up excluded):
+  min, max     fastest and slowest run
+  mean         arithmetic mean of the runs
+  p50 .. p99   percentiles (linear interpolation): p90 = 90% of runs took at most this long
+  CV           coefficient of variation, std / mean (sample std); above ~5% the machine was noisy
+  throughput   batch / mean latency, in inferences (batch items) per second, one stream
+  vs first     p50 of this column / p50 of the first column (below 1 = faster than the first)
+  FLOPs        estimated per inference (analysis.estimate_flops: a multiply-add counts 2, other
+               ops 1 per output element), symbolic dims bound to the batch and --dim values;
+               values whose shape ONNX shape inference cannot find count 0
+  GFLOP/s      FLOPs / p50
+  % of peak    GFLOP/s / the machine's fp32 peak, an ESTIMATE: physical cores used x clock
+               (cpufreq max MHz, else /proc/cpuinfo cpu MHz) x FLOPs/cycle/core, where
+               FLOPs/cycle/core = 2 FP units x vector width/32 x 2 with FMA (AVX-512: 64, AVX2: 32)
+  peak RSS     the process's peak resident memory (getrusage), all subjects together
+
+Several models/artifacts, targets (--target repeated) or levels (-O repeated) run interleaved:
+each round runs every subject once (A B A B ...), so drift hits all alike. A plain .onnx model
+with neither --target nor -O runs as-is with ONNX Runtime.
+"""
+
+
+def add_parser(subparsers, common) -> dict:
+    p = subparsers.add_parser("bench", help="latency statistics of models/artifacts, interleaved",
+                              description="Measure inference latency and throughput.", epilog=HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve")
+    p.add_argument("subjects", nargs="+", metavar="ARTIFACT_OR_MODEL")
+    p.add_argument("--target", action="append", default=[],
+                   help="compile each model for this target first (repeatable)")
+    p.add_argument("-O", dest="opt_level", action="append", default=[], choices=["0", "1", "2", "3", "s"],
+                   metavar="LEVEL", help="compile each model at this level first (repeatable: -O 0 -O 2)")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--iterations", type=int, default=None, metavar="N", help="timed rounds (default 100)")
+    n.add_argument("--duration", type=float, default=None, metavar="S", help="time rounds for S seconds instead")
+    p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed rounds first (default 10)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads (default: the runtime's)")
+    p.add_argument("--batch", type=int, default=None, metavar="N", help="bind the leading symbolic dim (default 1)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="bind a symbolic dim, e.g. seq=128")
+    p.add_argument("--inputs", metavar="DATA.npz", help="inputs by name (default: generated from --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="LATENCY.png", help="draw the latency distributions (needs matplotlib)")
+    common(p)
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT.json",
+                   help="write every figure and sample as JSON to OUT.json (no file: to stdout, instead of the table)")
+    return {"bench": cmd_bench}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .cli import err, load_npz, out
+
+    if args.json not in (None, "-") and not args.json.endswith(".json"):
+        raise UsageError(f"--json takes a .json file name, got {args.json!r}")
+    for path, what in ((args.json, "--json"), (args.plot, "--plot")):
+        if path not in (None, "-") and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    if args.warmup < 0 or any(v is not None and v < 1 for v in (args.threads, args.batch)):
+        raise UsageError("--warmup must be >= 0, --threads and --batch >= 1")
+    iterations = args.iterations if args.iterations is not None or args.duration is not None else 100
+    dims = parse_dims(args.dim)
+    inputs = load_npz(args.inputs) if args.inputs else None
+    subjects = open_subjects(args.subjects, args.target, args.opt_level, args.threads)
+
+    progress = _progress(err, disable=args.quiet)
+    with progress:
+        total = args.duration if args.duration is not None else iterations
+        task = progress.add_task("bench", total=total)
+        on_round = (lambda r, t: progress.update(task, completed=t if args.duration is not None else r))
+        results, batch = benchmark(subjects, iterations=iterations if args.duration is None else None,
+                                   duration=args.duration, warmup=args.warmup, batch=args.batch, dims=dims,
+                                   inputs=inputs, seed=args.seed, on_round=on_round)
+    settings = {"iterations": iterations if args.duration is None else None, "duration_s": args.duration,
+                "warmup": args.warmup, "batch": batch, "dims": dims, "seed": args.seed,
+                "inputs": args.inputs or "generated"}
+    data = report(results, cpu_info(), threads=args.threads, settings=settings)
+    if args.plot:
+        plot_latencies(results, args.plot)
+        _note(args, f"wrote {args.plot}")
+    if args.json == "-":
+        from .cli import _emit_json
+
+        _emit_json(data)
+        return 0
+    if args.json:
+        _write_atomic(Path(args.json), _dumps(data).encode())
+        _note(args, f"wrote {args.json}")
+    print_wide(out, table(data))
+    return 0
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A progress note on stderr, silenced by -q."""
+    from .cli import err
+
+    if not args.quiet:
+        err.print(text, markup=False)
+
+
+def print_wide(console, renderable) -> None:
+    """Tables at their natural width when stdout is a file or a pipe (rich assumes 80 columns
+    there and would cut names short); at the terminal's own width otherwise."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update(max_width=400), renderable).maximum
+    Console(file=console.file, width=max(80, min(width, 400)), highlight=False, soft_wrap=True,
+            color_system=None).print(renderable)
+
+
+def _dumps(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _progress(console, disable: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                    console=console, transient=True, disable=disable)
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 100 else f"{x:.1f}"
+
+
+def _human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.3g} {prefix}{unit}".strip()
+        n /= 1000
+    return str(n)
+
+
+def table(data: dict):
+    """Statistics down, subjects across (the table stays narrow however many figures there are)."""
+    from rich.table import Table
+
+    s, m, rows = data["settings"], data["machine"], data["results"]
+    shapes = "; ".join(f"{k} {'x'.join(map(str, v)) or 'scalar'}" for k, v in rows[0]["input_shapes"].items())
+    title = (f"latency in ms, {rows[0]['runs']} runs after {s['warmup']} warm-up rounds"
+             f"{', interleaved' if s['interleaved'] else ''}; batch {s['batch']}, threads {s['threads_effective']}")
+    peak = m["peak_gflops_used"]
+    caption = (f"inputs: {shapes}\n"
+               f"peak (estimate): {peak:.0f} GFLOP/s = {m['cores_used_for_peak']} cores x {m['mhz']:.0f} MHz x "
+               f"{m['fp32_flops_per_cycle_per_core']} FLOPs/cycle ({m['isa']}); {m['model']}\n" if peak else
+               f"inputs: {shapes}\npeak: unknown for this CPU ({m['isa']}, clock {m['mhz_source']})\n")
+    if any((r["percent_of_peak_estimate"] or 0) > 100 for r in rows):
+        caption += (f"above 100% of peak: the clock read ({m['mhz_source']}) is below the real (boost) clock, "
+                    "as often in VMs\n")
+    caption += f"peak RSS: {_human(data['peak_rss_bytes'], 'B')}"
+    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    t.add_column("")
+    for r in rows:
+        t.add_column(r["label"], justify="right")
+
+    def row(name, fn):
+        t.add_row(name, *[fn(r) for r in rows])
+
+    for key in ("min", "mean", "p50", "p90", "p95", "p99", "max"):
+        row(key, lambda r, k=key: _ms(r["latency_ms"][k]))
+    row("CV", lambda r: f"{100 * r['cv']:.1f}%")
+    t.add_section()
+    row("throughput (inf/s)", lambda r: f"{r['throughput_per_s']:.1f}")
+    if len(rows) > 1:
+        row("vs first (p50)", lambda r: f"{r['ratio_to_first']:.3f}x" if r["ratio_to_first"] is not None else "-")
+    row("first run (ms)", lambda r: _ms(r["first_run_ms"]))
+    t.add_section()
+    row("FLOPs (est.)", lambda r: _human(r["flops_estimate"]))
+    row("GFLOP/s", lambda r: f"{r['gflops_per_s']:.2f}" if r["gflops_per_s"] is not None else "-")
+    row("% of peak (est.)", lambda r: f"{r['percent_of_peak_estimate']:.2f}%"
+        if r["percent_of_peak_estimate"] is not None else "-")
+    return t
+
+
+def _mpl_version() -> tuple[int, int]:
+    import matplotlib
+
+    return tuple(int(x) for x in re.findall(r"\d+", matplotlib.__version__)[:2])  # type: ignore[return-value]
+
+
+def plot_latencies(results: Sequence[BenchResult], path: str | os.PathLike) -> Path:
+    """A violin per subject with its p50/p99 marked, written atomically (format from the suffix)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError("--plot needs matplotlib (pip install matplotlib)") from None
+    import io
+
+    target = Path(path)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    data = [np.asarray(r.samples) * 1e3 for r in results]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.8 * len(results)))
+    try:
+        positions = list(range(1, len(results) + 1))
+        horizontal = {"orientation": "horizontal"} if _mpl_version() >= (3, 10) else {"vert": False}
+        if all(len(d) > 1 for d in data):
+            ax.violinplot(data, positions=positions, showextrema=True, **horizontal)
+        else:
+            ax.boxplot(data, positions=positions, **horizontal)
+        for pos, r in zip(positions, results):
+            ax.plot([r.stats.p50 * 1e3], [pos], "o", color="black", label="p50" if pos == 1 else None)
+            ax.plot([r.stats.percentiles[99] * 1e3], [pos], "|", color="red", markersize=14,
+                    label="p99" if pos == 1 else None)
+        ax.set_yticks(positions)
+        ax.set_yticklabels([r.subject.label for r in results])
+        ax.set_xlabel("latency (ms)")
+        ax.set_title(f"latency distribution, batch {results[0].stats.batch}, {results[0].stats.runs} runs each")
+        ax.invert_yaxis()  # the first subject on top, as in the table
+        ax.legend(loc="best")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        try:
+            fig.savefig(buf, format=fmt)
+        except ValueError as e:
+            raise UsageError(f"--plot {target}: {str(e).splitlines()[0]}") from None
+    finally:
+        plt.close(fig)
+    _write_atomic(target, buf.getvalue())
+    return target

@@ -1,0 +1,301 @@
+"""`infoptc verify REFERENCE CANDIDATE`: do two models or artifacts compute the same thing?
+
+Both run on the same inputs (generated, or the user's .npz files); each output is compared
+with ``verify.compare_outputs`` at a per-output tolerance (defaults by dtype, see
+``verify.REASSOCIATING_TOLERANCE``; integer and bool outputs must match exactly). The reference,
+when it is an ONNX model, runs with ONNX Runtime's graph optimizations off and one thread, so it
+is the model as written; the candidate runs as its artifact runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import UsageError, VerificationError
+from .targets import Artifact
+from .verify import REASSOCIATING_TOLERANCE, OutputDiff, Tolerance
+
+EXIT_FAILED = VerificationError.exit_code
+
+
+# ----------------------------------------------------------------------------- tolerances
+
+
+def parse_tolerances(values: Sequence[str], flag: str) -> tuple[float | None, dict[str, float]]:
+    """``["1e-4", "logits:1e-3"]`` -> ``(1e-4, {"logits": 1e-3})``: one global value, and per output."""
+    default, per = None, {}
+    for text in values:
+        name, sep, number = text.rpartition(":")
+        try:
+            value = float(number)
+            if not value >= 0:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"bad {flag} {text!r}; expected a number >= 0 or OUTPUT:NUMBER") from None
+        if sep:
+            per[name] = value
+        else:
+            default = value
+    return default, per
+
+
+def default_tolerance(dtype: np.dtype | str) -> Tolerance:
+    """By dtype: the reassociating tolerances for floats (fp32: atol 1e-5, rtol 1e-4); exact otherwise."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "fc":
+        return Tolerance(0.0, 0.0)
+    atol, rtol = REASSOCIATING_TOLERANCE.get(dtype.name, REASSOCIATING_TOLERANCE["float32"])
+    return Tolerance(atol, rtol)
+
+
+def resolve_tolerances(outputs: dict[str, str], atol: Sequence[str] = (),
+                       rtol: Sequence[str] = ()) -> dict[str, Tolerance]:
+    """Per output name (-> dtype): the defaults by dtype, overridden by the flags."""
+    a_all, a_per = parse_tolerances(atol, "--atol")
+    r_all, r_per = parse_tolerances(rtol, "--rtol")
+    for name in [*a_per, *r_per]:
+        if name not in outputs:
+            raise UsageError(f"tolerance given for {name!r}, which is not an output of the reference "
+                             f"(outputs: {', '.join(map(repr, outputs))})")
+    tols = {}
+    for name, dtype in outputs.items():
+        base = default_tolerance(dtype)
+        tols[name] = Tolerance(a_per.get(name, a_all if a_all is not None else base.atol),
+                               r_per.get(name, r_all if r_all is not None else base.rtol))
+    return tols
+
+
+def min_atol(ref: np.ndarray, got: np.ndarray, rtol: float) -> float | None:
+    """The smallest atol with which ``|got - ref| <= atol + rtol * |ref|`` holds everywhere
+    (inf where NaNs differ); None for non-float outputs, which must match exactly."""
+    ref, got = np.asarray(ref), np.asarray(got)
+    if ref.shape != got.shape:
+        return float("inf")
+    if ref.dtype.kind not in "fc" or ref.size == 0:
+        return None
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    same = (np.isnan(r) & np.isnan(g)) | (np.isinf(r) & (r == g))
+    err = np.where(same, 0.0, np.abs(r - g))
+    err = np.where(np.isnan(r) != np.isnan(g), np.inf, err)
+    need = err - rtol * np.abs(np.nan_to_num(r, posinf=0.0, neginf=0.0))
+    return float(max(np.nanmax(need), 0.0))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_samples(path: str | Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """An .npz file (one sample) or a folder of them (one sample each, in name order)."""
+    from .cli import load_npz
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.npz"))
+        if not files:
+            raise UsageError(f"{p}: folder holds no .npz files")
+        return [(f.name, load_npz(str(f))) for f in files]
+    return [(p.name, load_npz(str(p)))]
+
+
+def check_compatible(reference: Artifact, candidate: Artifact) -> None:
+    """The two take the same inputs: the same names and dtypes (one-line ``UsageError`` if not)."""
+    ref = {s.name: s for s in reference.inputs}
+    cand = {s.name: s for s in candidate.inputs}
+    if set(ref) != set(cand):
+        only_r = [n for n in ref if n not in cand]
+        only_c = [n for n in cand if n not in ref]
+        raise UsageError(f"the models take different inputs: only the reference takes {_names(only_r)}, "
+                         f"only the candidate takes {_names(only_c)}")
+    for name, spec in ref.items():
+        if cand[name].dtype != spec.dtype:
+            raise UsageError(f"input {name!r} is {spec.dtype} in the reference but {cand[name].dtype} in the candidate")
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(map(repr, names)) if names else "none"
+
+
+# ----------------------------------------------------------------------------- comparing
+
+
+@dataclass
+class OutputReport:
+    name: str
+    dtype: str
+    tolerance: Tolerance
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    min_atol: float | None = None
+    failed_samples: list[str] = field(default_factory=list)
+    first_failure: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_samples
+
+    def add(self, sample: str, diff: OutputDiff, need: float | None) -> None:
+        self.max_abs = max(self.max_abs, diff.max_abs)
+        self.max_rel = max(self.max_rel, diff.max_rel)
+        if need is not None:
+            self.min_atol = need if self.min_atol is None else max(self.min_atol, need)
+        if not diff.ok:
+            self.failed_samples.append(sample)
+            self.first_failure = self.first_failure or f"sample {sample}: {diff.describe()}"
+
+    @property
+    def dtype_kind(self) -> str:
+        try:
+            return "f" if np.dtype(self.dtype).kind in "fc" else "x"
+        except TypeError:
+            return "x"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "atol": self.tolerance.atol, "rtol": self.tolerance.rtol,
+                "exact": self.dtype_kind != "f" or (self.tolerance.atol == 0 and self.tolerance.rtol == 0),
+                "max_abs_error": self.max_abs, "max_rel_error": self.max_rel,
+                "min_atol_to_pass": self.min_atol, "passed": self.passed,
+                "failed_samples": self.failed_samples, "first_failure": self.first_failure or None}
+
+
+def reference_runner(artifact: Artifact) -> Callable[[dict], dict]:
+    """ONNX models run unoptimized and single-threaded; other artifacts as they run."""
+    from .verify import OrtRunner
+
+    model = getattr(artifact, "model", None)
+    if model is not None:
+        return OrtRunner(model, threads=1, optimize=False).run
+    return artifact.run
+
+
+def compare(reference: Artifact, candidate: Artifact, samples: Iterator[tuple[str, dict]],
+            atol: Sequence[str] = (), rtol: Sequence[str] = ()) -> list[OutputReport]:
+    """Run both on every sample and aggregate, per output, the worst errors and failures."""
+    from .verify import check_feeds, compare_outputs
+
+    check_compatible(reference, candidate)
+    ref_specs = {s.name: s for s in reference.inputs}
+    cand_specs = {s.name: s for s in candidate.inputs}
+    run_ref = reference_runner(reference)
+    reports: dict[str, OutputReport] | None = None
+    for sample, feeds in samples:
+        check_feeds(ref_specs, feeds)
+        check_feeds(cand_specs, feeds)
+        try:
+            expected = run_ref(feeds)
+        except VerificationError as e:  # the reference failing means the inputs are bad
+            raise UsageError(f"the reference cannot run on sample {sample}: {e}") from None
+        actual = candidate.run(feeds)
+        if reports is None:
+            tols = resolve_tolerances({k: np.asarray(v).dtype.name for k, v in expected.items()}, atol, rtol)
+            reports = {k: OutputReport(k, np.asarray(v).dtype.name, tols[k]) for k, v in expected.items()}
+        diffs = compare_outputs(expected, actual, tolerances={k: r.tolerance for k, r in reports.items()})
+        for d in diffs:
+            rep = reports[d.name]
+            need = min_atol(expected[d.name], actual[d.name], rep.tolerance.rtol) if d.name in actual else float("inf")
+            rep.add(sample, d, need)
+    return list((reports or {}).values())
+
+
+def generated_samples(artifact: Artifact, count: int, seed: int, dims: dict[str, int]) -> Iterator[tuple[str, dict]]:
+    """``count`` input sets from seeds ``seed, seed+1, ...``; symbolic dims from ``dims``, else 2."""
+    from .bench import inputs_for
+
+    for i in range(count):
+        yield f"seed={seed + i}", inputs_for(artifact, dims, seed + i)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers, common) -> dict:
+    p = subparsers.add_parser(
+        "verify", help="compare two models/artifacts output by output on the same inputs",
+        description="Run REFERENCE and CANDIDATE (.onnx models via ONNX Runtime, or any artifact) on the "
+                    "same inputs and compare every output: max abs/rel error, and the smallest atol "
+                    "(at the rtol in force) that would pass. Exit 3 when an output is out of tolerance.",
+        epilog="Default tolerances by dtype: float32 atol 1e-5 rtol 1e-4, float16 1e-3/1e-3, bfloat16 "
+               "1e-2/1e-2, float64 1e-10/1e-8; integer and bool outputs must match exactly. An element "
+               "passes when |cand - ref| <= atol + rtol * |ref|; NaNs must sit at the same places.")
+    p.add_argument("reference", metavar="REFERENCE")
+    p.add_argument("candidate", metavar="CANDIDATE")
+    p.add_argument("--samples", type=int, default=3, metavar="N", help="generated input sets (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first generated set (then seed+1, ...)")
+    p.add_argument("--inputs", metavar="DATA.npz|FOLDER", help="inputs by name: an .npz, or a folder of them")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="bind a symbolic dim of generated inputs, e.g. seq=128 (default 2)")
+    p.add_argument("--atol", action="append", default=[], metavar="X|OUTPUT:X", help="absolute tolerance (repeatable)")
+    p.add_argument("--rtol", action="append", default=[], metavar="X|OUTPUT:X", help="relative tolerance (repeatable)")
+    common(p)
+    return {"verify": cmd_verify}
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .bench import parse_dims, print_wide
+    from .cli import _emit_json, err, out
+    from .targets import load
+
+    if args.samples < 1:
+        raise UsageError("--samples must be at least 1")
+    parse_tolerances(args.atol, "--atol")  # bad numbers fail before any model loads
+    parse_tolerances(args.rtol, "--rtol")
+    dims = parse_dims(args.dim)
+    reference = load(args.reference)
+    candidate = load(args.candidate)
+    check_compatible(reference, candidate)
+    if args.inputs:
+        samples = iter(load_samples(args.inputs))
+        source = args.inputs
+    else:
+        gen = reference if getattr(reference, "model", None) is not None else candidate
+        samples = generated_samples(gen, args.samples, args.seed, dims)
+        source = f"generated ({args.samples} sets, seeds {args.seed}..{args.seed + args.samples - 1})"
+    with err.status("verifying", spinner="dots") if not args.quiet else _quiet():
+        reports = compare(reference, candidate, samples, args.atol, args.rtol)
+    passed = all(r.passed for r in reports)
+    if args.json:
+        _emit_json({"reference": args.reference, "candidate": args.candidate, "inputs": source,
+                    "outputs": [r.as_dict() for r in reports], "passed": passed})
+        return 0 if passed else EXIT_FAILED
+    print_wide(out, table(reports, args.reference, args.candidate, source))
+    if passed:
+        out.print("PASSED", markup=False)
+        return 0
+    bad = [r for r in reports if not r.passed]
+    out.print(f"FAILED: {len(bad)} of {len(reports)} output(s) out of tolerance", markup=False)
+    for r in bad:
+        err.print(f"infoptc: {r.first_failure}", markup=False)
+    return EXIT_FAILED
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if x == float("inf") else "0" if x == 0 else f"{x:.3g}"
+
+
+def table(reports: Sequence[OutputReport], reference: str, candidate: str, source: str):
+    from rich.table import Table
+
+    t = Table(title=f"{Path(reference).name} vs {Path(candidate).name}; inputs: {source}", title_justify="left")
+    for col in ("output", "dtype", "max abs err", "max rel err", "atol", "rtol", "min atol to pass", "result"):
+        t.add_column(col, justify="left" if col in ("output", "dtype", "result") else "right")
+    for r in reports:
+        exact = r.dtype_kind != "f"
+        t.add_row(r.name, r.dtype, _num(r.max_abs), _num(r.max_rel),
+                  "exact" if exact else _num(r.tolerance.atol), "" if exact else _num(r.tolerance.rtol),
+                  _num(r.min_atol), "ok" if r.passed else f"FAILED in {len(r.failed_samples)} sample(s)",
+                  style=None if r.passed else "bold red")
+    return t
