@@ -391,7 +391,20 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
         model.metadata_props.extend(template.metadata_props)
         del model.training_info[:]
         model.training_info.extend(template.training_info)
+        _keep_declared_value_info(model, template)
     return model
+
+
+def _keep_declared_value_info(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Keep value_info only for the values the source model annotated. The shapes the driver
+    inferred stay internal: written out, they let ONNX Runtime pick different (here slower)
+    fusions than on the original model, and they grow the file."""
+    declared = {vi.name for g in iter_graphs(template.graph) for vi in g.value_info}
+    for g in iter_graphs(model.graph):
+        kept = [vi for vi in g.value_info if vi.name in declared]
+        if len(kept) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(kept)
 
 
 LARGE_TENSOR = 64 * 2**20  # bytes; above this a constant is attached after export

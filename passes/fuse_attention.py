@@ -1,0 +1,272 @@
+"""fuse-attention: the exported scaled-dot-product attention block -> one attention op.
+
+    qh = Transpose(Reshape(q, [B, S, N, H]), [0, 2, 1, 3])           (same for v; k as K^T)
+    kt = Transpose(Reshape(k, [B, L, N, H]), [0, 2, 3, 1])           (or two Transposes)
+    p  = Softmax(MatMul(qh, kt) / scale  (+ mask | Where(cond, ., -big)),  axis=-1)
+    y  = Reshape(Transpose(MatMul(p, vh), [0, 2, 1, 3]), [B, S, N*H])
+       ->  MultiHeadAttention(q, k, v, attention_bias=mask, num_heads=N, scale=1/scale)   com.microsoft
+       ->  Attention(q, k, v, mask, q_num_heads=N, kv_num_heads=N, scale=1/scale)         opset >= 23
+
+q, k, v are the 3-D [B, S, N*H] projections before the head split, y the merged result, so the
+head split/merge Reshapes and Transposes disappear too. The scale may be a Div, a Mul or absent.
+An additive float mask is passed as the attention bias; a Where mask with a fill of -1e30 or
+below (finfo.min, -inf) becomes the bias Where(cond, 0, fill): adding it gives the same softmax.
+ONNX Runtime wants the bias as [B|1, N|1, S, L], so it is expanded along S and L (cheap: no
+head or batch copies). Both Reshapes must provably keep B and S: a constant shape with 0/-1
+entries, or one built from Shape/Gather/Unsqueeze/Concat of the tensor being reshaped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from infoptc.pass_manager import Option
+from infoptc.pattern import Const, Rule, rewrite_pass
+
+STANDARD_OPSET = 23
+CONTRIB_DTYPES = {"float32"}  # com.microsoft MultiHeadAttention on ONNX Runtime's CPU provider
+MASK_FILL_LIMIT = -1e30  # a Where fill this negative zeroes a softmax weight exactly, like a -inf bias
+
+
+def _scalar(v: np.ndarray) -> bool:
+    return v.size == 1 and v.dtype.kind == "f"
+
+
+def _last_axis(axis) -> bool:
+    return axis in (-1, 3)
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+def _attention_pattern(keys, scaling, masking):
+    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, scale=Const(_scalar), fill=Const(_scalar)):
+        qh = op.Transpose(op.Reshape(q, q_shape, _bind="q_split"), perm=[0, 2, 1, 3], _bind="qh")
+        vh = op.Transpose(op.Reshape(v, v_shape, _bind="v_split"), perm=[0, 2, 1, 3], _bind="vh")
+        k_split = op.Reshape(k, k_shape, _bind="k_split")
+        if keys == "kt":
+            kt = op.Transpose(k_split, perm=[0, 2, 3, 1], _bind="kt")
+        else:
+            kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
+            kt = op.Transpose(kh, perm=[0, 1, 3, 2], _bind="kt")
+        scores = op.MatMul(qh, kt, _bind="scores")
+        if scaling == "div":
+            scores = op.Div(scores, scale, _bind="scaled")
+        elif scaling == "mul":
+            scores = op.Mul(scores, scale, _bind="scaled")
+        if masking == "add":
+            scores = op.Add(scores, mask, _bind="masked")
+        elif masking == "where":
+            scores = op.Where(mask, scores, fill, _bind="masked")
+        elif masking == "where_inverted":
+            scores = op.Where(mask, fill, scores, _bind="masked")
+        probs = op.Softmax(scores, axis=_last_axis, _bind="probs")
+        context = op.MatMul(probs, vh, _bind="context")
+        merged = op.Transpose(context, perm=[0, 2, 1, 3], _bind="merged")
+        return op.Reshape(merged, out_shape, _bind="merge")
+
+    pattern.__name__ = f"attention_{keys}_{scaling}_{masking}"
+    return pattern
+
+
+# The layout of every intermediate, for Shape nodes that read one (B batch, S queries, L keys,
+# N heads, H head size): the replacement computes their value from q and k instead.
+LAYOUTS = {"q_split": "BSNH", "k_split": "BLNH", "v_split": "BLNH", "qh": "BNSH", "kh": "BNLH", "vh": "BNLH",
+           "kt": "BNHL", "scores": "BNSL", "scaled": "BNSL", "masked": "BNSL", "probs": "BNSL",
+           "context": "BNSH", "merged": "BSNH"}
+
+PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s in ("div", "mul", "none")
+            for m in ("add", "where", "where_inverted", "none")]
+
+
+# ----------------------------------------------------------------------------- shape facts
+
+
+def _dims(ctx, t, depth: int = 0) -> list | None:
+    """A 1-D int64 shape tensor as entries: ints, or ("dim", tensor, i) for a dimension of a tensor."""
+    value = ctx.value(t)
+    if value is not None:
+        return [int(d) for d in value.reshape(-1)] if value.ndim <= 1 else None
+    node = ctx.producer(t)
+    if node is None or depth > 8:
+        return None
+    if node.op == "Concat":
+        parts = [_dims(ctx, i, depth + 1) for i in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if node.op == "Unsqueeze":
+        scalar = _scalar_dim(ctx, node.inputs[0])
+        return None if scalar is None else [scalar]
+    if node.op == "Shape":
+        rank = ctx.rank(node.inputs[0])
+        if rank is None:
+            return None
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
+        return [("dim", node.inputs[0], i) for i in range(rank)[start:end]]
+    if node.op == "Gather" and ctx.attr(node, "axis", 0) == 0:
+        whole, idx = _dims(ctx, node.inputs[0], depth + 1), ctx.value(node.inputs[1])
+        if whole is None or idx is None or idx.ndim != 1:
+            return None
+        return [whole[int(i)] for i in idx]
+    return None
+
+
+def _scalar_dim(ctx, t):
+    """A 0-d ``Gather(Shape(x), i)`` as ("dim", x, i), or a 0-d constant as an int."""
+    value = ctx.value(t)
+    if value is not None:
+        return int(value) if value.size == 1 else None
+    node = ctx.producer(t)
+    if node is None or node.op != "Gather" or ctx.attr(node, "axis", 0) != 0:
+        return None
+    idx, shape = ctx.value(node.inputs[1]), ctx.producer(node.inputs[0])
+    if idx is None or idx.ndim != 0 or shape is None or shape.op != "Shape" or shape.attrs.get("start", 0):
+        return None
+    rank = ctx.rank(shape.inputs[0])
+    i = int(idx)
+    if i < 0:
+        if rank is None:
+            return None
+        i += rank
+    return ("dim", shape.inputs[0], i)
+
+
+def _keeps_leading(ctx, reshape, tail: list[int]) -> str | None:
+    """None when Reshape(src, shape) keeps src's first two dims and then has ``tail``."""
+    src = reshape.inputs[0]
+    entries = _dims(ctx, reshape.inputs[1])
+    if entries is None or len(entries) != 2 + len(tail):
+        return f"cannot read the target shape of {reshape.name!r}"
+    if list(entries[2:]) != tail and not (entries[-1] == -1 and list(entries[2:-1]) == tail[:-1]):
+        return f"{reshape.name!r} reshapes to {entries[2:]}, expected {tail}"
+    src_shape = ctx.shape(src)
+    free = 0
+    for i, e in enumerate(entries[:2]):
+        if isinstance(e, tuple):
+            if e[1] is not src or e[2] != i:
+                return f"{reshape.name!r} takes dim {i} from another tensor"
+        elif e == 0 and not ctx.attr(reshape, "allowzero", 0):
+            continue
+        elif e == -1:
+            free += 1
+        elif not (src_shape and isinstance(src_shape[i], int) and src_shape[i] == e):
+            return f"{reshape.name!r} sets dim {i} to {e}"
+    if free + (entries[-1] == -1) > 1:
+        return f"{reshape.name!r} has more than one -1"
+    return None
+
+
+def _heads(ctx, split) -> tuple[int, int] | None:
+    """(heads, head size) that a head-split Reshape produces."""
+    shape = ctx.shape(split.outputs[0])
+    if shape and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
+        return shape[2], shape[3]
+    entries = _dims(ctx, split.inputs[1])
+    if entries and len(entries) == 4 and all(isinstance(d, int) and d > 0 for d in entries[2:]):
+        return entries[2], entries[3]
+    return None
+
+
+# ----------------------------------------------------------------------------- condition and replacement
+
+
+def _form(ctx, dtype) -> str | None:
+    wanted = ctx.options.get("form", "auto")
+    if wanted == "standard" or (wanted == "auto" and ctx.opset >= STANDARD_OPSET):
+        return "standard" if ctx.opset >= STANDARD_OPSET else None
+    if (wanted == "contrib" or ctx.target == "onnx") and dtype is not None and dtype.name in CONTRIB_DTYPES:
+        return "contrib"
+    return None
+
+
+def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None, fill=None):
+    dtype = ctx.dtype(q)
+    form = _form(ctx, dtype)
+    if form is None:
+        return (f"no attention op for opset {ctx.opset}, target {ctx.target!r}, dtype {dtype} "
+                f"(standard Attention needs opset {STANDARD_OPSET}; MultiHeadAttention is float32 on ONNX Runtime)")
+    geometry = [_heads(ctx, s) for s in (q_split, k_split, v_split)]
+    if any(g is None for g in geometry):
+        return "head count or head size unknown"
+    (heads, size), (k_heads, k_size), (v_heads, v_size) = geometry
+    if (k_heads, k_size) != (heads, size) or v_heads != heads or v_size != size:
+        return f"q/k/v head shapes differ: {geometry}"
+    for t in (q, k, v):
+        shape = ctx.shape(t)
+        if shape is None or len(shape) != 3 or shape[2] != heads * size or ctx.dtype(t) != dtype:
+            return f"{t.name!r} is not a [B, S, {heads * size}] {dtype} tensor"
+    for split in (q_split, k_split, v_split):
+        reason = _keeps_leading(ctx, split, [heads, size])
+        if reason:
+            return reason
+    reason = _keeps_leading(ctx, merge, [heads * size])
+    if reason:
+        return reason
+    scale_value = 1.0 if scale is None else float(ctx.value(scale).reshape(-1)[0])
+    divided = any(n.op == "Div" for n in ctx.nodes)
+    if divided and scale_value == 0:
+        return "division by a zero scale"
+    found = {"form": form, "heads": heads, "size": size, "scale": 1.0 / scale_value if divided else scale_value, "bias": None}
+    if fill is not None:
+        fill_value = float(ctx.value(fill).reshape(-1)[0])
+        if fill_value > MASK_FILL_LIMIT:
+            return f"Where fills masked scores with {fill_value}, not a value below {MASK_FILL_LIMIT:g}"
+        inverted = any(n.op == "Where" and n.inputs[1] is fill for n in ctx.nodes)
+        found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(fill_value, dtype))
+    elif mask is not None:
+        shape = ctx.shape(mask)
+        if shape is None or len(shape) > 4 or ctx.dtype(mask) != dtype:
+            return f"mask {mask.name!r} is not a {dtype} tensor of rank <= 4"
+        found["bias"] = "add"
+    return found
+
+
+class _Dims:
+    """B, S, L, N, H as 1-D int64 tensors, each built once per replacement."""
+
+    def __init__(self, op, q, k, heads, size):
+        self.op, self.q, self.k = op, q, k
+        self.made = {"N": np.array([heads], np.int64), "H": np.array([size], np.int64)}
+        self.shapes = {}
+
+    def _shape(self, t):
+        if id(t) not in self.shapes:
+            self.shapes[id(t)] = self.op.Shape(t)
+        return self.shapes[id(t)]
+
+    def __getitem__(self, letter):
+        if letter not in self.made:
+            src, index = {"B": (self.q, 0), "S": (self.q, 1), "L": (self.k, 1)}[letter]
+            self.made[letter] = self.op.Gather(self._shape(src), np.array([index], np.int64), axis=0)
+        return self.made[letter]
+
+    def shape(self, layout):
+        """An int64 [len(layout)] tensor equal to Shape() of a tensor with ``layout``."""
+        parts = [self[letter] for letter in layout]
+        return parts[0] if len(parts) == 1 else self.op.Concat(*parts, axis=0)
+
+
+def attention(op, q, k, v, form, heads, size, scale, bias, shape_uses, mask=None, fill=None):
+    dims = _Dims(op, q, k, heads, size)
+    for name, nodes in shape_uses.items():
+        for shape in nodes:
+            layout = LAYOUTS[name]
+            start, end = shape.attrs.get("start", 0), shape.attrs.get("end", len(layout))
+            op.replace_uses(shape.outputs[0], dims.shape(layout[start:end]))
+    if bias is not None:
+        if bias != "add":
+            zero = np.zeros((), fill.dtype)
+            mask = op.Where(mask, zero, fill) if bias == "where" else op.Where(mask, fill, zero)
+        mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
+    if form == "standard":
+        return op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)
+    return op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale)
+
+
+RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=True)]
+
+FuseAttention = rewrite_pass(
+    "fuse-attention",
+    "scaled-dot-product attention (head split, QK^T, scale, mask, Softmax, V, merge) -> one attention op",
+    RULES,
+    options={"form": Option("auto", "auto: Attention at opset >= 23, else com.microsoft MultiHeadAttention "
+                                    "for the onnx target; standard; contrib", choices=("auto", "standard", "contrib"))},
+)

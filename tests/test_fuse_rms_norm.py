@@ -1,0 +1,98 @@
+"""fuse-rms-norm: decomposed RMSNorm -> RMSNormalization (opset 23) or SkipSimplifiedLayerNormalization."""
+
+from __future__ import annotations
+
+import infoptc
+import numpy as np
+import onnx
+import pytest
+from infoptc.analysis import op_histogram
+from infoptc.pass_manager import Contract
+from infoptc.verify import check_equivalent
+from onnx import TensorProto, helper, numpy_helper
+
+F = TensorProto.FLOAT
+HIDDEN = 16
+SHAPE = [2, 5, HIDDEN]
+
+
+def rms_model(opset=23, residual=False, form="reciprocal", axis=-1, dynamic_weight=False):
+    """LLaMA-style: h = a + b (residual); y = w * (h * 1/sqrt(mean(h^2) + eps)); h is also an output."""
+    inits = [numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(np.float32(1e-6), "eps"),
+             numpy_helper.from_array(np.random.default_rng(5).uniform(0.5, 1.5, HIDDEN).astype(np.float32), "w")]
+    nodes, x = [], "a"
+    if residual:
+        nodes.append(helper.make_node("Add", ["a", "b"], ["h"]))
+        x = "h"
+    if opset >= 18:
+        inits.append(numpy_helper.from_array(np.array([axis], np.int64), "axes"))
+        mean = helper.make_node("ReduceMean", ["sq", "axes"], ["ms"])
+    else:
+        mean = helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[axis])
+    nodes += [helper.make_node("Pow", [x, "two"], ["sq"]), mean, helper.make_node("Add", ["ms", "eps"], ["mse"]),
+              helper.make_node("Sqrt", ["mse"], ["rms"])]
+    if form == "reciprocal":
+        nodes += [helper.make_node("Reciprocal", ["rms"], ["inv"]), helper.make_node("Mul", [x, "inv"], ["n"])]
+    else:
+        nodes.append(helper.make_node("Div", [x, "rms"], ["n"]))
+    nodes.append(helper.make_node("Mul", ["w_in" if dynamic_weight else "w", "n"], ["y"]))
+    inputs = [helper.make_tensor_value_info("a", F, SHAPE)]
+    outputs = [helper.make_tensor_value_info("y", F, SHAPE)]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("b", F, SHAPE))
+        outputs.append(helper.make_tensor_value_info("h", F, SHAPE))  # the residual stream goes on
+    if dynamic_weight:
+        inputs.append(helper.make_tensor_value_info("w_in", F, [HIDDEN]))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset >= 23 else 8
+    return model
+
+
+def fuse(model):
+    art = infoptc.compile(model, passes="fuse-rms-norm")
+    return art.model, art.pass_records[0].counters
+
+
+@pytest.mark.parametrize("form", ["reciprocal", "div"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_standard_rms_normalization_at_opset_23(form, residual):
+    model = rms_model(opset=23, residual=residual, form=form)
+    out, counters = fuse(model)
+    expected = {"RMSNormalization": 1, **({"Add": 1} if residual else {})}
+    assert op_histogram(out) == expected and counters["rms_norm"] == 1
+    check_equivalent(model, out, Contract.REASSOCIATING, samples=2)
+
+
+def test_residual_rms_norm_becomes_skip_simplified_layer_norm_below_opset_23():
+    model = rms_model(opset=17, residual=True)
+    out, counters = fuse(model)
+    assert op_histogram(out) == {"com.microsoft::SkipSimplifiedLayerNormalization": 1}
+    assert counters["skip_rms_norm"] == 1
+    node = out.graph.node[0]
+    assert list(node.input) == ["a", "b", "w"] and node.output[0] == "y" and node.output[3] == "h"
+    check_equivalent(model, out, Contract.REASSOCIATING, samples=2)
+
+
+@pytest.mark.parametrize("case", ["no_residual_below_23", "wrong_axis", "dynamic_weight", "contrib_off"])
+def test_not_fused(case):
+    model = {
+        "no_residual_below_23": lambda: rms_model(opset=17),
+        "wrong_axis": lambda: rms_model(axis=1),
+        "dynamic_weight": lambda: rms_model(dynamic_weight=True),
+        "contrib_off": lambda: rms_model(opset=17, residual=True),
+    }[case]()
+    passes = "fuse-rms-norm{contrib=false}" if case == "contrib_off" else "fuse-rms-norm"
+    art = infoptc.compile(model, passes=passes)
+    hist = op_histogram(art.model)
+    if case == "dynamic_weight":  # the normalization fuses; the Mul by a runtime weight stays
+        assert hist["RMSNormalization"] == 1 and hist["Mul"] == 1
+    else:
+        assert hist["ReduceMean"] == 1 and art.pass_records[0].counters["fused"] == 0
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_layer_norms_of_the_golden_models_are_not_mistaken_for_rms_norms(golden, name):
+    model = onnx.load(golden(name))
+    out, counters = fuse(model)
+    assert counters["fused"] == 0 and op_histogram(out) == op_histogram(model)
