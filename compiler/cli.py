@@ -88,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--opt-bisect-limit", type=int, default=None, metavar="N",
                    help="run only the first N pass applications (find a bad pass by bisection)")
     c.add_argument("--threads", type=int, default=None, help="threads for the runtime of the artifact")
+    tv = c.add_argument_group("TVM targets (llvm, cuda)")
+    tv.add_argument("--tune", type=int, default=None, metavar="TRIALS",
+                    help="MetaSchedule trial budget (default: untuned rule-based schedules)")
+    tv.add_argument("--tuning-db", default=None, metavar="DIR",
+                    help="tuning records, reused by the next compile (default with --tune: ~/.cache/infoptc/tune)")
+    tv.add_argument("--arch", default=None, help="cuda: GPU architecture, e.g. sm_90")
+    tv.add_argument("--mcpu", default=None, help="llvm: CPU name (default: the host's, detected)")
+    tv.add_argument("--mattr", default=None, help="llvm: comma-separated CPU features, e.g. +avx2,+fma")
+    tv.add_argument("--mtriple", default=None, help="llvm: cross-compilation triple, e.g. aarch64-linux-gnu")
+    tv.add_argument("--target-opt", action="append", default=None, metavar="KEY=VALUE",
+                    help="any other target option (repeatable), e.g. schedules=none, fast_math=false")
     c.add_argument("--bisect", action="store_true",
                    help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     _common(c)
@@ -198,7 +209,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     instruments: list = [timing, stats]
     if args.print_after:
         instruments.append(PrintAfter(set(args.print_after), lambda text: sys.stderr.write(text)))
-    target_options = {"threads": args.threads} if args.threads else {}
+    target_options = _target_options(args)
     artifact = compile_model(
         input_path, target=target, opt_level=opt_level, passes=args.passes,
         input_shapes=parse_input_shapes(args.input_shape or []), instruments=instruments,
@@ -227,8 +238,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_OK
     if after is not None:
         out.print(_before_after_table(artifact.source, after))
-    out.print(f"wrote {', '.join(report['output'])}  (target {artifact.describe().get('target')}, "
-              f"pipeline: {artifact.pipeline or '<empty>'})", markup=False)
+    facts = artifact.describe()
+    target_text = facts.get("tvm_target") or facts.get("target")
+    out.print(f"wrote {', '.join(report['output'])}\n  target: {target_text}\n"
+              f"  pipeline: {artifact.pipeline or '<empty>'}", markup=False)
     if args.time_passes:
         out.print(_time_table(timing.rows()))
     if args.stats:
@@ -236,8 +249,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _target_options(args: argparse.Namespace) -> dict:
+    """Target options from the flags the user gave (a target rejects the ones it does not know)."""
+    options = {key: getattr(args, key) for key in ("threads", "tune", "tuning_db", "arch", "mcpu", "mattr", "mtriple")
+               if getattr(args, key, None) is not None}
+    for item in args.target_opt or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"bad --target-opt {item!r}; expected KEY=VALUE")
+        options[key.replace("-", "_")] = value
+    if options.get("tune") and "tuning_db" not in options:
+        options["tuning_db"] = str(Path.home() / ".cache" / "infoptc" / "tune")
+    return options
+
+
 def _save_external(artifact, output: Path):
-    if not hasattr(artifact, "model"):
+    if artifact.target != "onnx":
         raise UsageError("--external-data applies to the onnx target only")
     return ir.save_model(artifact.model, output, external_data=True)
 
@@ -403,10 +430,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     artifact = load(args.artifact)
     if args.inputs:
         feeds = load_npz(args.inputs)
-    elif hasattr(artifact, "model"):
-        feeds = random_inputs(artifact.model, seed=args.seed)
     else:
-        raise UsageError("this artifact needs --inputs DATA.npz")
+        feeds = random_inputs(getattr(artifact, "model", None) or _model_from_specs(artifact.inputs), seed=args.seed)
     outputs = artifact.run(feeds)
     if args.save_outputs:
         _save_npz(args.save_outputs, outputs)
@@ -423,6 +448,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                       "-" if r["mean"] is None else f"{r['mean']:.6g}")
     out.print(table)
     return EXIT_OK
+
+
+def _model_from_specs(specs) -> "onnx.ModelProto":
+    """A stand-in model declaring only the artifact's inputs, for input generation."""
+    import numpy as np
+    import onnx
+
+    inputs = [onnx.helper.make_tensor_value_info(s.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype)),
+                                                 list(s.shape) if s.shape is not None else None) for s in specs]
+    return onnx.helper.make_model(onnx.helper.make_graph([], "inputs", inputs, []))
 
 
 def load_npz(path: str) -> dict:

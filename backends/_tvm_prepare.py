@@ -1,0 +1,312 @@
+"""ONNX -> Relax for the TVM targets: static shapes, the frontend's gaps, typed errors.
+
+TVM's Relax ONNX frontend wants static shapes for good code and stumbles on a few patterns
+that exported models are full of. Before import we therefore
+
+- bind every symbolic input dimension (to 1 unless the driver already bound it) and report
+  which ones we chose, so the caller can say so;
+- run ONNX shape inference with data propagation and replace each ``Shape`` of a statically
+  shaped tensor by a constant (the frontend cannot ``Gather`` from a Relax shape value, which
+  stops GPT-style models);
+- rewrite ``Clip`` with constant bounds as ``Max``/``Min``: the frontend lowers ``Clip``
+  straight to TIR, which hides it from Relax's layout conversion, so every ReLU6 of a
+  MobileNet would sit between two transposes.
+
+Ops the frontend has no converter for raise ``UnsupportedOpError`` naming all of them at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from infoptc.errors import CompileError, UnsupportedOpError
+from onnx import helper, numpy_helper
+
+DEFAULT_DIM = 1
+ONNX_DOMAINS = ("", "ai.onnx")
+# Ops the frontend handles outside its converter table.
+DIRECTLY_HANDLED = {"If", "Constant"}
+
+
+@dataclass
+class Prepared:
+    model: onnx.ModelProto
+    defaulted_dims: dict[str, int] = field(default_factory=dict)  # "input[axis] (name)" -> value
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def prepare(model: onnx.ModelProto, default_dim: int = DEFAULT_DIM) -> Prepared:
+    model = _copy(model)
+    check_supported(model)
+    defaulted = bind_symbolic_inputs(model, default_dim)
+    model = _infer(model)
+    counters = {"shapes_folded": fold_static_shapes(model), "clips_split": split_constant_clips(model),
+                "pows_unrolled": unroll_small_pows(model)}
+    return Prepared(model, defaulted, counters)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# ----------------------------------------------------------------------------- support check
+
+
+def frontend_ops() -> set[str] | None:
+    """Op types TVM's ONNX frontend converts (None if this TVM hides its table)."""
+    try:
+        from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+    except ImportError:
+        return None
+    return set(_get_convert_map()) | DIRECTLY_HANDLED
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_nodes(g)
+
+
+def unsupported_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """``{op_type: count}`` of the nodes (subgraphs included) the frontend cannot convert."""
+    known = frontend_ops()
+    found: dict[str, int] = {}
+    for node in _all_nodes(model.graph):
+        name = node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
+        if node.domain not in ONNX_DOMAINS or (known is not None and node.op_type not in known):
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
+def _unsupported_message(ops: dict[str, int], target: str = "tvm") -> str:
+    listed = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in sorted(ops.items()))
+    return (f"TVM's ONNX frontend cannot lower {listed}; compile this model with --target onnx "
+            f"(ONNX Runtime runs every standard op)")
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    ops = unsupported_ops(model)
+    if ops:
+        raise UnsupportedOpError(_unsupported_message(ops))
+
+
+# ----------------------------------------------------------------------------- static shapes
+
+
+def bind_symbolic_inputs(model: onnx.ModelProto, default_dim: int) -> dict[str, int]:
+    """Give every unknown input dimension a value; the same ``dim_param`` gets one value."""
+    inits = {t.name for t in model.graph.initializer}
+    chosen: dict[str, int] = {}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            label = f"{vi.name}[{axis}]" + (f" ({dim.dim_param})" if dim.dim_param else "")
+            chosen[label] = default_dim
+            dim.Clear()
+            dim.dim_value = default_dim
+    return chosen
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    del model.graph.value_info[:]  # symbolic facts from before binding; inference redoes them
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - e.g. a model over 2 GB: import without the extra facts
+        return model
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = [d.dim_value for d in tt.shape.dim]
+    return shapes
+
+
+def fold_static_shapes(model: onnx.ModelProto) -> int:
+    """``Shape(x)`` -> a constant wherever ``x`` has a fully static shape."""
+    shapes = _static_shapes(model)
+    folded = 0
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Shape" and node.domain in ONNX_DOMAINS and node.input[0] in shapes:
+            dims = shapes[node.input[0]]
+            attrs = {a.name: a.i for a in node.attribute}
+            value = np.array(dims[attrs.get("start", 0): attrs.get("end", len(dims))], dtype=np.int64)
+            nodes.append(helper.make_node("Constant", [], list(node.output), name=node.name,
+                                          value=numpy_helper.from_array(value)))
+            folded += 1
+        else:
+            nodes.append(node)
+    if folded:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return folded
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {t.name: t for t in model.graph.initializer}
+    out = {name: numpy_helper.to_array(t) for name, t in values.items()}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    out[node.output[0]] = numpy_helper.to_array(attr.t)
+    return out
+
+
+def split_constant_clips(model: onnx.ModelProto) -> int:
+    """``Clip(x, lo, hi)`` with constant bounds -> ``Min(Max(x, lo), hi)``: the same math the
+    frontend emits, but as Relax ops that layout conversion can see through."""
+    consts = _constants(model)
+    rewritten = 0
+    nodes = []
+    for node in model.graph.node:
+        bounds = list(node.input[1:3]) + [""] * (3 - len(node.input))
+        if (node.op_type != "Clip" or node.domain not in ONNX_DOMAINS
+                or any(b and (b not in consts or consts[b].size != 1 or np.isnan(consts[b]).any()) for b in bounds[:2])):
+            nodes.append(node)
+            continue
+        lo, hi = bounds[:2]
+        x = node.input[0]
+        if lo and hi:
+            mid = f"{node.output[0]}__clip_lo"
+            nodes.append(helper.make_node("Max", [x, lo], [mid], name=f"{node.name}__max"))
+            nodes.append(helper.make_node("Min", [mid, hi], list(node.output), name=f"{node.name}__min"))
+        elif lo:
+            nodes.append(helper.make_node("Max", [x, lo], list(node.output), name=f"{node.name}__max"))
+        elif hi:
+            nodes.append(helper.make_node("Min", [x, hi], list(node.output), name=f"{node.name}__min"))
+        else:
+            nodes.append(helper.make_node("Identity", [x], list(node.output), name=node.name))
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
+
+
+def unroll_small_pows(model: onnx.ModelProto) -> int:
+    """``Pow(x, 2.0)`` -> ``x*x`` and ``Pow(x, 3.0)`` -> ``x*x*x`` (GELU's tanh form, variances).
+    TVM lowers other exponents to a scalar ``powf`` call per element, which LLVM cannot
+    vectorize: in GPT's MLP it cost more than the matmul it is fused with."""
+    consts = _constants(model)
+    rewritten = 0
+    nodes = []
+    for node in model.graph.node:
+        exponent = consts.get(node.input[1]) if node.op_type == "Pow" and len(node.input) == 2 else None
+        if (node.domain not in ONNX_DOMAINS or exponent is None or exponent.size != 1
+                or exponent.dtype.kind != "f" or float(exponent.reshape(())) not in (2.0, 3.0)):
+            nodes.append(node)
+            continue
+        x, out = node.input[0], node.output[0]
+        if float(exponent.reshape(())) == 2.0:
+            nodes.append(helper.make_node("Mul", [x, x], [out], name=f"{node.name}__square"))
+        else:
+            square = f"{out}__square"
+            nodes.append(helper.make_node("Mul", [x, x], [square], name=f"{node.name}__square"))
+            nodes.append(helper.make_node("Mul", [square, x], [out], name=f"{node.name}__cube"))
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
+
+
+# ----------------------------------------------------------------------------- import
+
+_CONVERTING = re.compile(r"Error converting operator (\w+)")
+
+
+def import_onnx(model: onnx.ModelProto):
+    """The frontend, kept quiet: it prints on failure and warns through ``warnings``."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    printed = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+            warnings.simplefilter("ignore")
+            mod = from_onnx(model, keep_params_in_input=False)
+    except tvm.error.OpNotImplemented as e:
+        ops = re.findall(r"[A-Za-z]\w*", str(e).split(":")[-1])
+        raise UnsupportedOpError(_unsupported_message({op: 1 for op in ops} or {"?": 1})) from None
+    except Exception as e:  # noqa: BLE001 - a converter failed on this particular node
+        match = _CONVERTING.search(printed.getvalue())
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if match:
+            raise UnsupportedOpError(
+                f"TVM's ONNX frontend failed to convert a {match.group(1)} node ({first[:300]}); "
+                "compile this model with --target onnx") from None
+        raise CompileError(f"TVM's ONNX frontend failed: {first[:300]}") from None
+    return fix_relax(mod)
+
+
+# ----------------------------------------------------------------------------- Relax fixes
+
+
+def fix_relax(mod):
+    """Two rewrites of the frontend's output, then dead-code elimination:
+
+    - ``max(stack(broadcast_to(a), broadcast_to(b)), axis=0)`` (how it imports a two-input
+      Max/Min/Sum) -> ``maximum(a, b)``: no stacked copy, and layout conversion sees through it;
+    - ``take(..., mode="fast")`` (Gather) -> ``mode="wrap"``: ONNX allows negative indices, and
+      fast mode reads out of bounds on them or on a bad token id where ORT reports an error.
+    """
+    import tvm
+    from tvm import relax
+
+    pairwise = {"relax.max": relax.op.maximum, "relax.min": relax.op.minimum, "relax.sum": relax.op.add}
+
+    @relax.expr_functor.mutator
+    class Fixer(relax.PyExprMutator):
+        def _bound(self, expr):
+            value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+            return value if value is not None else expr
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+                return call
+            name = call.op.name
+            if name == "relax.take" and str(call.attrs.mode) == "fast":
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="wrap")
+            if name in pairwise and not call.attrs.keepdims and call.attrs.axis is not None \
+                    and [int(a) for a in call.attrs.axis] == [0]:
+                stacked = self._bound(call.args[0])
+                if isinstance(stacked, relax.Call) and isinstance(stacked.op, tvm.ir.Op) \
+                        and stacked.op.name == "relax.stack" and int(stacked.attrs.axis) == 0:
+                    fields = self._bound(stacked.args[0])
+                    if isinstance(fields, relax.Tuple) and len(fields.fields) == 2:
+                        parts = []
+                        for field in fields.fields:
+                            b = self._bound(field)
+                            broadcast = isinstance(b, relax.Call) and isinstance(b.op, tvm.ir.Op) \
+                                and b.op.name == "relax.broadcast_to"
+                            parts.append(b.args[0] if broadcast else field)
+                        return pairwise[name](parts[0], parts[1])
+            return call
+
+    fixer = Fixer(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fixer.builder_.update_func(gv, fixer.visit_expr(func))
+    mod = fixer.builder_.get()
+    return relax.transform.DeadCodeElimination()(mod)

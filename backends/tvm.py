@@ -1,0 +1,731 @@
+"""TVM targets: ``llvm`` (this CPU, or a cross triple) and ``cuda`` (NVIDIA GPUs, built by nvcc).
+
+    optimized ModelProto -> static shapes + frontend fixes (_tvm_prepare)
+                         -> Relax passes, default schedules or MetaSchedule (_tvm_build)
+                         -> tvm.compile -> TvmArtifact (one .so with its manifest inside)
+
+Target options (``infoptc.compile(model, target="llvm", **options)``; the CLI passes
+``--threads``): ``threads``, ``mcpu``, ``mattr`` (e.g. ``"+avx2,-avx512f"``), ``mtriple``
+(cross-compiling, e.g. ``aarch64-linux-gnu``), ``arch`` (cuda, e.g. ``sm_90``), ``tune`` (trials)
+with ``tuning_db`` (a folder), ``schedules`` (``rules``, the default, or ``none`` for TVM's naive
+kernels), ``cpu_layout`` (NHWC convs, default on). See docs/targets/tvm.md.
+
+The artifact file is a shared library that ``dlopen`` loads as it is, followed by a trailer:
+    [library][blobs][manifest JSON][manifest length: 8 bytes little-endian][MAGIC: 16 bytes]
+The manifest names the inputs and outputs, the TVM target, the versions and the sha256 of the
+source model; blobs hold what the library cannot (the nvcc-built CUDA kernels).
+
+TVM is imported lazily: this module is imported whenever targets are listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import struct
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from infoptc.errors import CompileError, InvalidModelError, MissingDependencyError, UsageError
+from infoptc.targets import Artifact, Target, TensorSpec, register_target
+
+log = logging.getLogger("infoptc.backends.tvm")
+
+PINNED_TVM = "0.27.0.post1"
+PINNED_FFI = "0.1.14.post1"
+TUNING_FFI_SERIES = "0.1.14"
+INSTALL = f"pip install 'apache-tvm=={PINNED_TVM}' 'apache-tvm-ffi=={PINNED_FFI}'"
+
+MAGIC = b"\x00INFOPTC-TVM-01\x00"
+FORMAT = "infoptc-tvm/1"
+_TRAILER = struct.Struct("<Q")
+
+OPTIONS = {
+    "threads": "runtime threads (default: all cores)",
+    "mcpu": "LLVM CPU name (default: this machine's)",
+    "mattr": "LLVM features, e.g. '+avx2,-avx512f' (default: what /proc/cpuinfo shows)",
+    "mtriple": "LLVM target triple, for cross-compiling (e.g. aarch64-linux-gnu)",
+    "arch": "cuda: GPU architecture, e.g. sm_90 (default: the local GPU's)",
+    "tune": "MetaSchedule trials (0: no tuning)",
+    "tuning_db": "folder of the MetaSchedule database, reused across compiles",
+    "tune_timeout": "seconds per build/run of one tuning candidate",
+    "schedules": "'rules' (default schedules) or 'none' (TVM's naive kernels)",
+    "cpu_layout": "llvm: run convolutions in NHWC (default true)",
+    "fast_math": "polynomial exp/tanh/erf/softmax, TVM's fast_* ops (llvm default: true)",
+}
+
+# /proc/cpuinfo flag -> LLVM feature: features an -mcpu implies but this CPU (or the VM that
+# hides some of it) lacks are switched off, so the code never faults on an illegal instruction.
+CPUINFO_FEATURES = {
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512cd": "avx512cd", "avx512_vnni": "avx512vnni", "avx512_bf16": "avx512bf16",
+    "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi", "avx512_vbmi2": "avx512vbmi2",
+    "avx_vnni": "avxvnni", "amx_tile": "amx-tile", "amx_int8": "amx-int8", "amx_bf16": "amx-bf16",
+}
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def import_tvm():
+    try:
+        import tvm
+    except ImportError:
+        raise MissingDependencyError(f"the TVM targets need Apache TVM: {INSTALL}") from None
+    return tvm
+
+
+def tvm_versions() -> dict[str, str]:
+    tvm = import_tvm()
+    import tvm_ffi
+
+    return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?")}
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _bool_option(options: dict, key: str, default: bool) -> bool:
+    value = options.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"target option {key}={value!r}: expected true or false")
+
+
+def _int_option(options: dict, key: str, default: int | None = None, minimum: int = 0) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"target option {key}={value!r}: expected an integer") from None
+    if number < minimum:
+        raise UsageError(f"target option {key}={value!r}: must be at least {minimum}")
+    return number
+
+
+# ----------------------------------------------------------------------------- artifact
+
+
+class TvmArtifact(Artifact):
+    """A compiled model: TVM's exported library plus a manifest, in one file."""
+
+    def __init__(self, manifest: dict, *, executable=None, path: Path | None = None, model=None,
+                 blobs: dict[str, bytes] | None = None, export_compiler: str | None = None):
+        self.manifest = manifest
+        self.target = manifest["target"]
+        self.executable = executable  # set after compiling; None after load()
+        self.path = path  # the file it was loaded from
+        self.blobs = dict(blobs or {})
+        self.export_compiler = export_compiler
+        if model is not None:
+            self.model = model  # the optimized ONNX model that was lowered (compile summary)
+        self._vm = None
+        self._device = None
+        self._specs = None
+
+    # -- facts
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in self.manifest["inputs"]]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in self.manifest["outputs"]]
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        facts = {"target": m["target"], "tvm_target": m["tvm_target"],
+                 "runtime": f"tvm {m['versions']['tvm']} (tvm-ffi {m['versions']['tvm_ffi']})",
+                 "schedules": m["schedules"], "threads": m.get("threads") or "all cores",
+                 "input_shapes": {s["name"]: s["shape"] for s in m["inputs"]}}
+        for key in ("relax_options", "defaulted_dims", "tuning", "cuda", "cpu_features", "compile_seconds"):
+            if m.get(key):
+                facts[key] = m[key]
+        return facts
+
+    # -- file
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        path = Path(path)
+        if path.parent != Path("") and not path.parent.is_dir():
+            raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
+        manifest = dict(self.manifest)
+        source = getattr(self, "source", None)
+        if source is not None and not manifest.get("source_sha256"):
+            manifest["source_sha256"] = hashlib.sha256(source.SerializeToString(deterministic=True)).hexdigest()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".so", dir=path.parent or ".")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            if self.executable is not None:
+                manifest["library_bytes"] = self._export(tmp)
+            elif self.path is not None:
+                with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                    dst.truncate(self.manifest["library_bytes"])
+            else:
+                raise CompileError("nothing to save: the artifact has neither a library nor a file")
+            write_trailer(tmp, manifest, self.blobs)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.manifest = manifest
+        return [path]
+
+    def _export(self, tmp: Path) -> int:
+        from . import _tvm_build
+
+        kwargs = {}
+        if self.export_compiler:
+            from tvm.support import cc
+
+            kwargs["fcompile"] = cc.cross_compiler(self.export_compiler)
+        try:
+            with _tvm_build.native_output_to_log():
+                self.executable.export_library(str(tmp), **kwargs)
+        except Exception as e:  # noqa: BLE001 - linker missing or failing
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise CompileError(f"exporting the TVM library failed: {first[:300]}") from None
+        return tmp.stat().st_size
+
+    # -- running
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from infoptc.verify import check_feeds
+
+        if self._specs is None:
+            specs = {s.name: s for s in self.inputs}
+            self._specs = (specs, [s.name for s in self.outputs],
+                           {n: (np.dtype(s.dtype), tuple(s.shape)) for n, s in specs.items()})
+        specs, names, expected = self._specs
+        if len(inputs) != len(expected) or not all(
+                isinstance(v := inputs.get(n), np.ndarray) and v.dtype == dt and v.shape == shape
+                for n, (dt, shape) in expected.items()):
+            check_feeds(specs, inputs)  # names the problem; static shapes must match exactly
+            raise UsageError("inputs do not match the compiled shapes: "
+                             + ", ".join(f"{n}: {list(np.shape(inputs[n]))} (compiled for {list(shape)})"
+                                         for n, (_, shape) in expected.items() if np.shape(inputs[n]) != shape))
+        vm, device = self._machine()
+        self._configure_threads()
+        import tvm
+
+        if self.target == "cuda":
+            args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), device) for name in specs]
+        else:  # zero-copy: copying into a fresh TVM tensor costs more than a small model runs
+            import tvm_ffi
+
+            args = [tvm_ffi.from_dlpack(_aligned(inputs[name])) for name in specs]
+        try:
+            result = vm["main"](*args)
+        except Exception as e:  # noqa: BLE001 - a runtime check failed inside TVM
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise CompileError(f"the TVM runtime failed: {first[:300]}") from None
+        values = [result] if hasattr(result, "numpy") else list(_flatten(result))
+        if len(values) != len(names):
+            raise CompileError(f"the compiled model returned {len(values)} outputs, the manifest names {len(names)}")
+        if self.target == "cuda":
+            return {name: value.numpy() for name, value in zip(names, values)}
+        # Copy out: the VM reuses its output buffers on the next call.
+        return {name: np.from_dlpack(value).copy() for name, value in zip(names, values)}
+
+    def _machine(self):
+        if self._vm is None:
+            tvm = import_tvm()
+            from tvm import relax
+
+            _check_runnable(self.manifest)
+            self._device = tvm.cuda(0) if self.target == "cuda" else tvm.cpu(0)
+            if self.executable is not None:
+                module = self.executable
+            else:
+                if self.target == "cuda":
+                    _register_prebuilt_kernels(self.blobs)
+                module = _load_library(self.path)
+            try:
+                self._vm = relax.VirtualMachine(module, self._device)
+            except Exception as e:  # noqa: BLE001
+                first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                raise CompileError(f"cannot start the TVM virtual machine: {first[:300]}") from None
+        return self._vm, self._device
+
+    def _configure_threads(self) -> None:
+        """Size TVM's thread pool (one per calling thread) before this artifact runs in it.
+
+        TVM's default is half the logical CPUs on x86 (it assumes hyper-threading): one thread
+        on a 2-core VM. We hand it the CPUs this process may use and the wanted count (default:
+        all of them); the pool shares those cores rather than pinning one thread per core.
+        """
+        wanted = self.manifest.get("threads") or 0
+        ident = threading.get_ident()
+        if _POOL_CONFIG.get(ident) == wanted:
+            return
+        import tvm_ffi
+
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        share_all_cores = -3  # threading::ThreadGroup::kSpecifyThreadShareAllCore
+        tvm_ffi.get_global_func("runtime.config_threadpool")(
+            share_all_cores, min(int(wanted), len(cpus)), [str(c) for c in cpus])
+        _POOL_CONFIG[ident] = wanted
+
+
+_POOL_CONFIG: dict[int, int] = {}
+
+
+def _aligned(array, alignment: int = 64) -> np.ndarray:
+    """A C-contiguous array whose data starts on ``alignment`` bytes, as TVM's kernels assume."""
+    array = np.ascontiguousarray(array)
+    if array.ctypes.data % alignment == 0:
+        return array
+    raw = np.empty(array.nbytes + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
+def _flatten(value):
+    if hasattr(value, "numpy"):
+        yield value
+        return
+    for item in value:
+        yield from _flatten(item)
+
+
+def write_trailer(path: Path, manifest: dict, blobs: dict[str, bytes]) -> None:
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        table = {}
+        for name, data in blobs.items():
+            table[name] = {"offset": f.tell(), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            f.write(data)
+        manifest["blobs"] = table
+        text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        f.write(text)
+        f.write(_TRAILER.pack(len(text)))
+        f.write(MAGIC)
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest at the end of ``path``, or None if the file has no infoptc trailer."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            tail = len(MAGIC) + _TRAILER.size
+            if size < tail:
+                return None
+            f.seek(size - tail)
+            (length,) = _TRAILER.unpack(f.read(_TRAILER.size))
+            if f.read(len(MAGIC)) != MAGIC or length > size - tail:
+                return None
+            f.seek(size - tail - length)
+            manifest = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def read_blobs(path: Path, manifest: dict) -> dict[str, bytes]:
+    blobs = {}
+    with open(path, "rb") as f:
+        for name, entry in manifest.get("blobs", {}).items():
+            f.seek(entry["offset"])
+            data = f.read(entry["bytes"])
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise InvalidModelError(f"{path}: embedded {name} is corrupt (sha256 mismatch)")
+            blobs[name] = data
+    return blobs
+
+
+def _load_library(path: Path):
+    import tvm
+
+    # TVM picks the loader by file suffix (through symlinks too): a renamed artifact is copied
+    # to a .so first. dlopen keeps its mapping after the temp file is gone.
+    with tempfile.TemporaryDirectory(prefix="infoptc-tvm-") as tmp:
+        target = path if path.suffix == ".so" else Path(tmp, "model.so")
+        if target != path:
+            shutil.copyfile(path, target)
+        try:
+            return tvm.runtime.load_module(str(target))
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise InvalidModelError(f"{path}: TVM cannot load this library here: {first[:300]}") from None
+
+
+def _check_runnable(manifest: dict) -> None:
+    tvm = import_tvm()
+    if manifest["target"] == "cuda":
+        from tvm.base import _LOADED_LIBS
+
+        if "tvm_runtime_cuda" not in _LOADED_LIBS or not tvm.cuda(0).exist:
+            raise MissingDependencyError("running a cuda artifact needs an NVIDIA GPU with its driver "
+                                         "(libcuda.so.1); none is usable on this machine")
+        return
+    built_for = manifest.get("machine")
+    if built_for and built_for != platform.machine():
+        raise MissingDependencyError(f"this artifact was built for {built_for} "
+                                     f"({manifest['tvm_target'].get('mtriple', '?')}); this machine is {platform.machine()}")
+    missing = [f for f in manifest.get("cpu_features", {}).get("required", []) if not _host_has(f)]
+    if missing:
+        raise MissingDependencyError(f"this artifact uses CPU features this machine lacks: {', '.join(missing)} "
+                                     "(recompile here, or with mcpu/mattr for this CPU)")
+
+
+def _host_has(feature: str) -> bool:
+    flags = _cpu_flags()
+    if flags is None:
+        return True
+    reverse = {v: k for k, v in CPUINFO_FEATURES.items()}
+    return reverse.get(feature, feature) in flags
+
+
+# CUDA kernels built by nvcc at compile time, by sha256 of the CUDA source TVM generated.
+_PREBUILT_KERNELS: dict[str, bytes] = {}
+_CALLBACK_LOCK = threading.Lock()
+_CALLBACK_INSTALLED = False
+
+
+def _register_prebuilt_kernels(blobs: dict[str, bytes]) -> None:
+    """A library built where no CUDA driver was present carries CUDA source, which TVM's CUDA
+    loader compiles through ``tvm_callback_cuda_compile``; answer it with our nvcc build."""
+    global _CALLBACK_INSTALLED
+    if "cuda_fatbin" not in blobs or "cuda_source_sha256" not in blobs:
+        return
+    _PREBUILT_KERNELS[blobs["cuda_source_sha256"].decode()] = blobs["cuda_fatbin"]
+    with _CALLBACK_LOCK:
+        if _CALLBACK_INSTALLED:
+            return
+        import tvm_ffi
+
+        try:
+            import tvm.support.nvcc  # noqa: F401 - registers TVM's own callback, our fallback
+        except ImportError:
+            pass
+        previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+
+        def compile_cuda(code, *rest):
+            key = hashlib.sha256(str(code).encode()).hexdigest()
+            if key in _PREBUILT_KERNELS:
+                return bytearray(_PREBUILT_KERNELS[key])
+            if previous is None:
+                raise RuntimeError("no CUDA compiler callback")
+            return previous(code, *rest)
+
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+        _CALLBACK_INSTALLED = True
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+class TvmTarget(Target):
+    """Shared by ``llvm`` and ``cuda``: ONNX -> Relax -> TVM executable."""
+
+    suffix = ".so"
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise UsageError(f"unknown option(s) for target {self.name}: {', '.join(unknown)} "
+                             f"(known: {', '.join(OPTIONS)})")
+        options = {k: v for k, v in options.items() if v is not None}
+        super().__init__(**options)
+        self.threads = _int_option(options, "threads", None, minimum=1)
+        self.tune = _int_option(options, "tune", 0)
+        self.tune_timeout = _int_option(options, "tune_timeout", 30, minimum=1)
+        self.schedules = str(options.get("schedules", "rules"))
+        if self.schedules not in ("rules", "none"):
+            raise UsageError(f"target option schedules={self.schedules!r}: expected 'rules' or 'none'")
+        self.cpu_layout = _bool_option(options, "cpu_layout", True)
+        self.fast_math = _bool_option(options, "fast_math", self.name == "llvm")
+        if self.tune and not options.get("tuning_db"):
+            raise UsageError("tune=N needs tuning_db=PATH: a folder that keeps the records for the next compile")
+
+    def check_available(self) -> None:
+        import_tvm()
+        if self.tune:
+            from . import _tvm_build
+
+            _tvm_build.check_tuning_dependencies()
+
+    # subclasses: the TVM target dict, and facts for the manifest
+    def tvm_target(self) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    def lower(self, model: onnx.ModelProto) -> TvmArtifact:
+        import time
+
+        import_tvm()
+        import tvm
+
+        from . import _tvm_build, _tvm_prepare
+
+        start = time.perf_counter()
+        target_dict, facts = self.tvm_target()
+        target = tvm.target.Target(target_dict)
+        prepared = _tvm_prepare.prepare(model)
+        if prepared.defaulted_dims:
+            log.warning("target %s: symbolic input dims set to %d: %s (bind them with --input-shape NAME:DIMS)",
+                        self.name, _tvm_prepare.DEFAULT_DIM, ", ".join(prepared.defaulted_dims))
+        with _tvm_build.native_output_to_log():
+            mod = _tvm_prepare.import_onnx(prepared.model)
+            mod, tuning = _tvm_build.optimize(mod, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
+                                              tune=self.tune, tuning_db=self.options.get("tuning_db"),
+                                              tune_timeout_s=self.tune_timeout, fast_math=self.fast_math)
+            executable, blobs, more = self.build(mod, target)
+        facts.update(more)
+        export_compiler = facts.pop("_export_compiler", None)
+        manifest = {
+            "format": FORMAT,
+            "target": self.name,
+            "tvm_target": _jsonable(target.export()),
+            "inputs": _specs(mod, prepared.model, "input"),
+            "outputs": _specs(mod, prepared.model, "output"),
+            "versions": {"infoptc": _infoptc_version(), **tvm_versions()},
+            "lowered_sha256": hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest(),
+            "threads": self.threads,
+            "schedules": "metaschedule+rules" if tuning else self.schedules,
+            "relax_options": {"cpu_layout": self.cpu_layout and self.name == "llvm", "fast_math": self.fast_math},
+            "defaulted_dims": prepared.defaulted_dims,
+            "frontend_fixes": prepared.counters,
+            "tuning": tuning,
+            "compile_seconds": round(time.perf_counter() - start, 3),
+            **facts,
+        }
+        # The model as lowered, with the input shapes the library was built for.
+        bound = onnx.ModelProto()
+        bound.CopyFrom(model)
+        _tvm_prepare.bind_symbolic_inputs(bound, _tvm_prepare.DEFAULT_DIM)
+        return TvmArtifact(manifest, executable=executable, model=bound, blobs=blobs, export_compiler=export_compiler)
+
+    def build(self, mod, target):
+        from . import _tvm_build
+
+        return _tvm_build.build(mod, target), {}, {}
+
+    @classmethod
+    def can_load(cls, path: Path) -> bool:
+        manifest = read_manifest(path)
+        return manifest is not None and manifest.get("target") == cls.name
+
+    @classmethod
+    def load(cls, path: Path) -> TvmArtifact:
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise InvalidModelError(f"{path}: not an infoptc TVM artifact")
+        return TvmArtifact(manifest, path=Path(path), blobs=read_blobs(Path(path), manifest))
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+        return [_jsonable(v) for v in value]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _infoptc_version() -> str:
+    from infoptc import __version__
+
+    return __version__
+
+
+def _specs(mod, model: onnx.ModelProto, kind: str) -> list[dict]:
+    """Names from the ONNX graph, static shapes and dtypes from the Relax signature."""
+    from infoptc.verify import tensor_specs
+
+    names = [s.name for s in tensor_specs(model, kind)]
+    main = mod["main"]
+    if kind == "input":
+        types = [p.ty for p in main.params]
+    else:
+        ret = main.ret_ty
+        types = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    if len(types) != len(names):
+        raise CompileError(f"TVM's module has {len(types)} {kind}s, the model {len(names)}")
+    out = []
+    for name, sinfo in zip(names, types):
+        shape = [int(d) for d in sinfo.shape.values] if getattr(sinfo, "shape", None) is not None else None
+        if shape is None:
+            raise CompileError(f"{kind} {name!r} has no static shape after import")
+        out.append({"name": name, "dtype": str(sinfo.dtype), "shape": shape})
+    return out
+
+
+@register_target
+class LlvmTarget(TvmTarget):
+    name = "llvm"
+    summary = "TVM-compiled CPU library (.so) for this machine (or mtriple=...); TVM installed"
+
+    def tvm_target(self) -> tuple[dict, dict]:
+        from tvm.target import codegen
+
+        triple = self.options.get("mtriple")
+        host_triple = codegen.llvm_get_system_triple()
+        cross = bool(triple) and triple.split("-")[0] != host_triple.split("-")[0]
+        mcpu = self.options.get("mcpu") or (None if cross else codegen.llvm_get_system_cpu())
+        if mcpu and not codegen.llvm_is_valid_cpu(mcpu, triple or host_triple):
+            raise UsageError(f"mcpu={mcpu!r} is not a CPU LLVM knows for {triple or host_triple}")
+        mattr = _as_list(self.options.get("mattr"))
+        facts: dict = {"machine": triple.split("-")[0] if cross else platform.machine()}
+        target: dict = {"kind": "llvm", "num-cores": self.threads or os.cpu_count() or 1}
+        if triple:
+            target["mtriple"] = triple
+        if mcpu:
+            target["mcpu"] = mcpu
+        if not cross and "mattr" not in self.options:
+            mattr = self._mask_missing_features(target)
+        if mattr:
+            target["mattr"] = mattr
+        if cross:
+            compiler = _cross_compiler(triple)
+            facts["_export_compiler"] = compiler
+            facts["cross_compiler"] = compiler
+        else:
+            import tvm
+
+            enabled = codegen.llvm_get_cpu_features(tvm.target.Target(target))
+            facts["cpu_features"] = {"required": sorted(f for f in CPUINFO_FEATURES.values() if f in enabled)}
+        return target, facts
+
+    @staticmethod
+    def _mask_missing_features(target: dict) -> list[str]:
+        import tvm
+        from tvm.target import codegen
+
+        flags = _cpu_flags()
+        if flags is None:
+            return []
+        implied = codegen.llvm_get_cpu_features(tvm.target.Target(target))
+        return [f"-{feature}" for flag, feature in CPUINFO_FEATURES.items() if feature in implied and flag not in flags]
+
+    def check_available(self) -> None:
+        super().check_available()
+        triple = self.options.get("mtriple")
+        if triple:
+            from tvm.target import codegen
+
+            if triple.split("-")[0] != codegen.llvm_get_system_triple().split("-")[0]:
+                _cross_compiler(triple)
+        elif shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("gcc") is None:
+            raise MissingDependencyError("exporting a TVM library needs a C/C++ compiler (g++ or gcc) to link it")
+
+
+def _cross_compiler(triple: str) -> str:
+    for name in (f"{triple}-g++", f"{triple}-gcc"):
+        if shutil.which(name):
+            return name
+    raise MissingDependencyError(
+        f"cross-compiling for {triple} needs the {triple}-g++ (or -gcc) linker on PATH "
+        f"(Debian/Ubuntu: apt-get install g++-{triple.replace('_', '-')})")
+
+
+@register_target
+class CudaTarget(TvmTarget):
+    name = "cuda"
+    summary = "TVM-compiled NVIDIA GPU library (.so, kernels built by nvcc); TVM and nvcc installed"
+
+    def check_available(self) -> None:
+        super().check_available()
+        from . import _tvm_build
+
+        if _tvm_build.nvcc_path() is None:
+            raise MissingDependencyError("the cuda target needs nvcc (the CUDA toolkit) on PATH or in $CUDA_HOME/bin")
+
+    def arch(self) -> str:
+        arch = self.options.get("arch")
+        if not arch:
+            import tvm
+
+            device = tvm.cuda(0)
+            if not device.exist:
+                raise UsageError("no GPU here to take the architecture from: give the target option arch=sm_XX "
+                                 "(e.g. sm_80 for A100, sm_90 for H100)")
+            arch = "sm_" + device.compute_version.replace(".", "")
+        arch = str(arch)
+        if not arch.startswith("sm_") or not arch[3:].rstrip("af").isdigit():
+            raise UsageError(f"arch={arch!r}: expected sm_XX, e.g. sm_90")
+        return arch
+
+    def tvm_target(self) -> tuple[dict, dict]:
+        # The host side only runs the VM's shape code: keep it generic so the library loads on
+        # any x86-64 (or given) CPU, unless mcpu/mattr say otherwise.
+        host: dict = {"kind": "llvm"}
+        if self.options.get("mcpu"):
+            host["mcpu"] = self.options["mcpu"]
+        if self.options.get("mattr"):
+            host["mattr"] = _as_list(self.options["mattr"])
+        return {"kind": "cuda", "arch": self.arch(), "host": host}, {"machine": platform.machine()}
+
+    def build(self, mod, target):
+        import tvm_ffi
+
+        from . import _tvm_build
+
+        arch = str(target.attrs["arch"])
+        built: dict[str, bytes] = {}
+
+        # With a CUDA driver present TVM compiles the kernels itself through this callback;
+        # without one it keeps the CUDA source, which we compile below. nvcc either way.
+        def compile_cuda(code, *rest):
+            built["source"] = str(code).encode()
+            built["fatbin"] = _tvm_build.nvcc_fatbin(str(code), arch)
+            return bytearray(built["fatbin"])
+
+        previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+        try:
+            executable = _tvm_build.build(mod, target)
+        finally:
+            if previous is not None:
+                tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+        if "fatbin" not in built:
+            sources = [m.inspect_source("") for m in _tvm_build.device_modules(executable, "cuda")]
+            if not sources or not any(sources):
+                raise CompileError("TVM produced no CUDA kernels for this model")
+            built["source"] = sources[0].encode()
+            built["fatbin"] = _tvm_build.nvcc_fatbin(sources[0], arch)
+        nvcc = _tvm_build.nvcc_path()
+        facts = {"cuda": {"arch": arch, "nvcc": _tvm_build.nvcc_version(nvcc) if nvcc else "?",
+                          "fatbin_bytes": len(built["fatbin"]), "kernels_source_bytes": len(built["source"])}}
+        blobs = {"cuda_fatbin": built["fatbin"],
+                 "cuda_source_sha256": hashlib.sha256(built["source"]).hexdigest().encode()}
+        return executable, blobs, facts

@@ -1,0 +1,362 @@
+"""The TVM targets (backends/tvm.py): llvm and cuda.
+
+Skipped where TVM is not installed. Numerical checks compare against ONNX Runtime on the
+original model with atol = rtol = 1e-4 (fp32): TVM's kernels reassociate every reduction
+(tiled and vectorized dot products, convolutions in NHWC with a different summation order,
+erf/exp from TVM's own approximations), so results differ from ORT's MLAS in the last bits of
+each accumulation; over reductions of up to ~1000 terms that is ~1e-5 relative, and the worst
+case seen on the golden models is 2.1e-5 (ResNet logits). 1e-4 leaves a 5x margin and still
+catches any real bug (a wrong layout or padding moves outputs by O(1)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import infoptc
+from infoptc.errors import MissingDependencyError, UnsupportedOpError, UsageError
+from infoptc.verify import OrtRunner, Tolerance, compare_outputs, random_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = Tolerance(atol=1e-4, rtol=1e-4)
+
+# Golden models TVM's ONNX frontend lowers, with the (non-unit) shapes we bind for them.
+SUPPORTED = {
+    "mlp": {"x": (3, 64)},
+    "digits_cnn": {"input": (2, 1, 8, 8)},
+    "resnet": {},
+    "mobilenet": {},
+    "bert": {"input_ids": (2, 16), "attention_mask": (2, 16)},
+    "gpt": {"input_ids": (2, 16)},
+}
+# Golden models it does not lower, and the op that stops each.
+UNSUPPORTED = {"control_flow": "Loop"}
+
+
+def _check(expected: dict, actual: dict) -> None:
+    diffs = compare_outputs(expected, actual, tolerances={k: TOL for k in expected})
+    bad = [d.describe() for d in diffs if not d.ok]
+    assert not bad, bad
+
+
+@pytest.fixture(scope="module")
+def compiled(golden):
+    """``compiled(name) -> (artifact, path of the original model)``, built once per module."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = golden(name)
+            cache[name] = (infoptc.compile(path, target="llvm", input_shapes=SUPPORTED[name]), path)
+        return cache[name]
+
+    return get
+
+
+def test_every_golden_model_is_classified():
+    from golden_models import MODEL_NAMES
+
+    assert set(SUPPORTED) | set(UNSUPPORTED) == set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED))
+def test_llvm_matches_ort_after_reload_in_a_fresh_process(name, compiled, tmp_path):
+    artifact, source = compiled(name)
+    feeds = random_inputs(artifact.model, seed=1)
+    assert {k: v.shape for k, v in feeds.items()} == {
+        s.name: tuple(s.shape) for s in artifact.inputs}
+    expected = OrtRunner(onnx.load(source)).run(feeds)
+    _check(expected, artifact.run(feeds))  # in this process, from memory
+
+    library = tmp_path / f"{name}.so"
+    assert artifact.save(library) == [library]
+    np.savez(tmp_path / "in.npz", **feeds)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "infoptc.cli", "run", str(library), "--inputs",
+                           str(tmp_path / "in.npz"), "--save-outputs", str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        _check(expected, {k: out[k] for k in out.files})
+
+
+@pytest.mark.parametrize("name,op", sorted(UNSUPPORTED.items()))
+def test_unsupported_golden_models_name_the_op(name, op, golden, cli, tmp_path):
+    with pytest.raises(UnsupportedOpError, match=rf"\b{op}\b.*--target onnx"):
+        infoptc.compile(golden(name), target="llvm")
+    code, _, err = cli("compile", golden(name), "--target", "llvm", "-o", tmp_path / "x.so")
+    assert code == 4
+    assert op in err and "--target onnx" in err and "Traceback" not in err
+    assert not (tmp_path / "x.so").exists()
+
+
+def test_unsupported_custom_domain_op_is_named(tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")  # ONNX Runtime's contrib op
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(UnsupportedOpError, match="com.microsoft::FastGelu"):
+        infoptc.compile(model, target="llvm", opt_level=0)
+
+
+def test_artifact_manifest(compiled, tmp_path):
+    artifact, source = compiled("bert")
+    path = artifact.save(tmp_path / "bert.so")[0]
+    from infoptc.backends.tvm import read_manifest
+
+    manifest = read_manifest(path)
+    import hashlib
+
+    assert manifest["target"] == "llvm"
+    assert manifest["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [2, 16]},
+                                  {"name": "attention_mask", "dtype": "int64", "shape": [2, 16]}]
+    assert manifest["outputs"] == [{"name": "last_hidden_state", "dtype": "float32", "shape": [2, 16, 256]}]
+    assert manifest["versions"]["tvm"] == tvm.__version__
+    assert manifest["versions"]["infoptc"] == infoptc.__version__
+    source_model = onnx.load(source)
+    assert manifest["source_sha256"] == hashlib.sha256(source_model.SerializeToString(deterministic=True)).hexdigest()
+    assert manifest["tvm_target"]["kind"] == "llvm"
+    # The library part is a plain shared object: the manifest only follows it.
+    with open(path, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+    assert manifest["library_bytes"] < path.stat().st_size
+    reloaded = infoptc.load(path)
+    assert reloaded.describe()["tvm_target"] == artifact.describe()["tvm_target"]
+    assert [s.name for s in reloaded.outputs] == ["last_hidden_state"]
+
+
+def test_host_cpu_is_detected_and_overridable(golden):
+    from tvm.target import codegen
+
+    default = infoptc.compile(golden("mlp"), target="llvm")
+    assert default.describe()["tvm_target"]["mcpu"] == codegen.llvm_get_system_cpu()
+    required = default.describe()["cpu_features"]["required"]
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx2" in flags:
+        assert "avx2" in required
+    if " avx512f" not in flags:
+        assert "avx512f" not in required  # never emit instructions this CPU lacks
+    older = infoptc.compile(golden("mlp"), target="llvm", mcpu="haswell", mattr="-avx512f")
+    assert older.describe()["tvm_target"]["mcpu"] == "haswell"
+    assert "-avx512f" in older.describe()["tvm_target"]["mattr"]
+    feeds = random_inputs(older.model)
+    _check(OrtRunner(onnx.load(golden("mlp"))).run(feeds), older.run(feeds))
+    with pytest.raises(UsageError, match="not a CPU"):
+        infoptc.compile(golden("mlp"), target="llvm", mcpu="pentium-9000")
+
+
+def test_unknown_option_and_bad_values(golden):
+    with pytest.raises(UsageError, match="unknown option"):
+        infoptc.compile(golden("mlp"), target="llvm", vectorize="yes")
+    with pytest.raises(UsageError, match="tuning_db"):
+        infoptc.compile(golden("mlp"), target="llvm", tune=4)
+    with pytest.raises(UsageError, match="threads"):
+        infoptc.compile(golden("mlp"), target="llvm", threads="many")
+
+
+def test_symbolic_dims_default_to_one_and_are_reported(golden, caplog):
+    with caplog.at_level("WARNING", logger="infoptc"):
+        artifact = infoptc.compile(golden("mlp"), target="llvm")
+    assert artifact.describe()["defaulted_dims"] == {"x[0] (batch)": 1}
+    assert [tuple(s.shape) for s in artifact.inputs] == [(1, 64)]
+    assert any("--input-shape" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UsageError, match=r"expects \[1, 64\]"):
+        artifact.run({"x": np.zeros((2, 64), np.float32)})
+
+
+def test_threads_option_sizes_the_runtime_pool(golden):
+    import tvm_ffi
+
+    num_threads = tvm_ffi.get_global_func("runtime.NumThreads")
+    for threads in sorted({1, min(2, os.cpu_count() or 1)}):
+        artifact = infoptc.compile(golden("mlp"), target="llvm", threads=threads)
+        artifact.run(random_inputs(artifact.model))
+        assert num_threads() == threads
+        assert artifact.describe()["tvm_target"]["num-cores"] == threads
+
+
+def test_save_is_atomic_and_checks_the_folder(compiled, tmp_path):
+    artifact, _ = compiled("mlp")
+    path = tmp_path / "m.so"
+    path.write_bytes(b"old")
+    artifact.save(path)
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.so"]  # no temp file left
+    with pytest.raises(UsageError, match="does not exist"):
+        artifact.save(tmp_path / "missing" / "m.so")
+    # A renamed copy still loads, and re-saving a loaded artifact keeps it intact.
+    renamed = tmp_path / "model.bin"
+    shutil.copy(path, renamed)
+    again = infoptc.load(renamed).save(tmp_path / "again.so")[0]
+    assert again.read_bytes() == path.read_bytes()
+    feeds = random_inputs(artifact.model)
+    _check(artifact.run(feeds), infoptc.load(renamed).run(feeds))
+
+
+def test_cli_default_output_name_and_run(golden, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("compile", golden("digits_cnn"), "--target", "llvm", "--input-shape", "input:4x1x8x8",
+                         "--threads", "1")
+    assert code == 0, err
+    assert (tmp_path / "digits_cnn.opt.so").is_file()
+    data = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input=data)
+    code, out, err = cli("run", "digits_cnn.opt.so", "--inputs", "in.npz", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert rows[0]["name"] == "logits" and rows[0]["shape"] == [4, 10]
+    expected = OrtRunner(onnx.load(golden("digits_cnn"))).run({"input": data})["logits"]
+    assert rows[0]["mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+def test_missing_tvm_is_exit_5_with_the_pip_command(golden, cli, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tvm", None)  # `import tvm` now raises ImportError
+    with pytest.raises(MissingDependencyError, match="pip install 'apache-tvm=="):
+        infoptc.compile(golden("mlp"), target="llvm")
+    code, _, err = cli("compile", golden("mlp"), "--target", "llvm", "-o", tmp_path / "m.so")
+    assert code == 5 and "pip install" in err
+
+
+def test_tuning_refuses_an_untested_tvm_ffi(golden, monkeypatch, tmp_path):
+    import tvm_ffi
+
+    monkeypatch.setattr(tvm_ffi, "__version__", "0.1.15.post2")
+    with pytest.raises(MissingDependencyError, match=r"apache-tvm-ffi==0\.1\.14\.post1"):
+        infoptc.compile(golden("mlp"), target="llvm", tune=2, tuning_db=str(tmp_path / "db"))
+
+
+def test_relax_fixes_make_clip_layout_friendly_and_gather_safe():
+    """Clip(x, 0, 6) imports as maximum/minimum (not stacked reductions), Gather as take(wrap)."""
+    from infoptc.backends import _tvm_prepare
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Constant", [], ["lo"], value=numpy_helper.from_array(np.array(0, np.float32))),
+        helper.make_node("Constant", [], ["hi"], value=numpy_helper.from_array(np.array(6, np.float32))),
+        helper.make_node("Clip", ["x", "lo", "hi"], ["c"]),
+        helper.make_node("Gather", ["c", "idx"], ["y"], axis=0),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3]),
+                                           helper.make_tensor_value_info("idx", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    prepared = _tvm_prepare.prepare(model)
+    assert prepared.counters["clips_split"] == 1
+    text = _tvm_prepare.import_onnx(prepared.model)["main"].script()
+    assert "R.maximum" in text and "R.minimum" in text and "R.stack" not in text
+    assert 'mode="wrap"' in text
+    artifact = infoptc.compile(model, target="llvm", opt_level=0)
+    x = np.linspace(-10, 10, 12, dtype=np.float32).reshape(4, 3)
+    idx = np.array([-1, 1], np.int64)  # ONNX allows negative indices
+    _check(OrtRunner(model).run({"x": x, "idx": idx}), artifact.run({"x": x, "idx": idx}))
+
+
+def test_default_schedules_parallelize_and_vectorize(golden):
+    """Without tuning, every ResNet kernel gets a schedule from the rules; the convolutions run
+    their outer tiles in parallel and their channel axis in vector registers."""
+    from infoptc.backends import _tvm_build, _tvm_prepare
+    from tvm import tirx
+
+    prepared = _tvm_prepare.prepare(infoptc.optimize(golden("resnet")))
+    mod = _tvm_prepare.import_onnx(prepared.model)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules")
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    convs = [name for name in kernels if "conv2d" in name]
+    assert len(convs) >= 10
+    assert all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in kernels.values())
+    for name in convs:
+        text = kernels[name].script()
+        assert "T.parallel" in text and "T.vectorized" in text, name
+        assert "conv2d_nhwc" in text, name  # channels innermost (ConvertLayout)
+
+
+def test_untuned_rules_match_tvms_naive_kernels(golden):
+    plain = infoptc.compile(golden("digits_cnn"), target="llvm", schedules="none", input_shapes={"input": (5, 1, 8, 8)})
+    ruled = infoptc.compile(golden("digits_cnn"), target="llvm", input_shapes={"input": (5, 1, 8, 8)})
+    assert plain.describe()["schedules"] == "none" and ruled.describe()["schedules"] == "rules"
+    feeds = random_inputs(plain.model)
+    _check(plain.run(feeds), ruled.run(feeds))
+
+
+NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) not installed")
+def test_cuda_build_path_codegen_and_nvcc(golden, tmp_path):
+    from infoptc.backends.tvm import read_blobs, read_manifest
+
+    artifact = infoptc.compile(golden("mlp"), target="cuda", arch="sm_80", input_shapes={"x": (2, 64)})
+    facts = artifact.describe()
+    assert facts["target"] == "cuda" and facts["tvm_target"]["arch"] == "sm_80"
+    assert facts["cuda"]["fatbin_bytes"] > 0 and "release" in facts["cuda"]["nvcc"]
+    path = artifact.save(tmp_path / "mlp_cuda.so")[0]
+    manifest = read_manifest(path)
+    blobs = read_blobs(path, manifest)
+    assert blobs["cuda_fatbin"][:4] == b"\x50\xed\x55\xba"  # fatbin magic 0xBA55ED50
+    assert b"sm_80" in blobs["cuda_fatbin"] or b"compute_80" in blobs["cuda_fatbin"]
+    reloaded = infoptc.load(path)
+    assert reloaded.target == "cuda"
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    if tvm.cuda(0).exist:
+        _check(OrtRunner(onnx.load(golden("mlp"))).run(feeds), reloaded.run(feeds))
+    else:
+        with pytest.raises(MissingDependencyError, match="NVIDIA GPU"):
+            reloaded.run(feeds)
+
+
+def test_cuda_needs_an_arch_without_a_gpu(golden):
+    if tvm.cuda(0).exist:
+        pytest.skip("a GPU is present: its architecture is the default")
+    if NVCC is None:
+        pytest.skip("nvcc not installed")
+    with pytest.raises(UsageError, match="arch=sm_XX"):
+        infoptc.compile(golden("mlp"), target="cuda")
+
+
+def test_cross_compiling_for_aarch64(golden, tmp_path):
+    linker = shutil.which("aarch64-linux-gnu-g++") or shutil.which("aarch64-linux-gnu-gcc")
+    if linker is None:
+        with pytest.raises(MissingDependencyError, match="aarch64-linux-gnu"):
+            infoptc.compile(golden("mlp"), target="llvm", mtriple="aarch64-linux-gnu")
+        return
+    artifact = infoptc.compile(golden("mlp"), target="llvm", mtriple="aarch64-linux-gnu")
+    path = artifact.save(tmp_path / "mlp_arm.so")[0]
+    header = path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(MissingDependencyError, match="aarch64"):
+        infoptc.load(path).run({"x": np.zeros((1, 64), np.float32)})
+
+
+@pytest.mark.slow
+def test_tuning_writes_the_database_and_reuses_it(golden, tmp_path, request):
+    expr = request.config.getoption("markexpr") or ""
+    if "slow" not in expr or "not slow" in expr:
+        pytest.skip("about 70 s of MetaSchedule trials: run with -m slow")
+    db = tmp_path / "db"
+    first = infoptc.compile(golden("mlp"), target="llvm", tune=6, tuning_db=str(db))
+    tuning = first.describe()["tuning"]
+    assert tuning["tasks"] > 0 and tuning["tasks_tuned_now"] == tuning["tasks"]
+    assert tuning["records_added"] > 0 and tuning["tasks_without_record"] == []
+    assert first.describe()["schedules"] == "metaschedule+rules"
+    records = db / "database_tuning_record.json"
+    before = records.read_bytes()
+    second = infoptc.compile(golden("mlp"), target="llvm", tune=6, tuning_db=str(db))
+    again = second.describe()["tuning"]
+    assert again["tasks_tuned_now"] == 0 and again["tasks_from_database"] == tuning["tasks"]
+    assert again["records_added"] == 0 and records.read_bytes() == before
+    feeds = random_inputs(second.model)
+    _check(OrtRunner(onnx.load(golden("mlp"))).run(feeds), second.run(feeds))
