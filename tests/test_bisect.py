@@ -10,12 +10,13 @@ import textwrap
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import pytest
 
 from infoptc import Contract, register_pass
 from infoptc.bisect import bisect, run_bisect_cli
+from infoptc.pass_manager import PASS_REGISTRY
 
 
-@register_pass(name="bisect-test-flip-relu", summary="(test) turns the last Relu into a Sigmoid", replace=True)
 def _flip_relu(graph: gs.Graph, ctx):
     relus = [n for n in graph.nodes if n.op == "Relu"]
     if relus:
@@ -31,16 +32,27 @@ def _nudge(graph: gs.Graph, scale: float) -> dict:
     return {"nudged": 1}
 
 
-# the same tiny numerical change, declared at two contracts
-@register_pass(name="bisect-test-nudge-exact", summary="(test) nudges a bias, claims exact", replace=True)
 def _nudge_exact(graph, ctx):
     return _nudge(graph, 1e-6)
 
 
-@register_pass(name="bisect-test-nudge-reassoc", summary="(test) nudges a bias, reassociating",
-               contract=Contract.REASSOCIATING, replace=True)
 def _nudge_reassoc(graph, ctx):
     return _nudge(graph, 1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def planted_passes():
+    """Register the wrong passes for this module only, so no other test meets them."""
+    register_pass(name="bisect-test-flip-relu", summary="(test) turns the last Relu into a Sigmoid",
+                  replace=True)(_flip_relu)
+    # the same tiny numerical change, declared at two contracts
+    register_pass(name="bisect-test-nudge-exact", summary="(test) nudges a bias, claims exact",
+                  replace=True)(_nudge_exact)
+    register_pass(name="bisect-test-nudge-reassoc", summary="(test) nudges a bias, reassociating",
+                  contract=Contract.REASSOCIATING, replace=True)(_nudge_reassoc)
+    yield
+    for name in [n for n in PASS_REGISTRY if n.startswith("bisect-test-")]:
+        del PASS_REGISTRY[name]
 
 
 # no fixpoint, so application numbers are the pipeline positions
