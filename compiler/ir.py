@@ -23,6 +23,9 @@ from .errors import InvalidModelError, UsageError
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
+# graphsurgeon prints its warnings on stdout; library code must stay quiet (its errors still raise).
+gs.logger.G_LOGGER.severity = max(gs.logger.G_LOGGER.severity, gs.logger.G_LOGGER.ERROR)
+
 # Protobuf cannot serialize a message above 2 GiB; big models go to a side file.
 PROTOBUF_LIMIT = 2**31 - 1
 # Above this total initializer size ``save_model`` writes external data by default.
@@ -363,15 +366,26 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
         kwargs["opset_imports"] = _merged_opsets(graph, template)
     # Protobuf cannot copy a >2 GiB message into a list (graphsurgeon's exporter does), so big
     # constants are exported as empty placeholders and their payload is attached afterwards.
-    big = [t for t in _all_constants(graph) if _constant_nbytes(t) > LARGE_TENSOR]
+    tensors = _all_tensors(graph)
+    big = [t for t in tensors if isinstance(t, gs.Constant) and _constant_nbytes(t) > LARGE_TENSOR]
     saved = [t._values for t in big]
+    # graphsurgeon cannot write optional (or map) types: export them untyped, restore below.
+    odd = [t for t in tensors if isinstance(t, gs.Variable) and t.dtype is not None
+           and getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")]
+    odd_dtypes = [t.dtype for t in odd]
     try:
         for t in big:
             t._values = np.zeros((0,), dtype=t.dtype)
+        for t in odd:
+            t.dtype = None
         model = gs.export_onnx(graph, do_type_check=False, **kwargs)
     finally:
         for t, values in zip(big, saved):
             t._values = values
+        for t, dtype in zip(odd, odd_dtypes):
+            t.dtype = dtype
+    if odd and template is not None:
+        _restore_types(model, template, {t.name for t in odd})
     if big:
         by_name = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
         for t in big:
@@ -410,12 +424,26 @@ def _keep_declared_value_info(model: onnx.ModelProto, template: onnx.ModelProto)
 LARGE_TENSOR = 64 * 2**20  # bytes; above this a constant is attached after export
 
 
-def _all_constants(graph: gs.Graph) -> list[gs.Constant]:
-    found = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+def _all_tensors(graph: gs.Graph) -> list[gs.Tensor]:
+    found = list(graph.tensors().values())
     for node in graph.nodes:
         for sub in node.subgraphs():
-            found.extend(_all_constants(sub))
+            found.extend(_all_tensors(sub))
     return found
+
+
+def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    yield from graph.input
+    yield from graph.output
+    yield from graph.value_info
+
+
+def _restore_types(model: onnx.ModelProto, template: onnx.ModelProto, names: set[str]) -> None:
+    types = {vi.name: vi.type for g in iter_graphs(template.graph) for vi in _value_infos(g) if vi.name in names}
+    for g in iter_graphs(model.graph):
+        for vi in _value_infos(g):
+            if vi.name in types:
+                vi.type.CopyFrom(types[vi.name])
 
 
 def _constant_nbytes(t: gs.Constant) -> int:

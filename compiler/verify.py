@@ -7,12 +7,14 @@ tolerances; ``lossy`` ones are judged by a task metric, not here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
 
+from . import ir
 from .errors import InvalidModelError, MissingDependencyError, VerificationError
 from .pass_manager import Contract
 from .targets import TensorSpec
@@ -35,11 +37,17 @@ class Tolerance:
     rtol: float
 
     @staticmethod
-    def for_contract(contract: Contract, dtype: np.dtype | str) -> "Tolerance":
-        dtype = np.dtype(dtype)
-        if contract == Contract.EXACT or dtype.kind not in "fc":
+    def for_contract(contract: Contract, dtype: np.dtype | str) -> Tolerance:
+        """Zero (bit for bit) for ``exact`` and for non-float dtypes; the dtype's row of
+        ``REASSOCIATING_TOLERANCE`` otherwise. ``lossy`` transforms are judged by a task metric
+        (``infoptc.testing.assert_equivalent(metric=...)``); here they get the same tolerance
+        as ``reassociating``, which is what a per-element check can promise at most."""
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+        is_float = name in REASSOCIATING_TOLERANCE or name in _EXTENDED_FLOATS or (
+            name in _NUMPY_NAMES | {"complex64", "complex128"} and np.dtype(name).kind in "fc")
+        if contract == Contract.EXACT or not is_float:
             return Tolerance(0.0, 0.0)
-        atol, rtol = REASSOCIATING_TOLERANCE.get(dtype.name, REASSOCIATING_TOLERANCE["float32"])
+        atol, rtol = REASSOCIATING_TOLERANCE.get(name, REASSOCIATING_TOLERANCE["float32"])
         return Tolerance(atol, rtol)
 
 
@@ -70,30 +78,112 @@ def tensor_specs(model: onnx.ModelProto, kind: str = "input") -> list[TensorSpec
     return specs
 
 
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         for x in node.input:
             users.setdefault(x, []).append(node)
     return users
 
 
-def index_bound(model: onnx.ModelProto, name: str) -> int | None:
-    """For an integer input used as Gather indices, the size of the gathered axis (the vocabulary)."""
-    users = _consumers(model)
-    inits = {t.name: t for t in model.graph.initializer}
-    bounds = []
-    frontier = [name]
+# Ops whose first output holds the same values as their first input (only rearranged), so a
+# constraint on what an op further down needs carries back through them to the graph input.
+VALUE_PRESERVING_OPS = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand"}
+# Ops whose first input must be positive for the output to be defined (Pow: a negative base
+# with a fractional exponent is NaN).
+POSITIVE_INPUT_OPS = LOG_LIKE_OPS
+
+
+def _forward(users: dict[str, list[onnx.NodeProto]], name: str):
+    """(node, input position) for every use of ``name``, looking through value-preserving ops."""
+    seen, frontier = {name}, [name]
     while frontier:
         x = frontier.pop()
         for node in users.get(x, []):
-            if node.op_type == "Cast":
-                frontier.extend(node.output)
-            elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == x and node.input[0] in inits:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                dims = inits[node.input[0]].dims
+            for pos, inp in enumerate(node.input):
+                if inp != x:
+                    continue
+                yield node, pos
+                if node.op_type in VALUE_PRESERVING_OPS and pos == 0 and node.output and node.output[0] not in seen:
+                    seen.add(node.output[0])
+                    frontier.append(node.output[0])
+
+
+def _constant_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """Shapes of initializers and Constant-node outputs (the tables a Gather may index)."""
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                shapes[node.output[0]] = tuple(value.dims)
+    return shapes
+
+
+def index_bound(model: onnx.ModelProto, name: str) -> int | None:
+    """For an integer input used as Gather indices, the size of the gathered axis (the vocabulary).
+
+    Looks through Cast, Reshape and the like; ``None`` when no constant table is gathered from.
+    """
+    users = _consumers(model.graph)
+    tables = _constant_shapes(model.graph)
+    bounds = []
+    for node, pos in _forward(users, name):
+        if node.op_type in ("Gather", "GatherElements") and pos == 1 and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if dims and -len(dims) <= axis < len(dims):
                 bounds.append(dims[axis])
     return min(bounds) if bounds else None
+
+
+def needs_positive(model: onnx.ModelProto, name: str) -> bool:
+    """Whether the float input ``name`` reaches an op that is undefined for negative values
+    (Log, Sqrt, Reciprocal, the base of Pow), directly or through value-preserving ops."""
+    return any(node.op_type in POSITIVE_INPUT_OPS and pos == 0
+               for node, pos in _forward(_consumers(model.graph), name))
+
+
+@dataclass(frozen=True)
+class InputConstraint:
+    """What values keep a model's ops defined for one input.
+
+    ``kind``: ``"index"`` (integers in ``[0, high)``: Gather indices into a table of ``high``
+    rows), ``"mask"`` (integers or bools in {0, 1}), ``"positive"`` (floats > 0), ``"any"``.
+    """
+
+    kind: str
+    high: int = 2
+
+
+def input_constraints(model: onnx.ModelProto) -> dict[str, InputConstraint]:
+    """The constraint of every graph input (initializers excluded)."""
+    out = {}
+    for spec in tensor_specs(model, "input"):
+        kind = np.dtype(spec.dtype).kind if spec.dtype in _NUMPY_NAMES else "?"
+        if kind in "iu":
+            bound = index_bound(model, spec.name)
+            out[spec.name] = InputConstraint("index", bound) if bound else InputConstraint("mask")
+        elif kind == "b":
+            out[spec.name] = InputConstraint("mask")
+        elif kind == "f" and needs_positive(model, spec.name):
+            out[spec.name] = InputConstraint("positive")
+        else:
+            out[spec.name] = InputConstraint("any")
+    return out
+
+
+_NUMPY_NAMES = {np.dtype(t).name for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                           np.uint32, np.uint64, np.float16, np.float32, np.float64)}
+
+
+def concrete_shape(spec: TensorSpec, dims: dict[str, int] | None = None, default: int = DEFAULT_DIM) -> tuple[int, ...]:
+    """The shape of ``spec`` with symbolic dims taken from ``dims`` (else ``default``)."""
+    if spec.shape is None:
+        raise InvalidModelError(f"input {spec.name!r} has no shape; give one with --input-shape")
+    dims = dims or {}
+    return tuple(d if isinstance(d, int) and d > 0 else dims.get(d, default) if isinstance(d, str) else default
+                 for d in spec.shape)
 
 
 def random_inputs(
@@ -101,29 +191,25 @@ def random_inputs(
 ) -> dict[str, np.ndarray]:
     """One valid input per graph input: symbolic dims from ``dims`` (default 2), Gather indices
     inside the vocabulary, other integers 0/1 (masks), floats standard normal (positive where
-    they feed Log/Sqrt)."""
+    they feed Log/Sqrt/Reciprocal/Pow)."""
     rng = np.random.default_rng(seed)
-    dims = dims or {}
-    users = _consumers(model)
+    constraints = input_constraints(model)
     feeds = {}
     for spec in tensor_specs(model, "input"):
-        if spec.shape is None:
-            raise InvalidModelError(f"input {spec.name!r} has no shape; give one with --input-shape")
-        shape = tuple(d if isinstance(d, int) and d > 0 else dims.get(d, DEFAULT_DIM) if isinstance(d, str) else DEFAULT_DIM
-                      for d in spec.shape)
+        shape = concrete_shape(spec, dims)
+        if spec.dtype not in _NUMPY_NAMES:
+            raise InvalidModelError(f"cannot generate inputs of dtype {spec.dtype} (input {spec.name!r})")
         dtype = np.dtype(spec.dtype)
+        rule = constraints[spec.name]
         if dtype.kind in "iu":
-            high = index_bound(model, spec.name) or 2
-            feeds[spec.name] = rng.integers(0, high, size=shape).astype(dtype)
+            feeds[spec.name] = rng.integers(0, rule.high, size=shape).astype(dtype)
         elif dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
-        elif dtype.kind == "f":
+        else:
             x = rng.standard_normal(shape)
-            if any(n.op_type in LOG_LIKE_OPS for n in users.get(spec.name, [])):
+            if rule.kind == "positive":
                 x = np.abs(x) + 0.1
             feeds[spec.name] = x.astype(dtype)
-        else:
-            raise InvalidModelError(f"cannot generate inputs of dtype {spec.dtype} (input {spec.name!r})")
     return feeds
 
 
@@ -131,7 +217,13 @@ def random_inputs(
 
 
 class OrtRunner:
-    """An ONNX Runtime session over an in-memory model, checking the feeds it is given."""
+    """An ONNX Runtime session over an in-memory model, checking the feeds it is given.
+
+    ``optimize=False`` is the setting for comparisons: no ORT graph optimizations and no weight
+    prepacking. ORT prepacks constant MatMul/Conv weights into another kernel path, so with it
+    folding ``Transpose(constant)`` into an initializer changes the last bit of a MatMul; without
+    it a kernel computes the same way whether its input is a constant or a computed value.
+    """
 
     def __init__(self, model: onnx.ModelProto, *, threads: int | None = None, optimize: bool = True,
                  providers: list[str] | None = None):
@@ -146,13 +238,24 @@ class OrtRunner:
             opts.inter_op_num_threads = 1
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         self.model = model
+        self._folder = None  # holds a >2 GiB model's files while the session lives
+        source = model.SerializeToString() if not ir.is_large(model) else self._spill(model)
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), opts,
-                                                providers=providers or self.default_providers())
+            self.session = ort.InferenceSession(source, opts, providers=providers or self.default_providers())
         except Exception as e:
             raise InvalidModelError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from None
         self.input_specs = {s.name: s for s in tensor_specs(model, "input")}
+
+    def _spill(self, model: onnx.ModelProto) -> str:
+        """Protobuf cannot serialize >2 GiB: write the model with external data, load the path."""
+        import tempfile
+
+        self._folder = tempfile.TemporaryDirectory(prefix="infoptc-ort-")
+        path = Path(self._folder.name) / "model.onnx"
+        ir.save_model(model, path, external_data=True)
+        return str(path)
 
     @staticmethod
     def default_providers() -> list[str]:
@@ -172,7 +275,8 @@ class OrtRunner:
 
 
 def check_feeds(specs: dict[str, TensorSpec], inputs: dict[str, np.ndarray]) -> None:
-    """One-line errors for missing/unknown inputs and wrong dtypes or ranks."""
+    """One-line errors for missing/unknown inputs, wrong dtypes, ranks or fixed dims, and a
+    symbolic dim that takes different values in different inputs."""
     from .errors import UsageError
 
     missing = [n for n in specs if n not in inputs]
@@ -184,6 +288,7 @@ def check_feeds(specs: dict[str, TensorSpec], inputs: dict[str, np.ndarray]) -> 
         if unknown:
             parts.append(f"unknown input(s) {', '.join(map(repr, unknown))}")
         raise UsageError("; ".join(parts) + f" (the model takes {', '.join(map(repr, specs))})")
+    symbols: dict[str, tuple[int, str]] = {}  # symbolic dim -> (value, first input that had it)
     for name, spec in specs.items():
         value = np.asarray(inputs[name])
         if value.dtype.name != spec.dtype:
@@ -194,6 +299,11 @@ def check_feeds(specs: dict[str, TensorSpec], inputs: dict[str, np.ndarray]) -> 
             for got, want in zip(value.shape, spec.shape):
                 if isinstance(want, int) and want > 0 and got != want:
                     raise UsageError(f"input {name!r} has shape {list(value.shape)}, the model expects {list(spec.shape)}")
+                if isinstance(want, str) and want:
+                    first = symbols.setdefault(want, (got, name))
+                    if first[0] != got:
+                        raise UsageError(f"dimension {want!r} is {first[0]} in input {first[1]!r} but {got} in input "
+                                         f"{name!r}; inputs must agree on each symbolic dimension")
 
 
 def run_onnx(model: onnx.ModelProto, inputs: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
@@ -218,15 +328,24 @@ class OutputDiff:
     def describe(self) -> str:
         if self.note:
             return f"output {self.name!r}: {self.note}"
+        if self.tolerance.atol == 0 and self.tolerance.rtol == 0:
+            bound = "bit for bit" + (" (values equal, bits differ)" if not self.ok and self.max_abs == 0 else "")
+        else:
+            bound = f"atol {self.tolerance.atol:g}, rtol {self.tolerance.rtol:g}"
         return (f"output {self.name!r}: max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g} "
-                f"(atol {self.tolerance.atol:g}, rtol {self.tolerance.rtol:g}); worst at {list(self.worst_index)}: "
-                f"expected {self.expected!r}, got {self.actual!r}")
+                f"({bound}); worst at {list(self.worst_index)}: expected {self.expected!r}, got {self.actual!r}")
 
 
 def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
                     contract: Contract = Contract.EXACT,
                     tolerances: dict[str, Tolerance] | None = None) -> list[OutputDiff]:
-    """Compare output by output. NaNs must sit at the same places; ``exact`` means bitwise."""
+    """Compare output by output, in the order of ``expected``.
+
+    A zero tolerance (the ``exact`` contract, and every integer, bool or string output) means
+    bit for bit: -0.0 differs from 0.0, and NaNs must sit at the same places (their payload is
+    not compared). Otherwise an element passes when ``|actual - expected| <= atol + rtol *
+    |expected|``; NaNs must still sit at the same places and infinities must match exactly.
+    """
     diffs = []
     for name, ref in expected.items():
         ref = np.asarray(ref)
@@ -243,31 +362,63 @@ def compare_outputs(expected: dict[str, np.ndarray], actual: dict[str, np.ndarra
     return diffs
 
 
+# Float types numpy does not call "f" (ml_dtypes' bfloat16 and float8 variants, as ORT returns them).
+_EXTENDED_FLOATS = {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                    "float8_e8m0fnu", "float4_e2m1fn"}
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind in "fc" or dtype.name in _EXTENDED_FLOATS
+
+
+def _same_bits(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Elementwise: identical bit patterns, or both NaN."""
+    a, b = np.ascontiguousarray(ref), np.ascontiguousarray(got)
+    if a.dtype.kind == "c":  # compare the real and imaginary halves
+        part = a.real.dtype
+        a, b = a.view(part).reshape(a.shape + (2,)), b.view(part).reshape(b.shape + (2,))
+    uint = np.dtype(f"u{a.dtype.itemsize}")
+    same = (a.view(uint) == b.view(uint)) | (np.isnan(a) & np.isnan(b))
+    return same.all(axis=-1) if ref.dtype.kind == "c" else same
+
+
 def _diff(name: str, ref: np.ndarray, got: np.ndarray, tol: Tolerance) -> OutputDiff:
     if ref.size == 0:
         return OutputDiff(name, 0.0, 0.0, (), 0.0, 0.0, tol, True)
-    if ref.dtype.kind not in "fc":
-        bad = ref != got
-        err = np.abs(ref.astype(np.float64) - got.astype(np.float64)) if ref.dtype.kind in "iub" else bad.astype(float)
-        idx = np.unravel_index(int(np.argmax(err)), ref.shape)
-        return OutputDiff(name, float(err.max()), float(bad.mean()), tuple(int(i) for i in idx),
-                          _item(ref[idx]), _item(got[idx]), tol, not bad.any())
-    r = ref.astype(np.float64)
-    g = got.astype(np.float64)
-    nan_mismatch = np.isnan(r) != np.isnan(g)
-    both_nan = np.isnan(r) & np.isnan(g)
-    same_inf = np.isinf(r) & (r == g)
-    err = np.where(both_nan | same_inf, 0.0, np.abs(r - g))
-    err = np.where(nan_mismatch, np.inf, err)
-    rel = err / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
-    if tol.atol == 0 and tol.rtol == 0:
-        ok = bool(np.array_equal(ref, got, equal_nan=True))
-    else:
-        ok = bool(np.all(err <= tol.atol + tol.rtol * np.abs(np.nan_to_num(r))))
-    excess = err - (tol.atol + tol.rtol * np.abs(np.nan_to_num(r)))
-    idx = np.unravel_index(int(np.nanargmax(excess)), ref.shape)
-    return OutputDiff(name, float(err.max()), float(np.nanmax(rel)), tuple(int(i) for i in idx),
-                      _item(ref[idx]), _item(got[idx]), tol, ok)
+    if not _is_float(ref.dtype):
+        bad = np.asarray(ref != got)
+        if ref.dtype.kind in "iub":
+            err = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+        else:
+            err = bad.astype(np.float64)
+        idx = _index(np.argmax(np.where(bad, err + 1, 0)), ref.shape)
+        rel = err / np.where(ref.astype(np.float64) != 0, np.abs(ref.astype(np.float64)), 1) if ref.dtype.kind in "iub" else err
+        return OutputDiff(name, float(err.max()), float(rel.max()), idx, _item(ref[idx]), _item(got[idx]), tol,
+                          not bad.any())
+    wide = np.complex128 if ref.dtype.kind == "c" else np.float64
+    r, g = ref.astype(wide), got.astype(wide)
+    with np.errstate(invalid="ignore", over="ignore"):
+        nan_r, nan_g = np.isnan(r), np.isnan(g)
+        err = np.abs(r - g)
+        err = np.where(nan_r & nan_g, 0.0, err)
+        err = np.where(np.isinf(r) & (r == g), 0.0, err)
+        err = np.where((nan_r != nan_g) | np.isnan(err), np.inf, err)
+        magnitude = np.abs(np.where(nan_r, 0, r))
+        rel = np.where(magnitude > 0, err / np.where(magnitude > 0, magnitude, 1), np.where(err > 0, np.inf, 0.0))
+        if tol.atol == 0 and tol.rtol == 0:
+            bad = ~_same_bits(ref, got)
+            excess = np.where(bad, err + 1, -1.0)  # any bit difference counts, the largest first
+        else:
+            limit = tol.atol + tol.rtol * np.where(np.isinf(magnitude), 0, magnitude)
+            bad = err > limit
+            excess = np.where(bad, np.where(np.isinf(err), np.inf, err - limit), -1.0)
+    idx = _index(np.argmax(excess), ref.shape)
+    return OutputDiff(name, float(err.max()), float(rel.max()), idx, _item(ref[idx]), _item(got[idx]), tol,
+                      not bad.any())
+
+
+def _index(flat: int | np.integer, shape: tuple) -> tuple:
+    return tuple(int(i) for i in np.unravel_index(int(flat), shape))
 
 
 def _item(x) -> float:
