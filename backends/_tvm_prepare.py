@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from infoptc.errors import CompileError, UnsupportedOpError
+from infoptc.ir import iter_graphs
 from onnx import helper, numpy_helper
 
 DEFAULT_DIM = 1
@@ -70,14 +71,7 @@ def frontend_ops() -> set[str] | None:
 
 
 def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_nodes(g)
+    return (node for g in iter_graphs(graph) for node in g.node)
 
 
 def unsupported_ops(model: onnx.ModelProto) -> dict[str, int]:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 from infoptc.errors import CompileError, InvalidModelError, MissingDependencyError, UsageError
+from infoptc.pass_manager import parse_bool
 from infoptc.targets import Artifact, Target, TensorSpec, register_target
 
 log = logging.getLogger("infoptc.backends.tvm")
@@ -111,15 +112,10 @@ def _as_list(value) -> list[str]:
 
 
 def _bool_option(options: dict, key: str, default: bool) -> bool:
-    value = options.get(key, default)
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"target option {key}={value!r}: expected true or false")
+    try:
+        return parse_bool(options.get(key, default))
+    except ValueError:
+        raise UsageError(f"target option {key}={options[key]!r}: expected true or false") from None
 
 
 def _int_option(options: dict, key: str, default: int | None = None, minimum: int = 0) -> int | None:
