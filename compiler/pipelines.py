@@ -16,17 +16,34 @@ from .errors import UsageError
 from .pass_manager import Fixpoint, get_pass
 
 # Every -O level, top to bottom, in one place. `infoptc passes --pipeline -O2` prints these.
+# The manager cleans up and re-sorts after every pass that changes the graph; `fixpoint(...)`
+# repeats its passes until a round changes nothing (each pass exposes work for the others:
+# folding a shape makes a Reshape a no-op, removing it makes two nodes common subexpressions).
 OPT_LEVELS: dict[str, str] = {
     # Nothing: the model is only validated and re-serialized.
     "O0": "",
-    # Cleanup that cannot change arithmetic (bit-identical outputs).
-    "O1": "fixpoint(dce,eliminate-noops),toposort",
-    # O1 plus folding and standard fusions.
-    "O2": "fixpoint(dce,eliminate-noops),toposort",
+    # Cleanup that cannot change arithmetic: every pass here has the exact contract (outputs bit
+    # for bit). Shape arithmetic and integer/data-movement constants fold; fp math does not.
+    "O1": "dce,"
+          "fixpoint(eliminate-noops,fold-shapes,fold-constants{exact-only=true},cse,dedup-initializers),"
+          "toposort",
+    # O1 plus full constant folding (fp evaluated by the reference evaluator: reassociating),
+    # x+0.0 removal, and the standard fusions.
+    "O2": "dce,"
+          "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,cse,dedup-initializers),"
+          "fuse-conv-bn,fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
+          "toposort",
     # O2 plus target-specific fusions and layout-sensitive rewrites.
-    "O3": "fixpoint(dce,eliminate-noops),toposort",
-    # Size: deduplicate and fold without blowing constants up.
-    "Os": "fixpoint(dce,eliminate-noops),toposort",
+    "O3": "dce,"
+          "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,cse,dedup-initializers),"
+          "fuse-conv-bn,fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
+          "fuse-rms-norm,fuse-attention,fuse-activation,"
+          "toposort",
+    # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node
+    # (ConstantOfShape/Expand/Tile stay as ops), and identical initializers always merge.
+    "Os": "dce,"
+          "fixpoint(eliminate-noops,fold-shapes,fold-constants{size-limit=16KB},cse,dedup-initializers),"
+          "toposort",
 }
 
 

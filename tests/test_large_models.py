@@ -19,7 +19,10 @@ def test_model_above_2gb_round_trips_through_external_data(tmp_path):
               [fvi("x", [1])], [fvi("y", [1])], [placeholder])
     w = m.graph.initializer[0]  # filled in place: protobuf cannot copy a >2 GiB message into a list
     w.dims[:] = [n]
-    w.raw_data = np.ones(n, np.float32).tobytes()
+    values = np.zeros(n, np.float32)
+    values[[0, n // 2, n - 1]] = (1.0, 2.0, 4.0)  # a sum that float32 accumulation gets exactly
+    w.raw_data = values.tobytes()
+    del values
     written = ir.save_model(m, tmp_path / "big.onnx")  # too big for one protobuf: goes external
     assert [p.name for p in written] == ["big.onnx.data", "big.onnx"]
     del m
@@ -28,4 +31,4 @@ def test_model_above_2gb_round_trips_through_external_data(tmp_path):
     assert (tmp_path / "out.onnx.data").stat().st_size >= n * 4
     del art
     reloaded = infoptc.load(tmp_path / "out.onnx")
-    assert reloaded.run({"x": np.zeros(1, np.float32)})["y"][0] == np.float32(n)
+    assert reloaded.run({"x": np.ones(1, np.float32)})["y"][0] == np.float32(8.0)

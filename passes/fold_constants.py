@@ -1,0 +1,412 @@
+"""fold-constants: evaluate nodes whose inputs are all constants and store their outputs.
+
+Every node of a standard-domain op whose inputs are all constants is evaluated once with ONNX's
+reference evaluator (one cached evaluator per op, attributes and input types) and its outputs
+become initializers; ``Constant`` nodes become initializers directly, and ``Shape``/``Size`` of a
+tensor whose shape is fully static become constants. Never folded:
+
+* non-deterministic ops (RandomNormal, Bernoulli, Dropout, ...) and ops outside the standard
+  domain, whose semantics we cannot know;
+* nodes with subgraphs (If/Loop/Scan);
+* ``DequantizeLinear``: quantized models keep weights in their quantized form for the runtime;
+* initializers that are also graph inputs: a user may override them at run time
+  (``fold-input-initializers=true`` turns them into plain initializers first);
+* outputs above ``size-limit`` bytes, unless the node only consumes constants that die with it
+  (then folding cannot grow the model). ConstantOfShape/Expand/Tile/Range sizes are predicted
+  before evaluating, so a model never blows up; such nodes count as ``skipped_too_large``.
+
+Contract: ``reassociating``: the reference evaluator computes floating-point ops with numpy,
+which can differ from the runtime's kernels in the last bits (exp, erf, reductions). With
+``exact-only=true`` the pass folds only what every evaluator computes bit for bit (integer and
+boolean arithmetic, data movement of any dtype, Constant nodes) and its contract is ``exact``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, parse_size, register_pass
+
+STANDARD_DOMAINS = ("", "ai.onnx", None)
+
+# Ops whose output is not a function of their inputs (Dropout is random in training mode;
+# eliminate-noops removes it at inference).
+NONDETERMINISTIC_OPS = frozenset({
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "Dropout",
+})
+
+# Folding these would undo what the model author meant to keep (quantized weights).
+KEEP_OPS = frozenset({"DequantizeLinear"})
+
+# Ops that only move or select elements: bit-exact in any evaluator, whatever the dtype.
+DATA_MOVEMENT_OPS = frozenset({
+    "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split",
+    "Slice", "Gather", "GatherElements", "GatherND", "Expand", "Tile", "Where", "Shape", "Size",
+    "ConstantOfShape", "Pad", "DepthToSpace", "SpaceToDepth", "Compress", "ReverseSequence",
+})
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def is_standard(node: gs.Node) -> bool:
+    return node.domain in STANDARD_DOMAINS
+
+
+def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """The graph and every nested subgraph, outer first (computed once per pass run: asking a
+    node for its subgraphs costs an attribute scan)."""
+    found = [graph]
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            found.extend(all_graphs(sub))
+    return found
+
+
+def overridable(graphs: Iterable[gs.Graph]) -> set[int]:
+    """Ids of constants that are also graph inputs: a user may feed another value at run time."""
+    return {id(t) for g in graphs for t in g.inputs if isinstance(t, gs.Constant)}
+
+
+def numpy_dtype(t: gs.Tensor) -> np.dtype | None:
+    """The tensor's dtype when numpy represents it exactly (not bfloat16, float8, strings...)."""
+    try:
+        declared = t.export_dtype if isinstance(t, gs.Constant) else t.dtype
+        if declared is None:
+            return None
+        # graphsurgeon holds either a numpy dtype or an ONNX TensorProto enum
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(declared) if isinstance(declared, int) else declared)
+    except (TypeError, KeyError, ValueError):
+        return None
+    return dtype if dtype.kind in "biuf" else None
+
+
+def constant_value(t: gs.Tensor, locked: set[int]) -> np.ndarray | None:
+    """The value of a constant tensor, or None (a variable, an overridable input, an odd dtype)."""
+    if not isinstance(t, gs.Constant) or id(t) in locked or numpy_dtype(t) is None:
+        return None
+    values = np.asarray(t.values)
+    return values if values.dtype == numpy_dtype(t) else None
+
+
+def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
+    shape = t.shape
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def tensor_nbytes(t: gs.Tensor) -> int:
+    if isinstance(t, gs.Constant):
+        values = t._values  # LazyValues know their size without loading
+        return int(getattr(values, "nbytes", 0))
+    return 0
+
+
+class Namer:
+    """Fresh node and tensor names, unique in the whole model (subgraphs included)."""
+
+    def __init__(self, graphs: Iterable[gs.Graph]):
+        self.graphs = list(graphs)
+        self.used: set[str] | None = None  # collected on first use: most runs never need a name
+
+    def __call__(self, base: str) -> str:
+        if self.used is None:
+            self.used = set()
+            for g in self.graphs:
+                self.used.update(n.name for n in g.nodes)
+                self.used.update(g.tensors().keys())
+                self.used.update(t.name for t in g.inputs)
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+class Detacher:
+    """Disconnects nodes from the tensors they read, in time linear in the edges.
+
+    onnx-graphsurgeon unhooks a node from a tensor's consumer list with ``list.remove``, which
+    compares nodes with their costly ``__eq__``: quadratic when thousands of nodes read one
+    tensor (a scalar shared after dedup). Here a node's input list is emptied at once and each
+    consumer list is filtered once, in ``flush()``, at the end of the pass.
+    """
+
+    def __init__(self):
+        self.dead: set[int] = set()
+        self.tensors: dict[int, gs.Tensor] = {}
+
+    def detach(self, node: gs.Node) -> None:
+        for t in node.inputs:
+            self.tensors[id(t)] = t
+        self.dead.add(id(node))
+        list.clear(node.inputs)  # the plain list method: no per-tensor list.remove
+
+    def flush(self) -> None:
+        for t in self.tensors.values():
+            kept = [c for c in t.outputs if id(c) not in self.dead]
+            if len(kept) != len(t.outputs):
+                list.__setitem__(t.outputs, slice(None), kept)
+        self.dead.clear()
+        self.tensors.clear()
+
+
+def replace_with_constants(graph: gs.Graph, node: gs.Node, values: Sequence[np.ndarray | None],
+                           namer: Namer, detacher: Detacher) -> list[gs.Node]:
+    """Detach ``node`` and give its outputs the known ``values`` (None: an omitted output).
+
+    An output that is a graph output gets a ``Constant`` node (returned, for the caller to put in
+    the node list): the interface keeps its name and stays produced by a node. Every other
+    output becomes an initializer in place, so all its consumers, in subgraphs too, see it.
+    """
+    outputs = list(node.outputs)
+    detacher.detach(node)
+    node.outputs.clear()
+    graph_outputs = {id(t) for t in graph.outputs}
+    new_nodes = []
+    for out, value in zip(outputs, values):
+        if value is None or not out.name:
+            continue
+        if id(out) in graph_outputs:
+            const = gs.Constant(namer(f"{out.name}_value"), value)
+            new_nodes.append(gs.Node("Constant", name=namer(f"{node.name or out.name}/Constant"),
+                                     attrs={"value": const}, outputs=[out]))
+        else:
+            out.to_constant(value)
+    return new_nodes
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class _Evaluator:
+    """One-node models run by onnx.reference, one evaluator per distinct node signature."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.cache: dict[tuple, object] = {}
+
+    def run(self, node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray | None]:
+        from onnx.reference import ReferenceEvaluator
+        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+        attrs = OnnxExporter.export_attributes(node.attrs)
+        out_mask = tuple(bool(o.name) for o in node.outputs)
+        key = (node.op, tuple(a.SerializeToString() for a in attrs),
+               tuple(None if v is None else v.dtype.str for v in inputs), out_mask)
+        evaluator = self.cache.get(key)
+        if evaluator is None:
+            in_names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
+            out_names = [f"o{k}" if used else "" for k, used in enumerate(out_mask)]
+            proto = onnx.helper.make_node(node.op, in_names, out_names)
+            proto.attribute.extend(attrs)
+            graph = onnx.helper.make_graph(
+                [proto], "fold",
+                [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                 for n, v in zip(in_names, inputs) if v is not None],
+                [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in out_names if n])
+            model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset)])
+            evaluator = self.cache[key] = ReferenceEvaluator(model)
+        feeds = {f"i{k}": v for k, v in enumerate(inputs) if v is not None}
+        results = iter(evaluator.run(None, feeds))
+        return [np.asarray(next(results)) if used else None for used in out_mask]
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if isinstance(attrs.get("value"), gs.Constant):
+        return np.asarray(attrs["value"].values) if numpy_dtype(attrs["value"]) is not None else None
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None  # strings, sparse tensors: left alone
+
+
+def _static_shape_value(node: gs.Node) -> np.ndarray | None:
+    """``Shape``/``Size`` of a tensor whose shape inference found every dimension."""
+    shape = static_shape(node.inputs[0])
+    if shape is None:
+        return None
+    if node.op == "Size":
+        return np.array(math.prod(shape), dtype=np.int64)
+    rank = len(shape)
+    start = node.attrs.get("start", 0)
+    end = node.attrs.get("end", rank)
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = min(max(end + rank if end < 0 else end, 0), rank)
+    return np.array(shape[start:end], dtype=np.int64)
+
+
+def _itemsize(t: gs.Tensor, default: int = 4) -> int:
+    dtype = numpy_dtype(t)
+    return dtype.itemsize if dtype is not None else default
+
+
+def predicted_bytes(node: gs.Node, inputs: list[np.ndarray | None]) -> int | None:
+    """Size of the outputs before evaluating: exact for the ops that can blow a model up,
+    otherwise from inferred output shapes; None when unknown."""
+    try:
+        if node.op == "ConstantOfShape":
+            value = node.attrs.get("value")
+            itemsize = np.asarray(value.values).itemsize if isinstance(value, gs.Constant) else 4
+            return math.prod(int(d) for d in inputs[0].reshape(-1)) * itemsize
+        if node.op == "Expand":
+            shape = np.broadcast_shapes(inputs[0].shape, tuple(int(d) for d in inputs[1].reshape(-1)))
+            return math.prod(shape) * inputs[0].itemsize
+        if node.op == "Tile":
+            reps = [int(r) for r in inputs[1].reshape(-1)]
+            return inputs[0].nbytes * math.prod(reps)
+        if node.op == "Range":
+            start, limit, delta = (float(v) for v in inputs[:3])
+            return max(math.ceil((limit - start) / delta), 0) * inputs[0].itemsize if delta else None
+    except (ValueError, TypeError, IndexError, AttributeError, OverflowError):
+        return None  # malformed: let the evaluator report it
+    total = 0
+    for o in node.outputs:
+        if not o.name:
+            continue
+        shape = static_shape(o)
+        if shape is None:
+            return None
+        total += math.prod(shape) * _itemsize(o)
+    return total
+
+
+def _is_exact(node: gs.Node, inputs: list[np.ndarray | None]) -> bool:
+    """Bit-exact in any evaluator: data movement, or integer/boolean values only."""
+    if node.op in DATA_MOVEMENT_OPS:
+        return True
+    in_kinds = {v.dtype.kind for v in inputs if v is not None}
+    out_kinds = {d.kind for d in (numpy_dtype(o) for o in node.outputs if o.name) if d is not None}
+    if len(out_kinds) != sum(1 for o in node.outputs if o.name):
+        return False  # an output of unknown dtype
+    return (in_kinds | out_kinds) <= set("biu")
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+@register_pass
+class FoldConstants(Pass):
+    name = "fold-constants"
+    summary = "evaluate nodes whose inputs are all constants and store their outputs as initializers"
+    contract = Contract.REASSOCIATING
+    options = {
+        "size-limit": Option("1MB", "largest folded output (bytes) that may grow the model", parse=parse_size),
+        "fold-input-initializers": Option(False, "treat initializers listed as graph inputs as constants"),
+        "exact-only": Option(False, "fold only bit-exact nodes (integer, boolean, data movement); contract exact"),
+    }
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.opts["exact-only"]:
+            self.contract = Contract.EXACT
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        counters = Counter({"folded": 0, "constant_nodes": 0, "skipped_too_large": 0,
+                            "skipped_input_initializers": 0, "skipped_unevaluable": 0})
+        changed = False
+        graphs = all_graphs(graph)
+        if self.opts["fold-input-initializers"]:
+            for g in graphs:
+                kept = [t for t in g.inputs if not isinstance(t, gs.Constant)]
+                counters["released_input_initializers"] += len(g.inputs) - len(kept)
+                changed |= len(kept) != len(g.inputs)
+                g.inputs = kept
+        locked = overridable(graphs)
+        evaluator = _Evaluator(ctx.opset or graph.opset)
+        namer, detacher = Namer(graphs), Detacher()
+        for g in graphs:
+            added: dict[int, list[gs.Node]] = {}
+            graph_outputs = {id(t) for t in g.outputs}
+            for node in list(g.nodes):
+                new_nodes = self._fold(g, node, graph_outputs, locked, evaluator, (namer, detacher), counters)
+                if new_nodes:
+                    added[id(node)] = new_nodes
+            if added:  # keep the node order topological: new Constant nodes sit where theirs was
+                g.nodes = [m for n in g.nodes for m in ([n] + added.get(id(n), []))]
+        detacher.flush()
+        changed |= counters["folded"] + counters["constant_nodes"] > 0
+        return PassResult(changed=changed, counters=dict(counters))
+
+    def _fold(self, graph: gs.Graph, node: gs.Node, graph_outputs: set[int], locked: set[int],
+              evaluator: _Evaluator, naming: tuple[Namer, Detacher], counters: Counter) -> list[gs.Node] | None:
+        if not node.outputs or not is_standard(node) or node.op in NONDETERMINISTIC_OPS or node.op in KEEP_OPS:
+            return None
+        outputs_used = any(o.outputs or id(o) in graph_outputs for o in node.outputs)
+        if not outputs_used or any(True for _ in node.subgraphs()):
+            return None
+        if node.op == "Constant":
+            if any(id(o) in graph_outputs for o in node.outputs):
+                return None  # already as folded as a graph output can be
+            value = _constant_node_value(node)
+            if value is None:
+                return None
+            counters["constant_nodes"] += 1
+            return replace_with_constants(graph, node, [value], *naming)
+        if node.op in ("Shape", "Size") and node.inputs and not isinstance(node.inputs[0], gs.Constant):
+            value = _static_shape_value(node)
+            if value is None:
+                return None
+            counters["folded"] += 1
+            return replace_with_constants(graph, node, [value], *naming)
+
+        inputs: list[np.ndarray | None] = []
+        for t in node.inputs:
+            if not t.name:
+                inputs.append(None)  # an omitted optional input
+                continue
+            value = constant_value(t, locked)
+            if value is None:
+                if id(t) in locked and isinstance(t, gs.Constant):
+                    counters["skipped_input_initializers"] += 1
+                return None
+            inputs.append(value)
+        if not any(v is not None for v in inputs):
+            return None  # a source op we do not know how to fold
+        if self.opts["exact-only"] and not _is_exact(node, inputs):
+            return None
+
+        limit = parse_size(self.opts["size-limit"])
+        # Constants used by this node alone die with it: folding into that much cannot grow the model.
+        exclusive = {id(t): t for t in node.inputs if isinstance(t, gs.Constant) and id(t) not in graph_outputs
+                     and all(c is node for c in t.outputs)}
+        freed = sum(tensor_nbytes(t) for t in exclusive.values())
+        budget = max(limit, freed)
+        predicted = predicted_bytes(node, inputs)
+        if predicted is not None and predicted > budget:
+            counters["skipped_too_large"] += 1
+            return None
+        try:
+            with np.errstate(all="ignore"):
+                values = evaluator.run(node, inputs)
+        except Exception:  # an op or dtype the reference evaluator cannot run: leave the node
+            counters["skipped_unevaluable"] += 1
+            return None
+        for out, value in zip(node.outputs, values):
+            if value is None:
+                continue
+            expected = numpy_dtype(out) if out.dtype is not None else None
+            if value.dtype.kind not in "biuf" or (expected is not None and value.dtype != expected):
+                counters["skipped_unevaluable"] += 1
+                return None
+            declared = out.shape
+            if declared is not None and (len(declared) != value.ndim or any(
+                    isinstance(d, int) and d != v for d, v in zip(declared, value.shape))):
+                counters["skipped_unevaluable"] += 1  # disagrees with shape inference: trust neither
+                return None
+        if sum(v.nbytes for v in values if v is not None) > budget:
+            counters["skipped_too_large"] += 1
+            return None
+        counters["folded"] += 1
+        return replace_with_constants(graph, node, values, *naming)
