@@ -355,8 +355,18 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import into onnx-graphsurgeon, the IR the passes work on."""
-    return gs.import_onnx(model)
+    """Import into onnx-graphsurgeon, the IR the passes work on.
+
+    Old exporters list weights among the graph inputs (a caller may feed other values);
+    graphsurgeon drops those from ``graph.inputs``, so they are put back, in their order, as
+    the constants they are. Passes must not fold them (see fold-constants' option).
+    """
+    graph = gs.import_onnx(model)
+    inits = {t.name for t in model.graph.initializer}
+    if any(vi.name in inits for vi in model.graph.input):
+        tensors = graph.tensors()
+        graph.inputs = [tensors[vi.name] for vi in model.graph.input if vi.name in tensors]
+    return graph
 
 
 def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:

@@ -182,3 +182,18 @@ def test_external_data_inside_folder_loads(tmp_path):
     (path.parent / "sub" / "w.bin").write_bytes(data)
     loaded = ir.load_model(path)
     assert loaded.graph.initializer[0].raw_data == data
+
+
+@pytest.mark.parametrize("ir_version,opset", [(3, 9), (8, 17)])
+def test_initializers_listed_as_inputs_stay_inputs_and_unfolded(ir_version, opset):
+    """Old exporters list weights as graph inputs; a caller may override them (IR >= 4)."""
+    w = nh.from_array(np.ones(3, np.float32), "w")
+    two = nh.from_array(np.full(3, 2, np.float32), "two")
+    m = model([h.make_node("Mul", ["w", "two"], ["w2"]), h.make_node("Add", ["x", "w2"], ["y"])],
+              [fvi("x", [3]), fvi("w", [3]), fvi("two", [3])], [fvi("y", [3])], [w, two], opset=opset)
+    m.ir_version = ir_version
+    for level in (0, 2, 3):
+        out = infoptc.optimize(m, opt_level=level)
+        onnx.checker.check_model(out)
+        assert [i.name for i in out.graph.input] == ["x", "w", "two"]
+        assert [n.op_type for n in out.graph.node] == ["Mul", "Add"]  # nothing folded away
