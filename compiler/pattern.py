@@ -60,6 +60,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
+from .rewrite import Namer, all_graphs, detach_now, replace_uses
 
 log = logging.getLogger("infoptc")
 
@@ -332,28 +333,10 @@ def _same_attr(want: Any, got: Any) -> bool:
     return want == got
 
 
-class _Names:
-    """Every tensor and node name of a model, so new ones never collide (subgraphs share scope)."""
-
-    def __init__(self, graph: gs.Graph):
-        self.used: set[str] = set()
-        for g in [graph, *graph.subgraphs(recursive=True)]:
-            self.used.update(g.tensors().keys())
-            self.used.update(n.name for n in g.nodes if n.name)
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
-
-
 class _GraphInfo:
     """One graph being rewritten: its node set (for producer lookups) and shared state."""
 
-    def __init__(self, graph: gs.Graph, names: _Names):
+    def __init__(self, graph: gs.Graph, names: Namer):
         self.graph = graph
         self.names = names
         self.ids = {id(n) for n in graph.nodes}
@@ -643,7 +626,7 @@ class GraphBuilder:
         elif isinstance(value, int):
             value = np.int64(value)
         array = np.ascontiguousarray(np.asarray(value))
-        return gs.Constant(self._info.names.fresh(f"{self._scope}/{name}"), array)
+        return gs.Constant(self._info.names(f"{self._scope}/{name}"), array)
 
     def _input(self, x: Any) -> gs.Tensor:
         if x is None:
@@ -657,8 +640,8 @@ class GraphBuilder:
             raise AttributeError(op)
 
         def make(*inputs, _domain: str = "", _outputs: int = 1, _dtype=None, _shape=None, **attrs):
-            name = self._info.names.fresh(f"{self._scope}/{op}")
-            outs = [gs.Variable(self._info.names.fresh(f"{name}_output_{i}")) for i in range(_outputs)]
+            name = self._info.names(f"{self._scope}/{op}")
+            outs = [gs.Variable(self._info.names(f"{name}_output_{i}")) for i in range(_outputs)]
             if _dtype is not None:
                 outs[0].dtype = _dtype
             if _shape is not None:
@@ -688,15 +671,13 @@ class GraphBuilder:
         if producer is not None and any(n is producer for n in self.created) and id(new) not in self._taken:
             self._taken.add(id(new))
             _detach(old, info)
-            for consumer in list(new.outputs):
-                _swap_input(consumer, new, old)
+            replace_uses(new, old)
             producer.outputs[_position(producer.outputs, new)] = old
         elif id(old) in info.outputs:
             _detach(old, info)
-            self._add(gs.Node("Identity", name=info.names.fresh(f"{self._scope}/Identity"), inputs=[new], outputs=[old]))
+            self._add(gs.Node("Identity", name=info.names(f"{self._scope}/Identity"), inputs=[new], outputs=[old]))
         else:
-            for consumer in list(old.outputs):
-                _swap_input(consumer, old, new)
+            replace_uses(old, new)
 
 
 def _scope_of(node: gs.Node) -> str:
@@ -721,13 +702,7 @@ def _rewrite(match: Match, info: _GraphInfo, pass_ctx: PassContext, options: dic
 def _detach(t: gs.Tensor, info: _GraphInfo) -> None:
     """Give ``t``'s producer a fresh dummy output instead, so ``t`` can get a new producer."""
     for prev in list(t.inputs):
-        prev.outputs[_position(prev.outputs, t)] = gs.Variable(info.names.fresh(f"{t.name}_replaced"))
-
-
-def _swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    for i, t in enumerate(node.inputs):
-        if t is old:
-            node.inputs[i] = new
+        prev.outputs[_position(prev.outputs, t)] = gs.Variable(info.names(f"{t.name}_replaced"))
 
 
 def _drop_dead(nodes: Sequence[gs.Node], info: _GraphInfo) -> None:
@@ -741,7 +716,7 @@ def _drop_dead(nodes: Sequence[gs.Node], info: _GraphInfo) -> None:
                 continue
             if any(t.outputs or id(t) in info.outputs for t in node.outputs):
                 continue
-            node.inputs.clear()
+            detach_now(node)
             node.outputs.clear()
             info.dead.add(id(node))
             changed = True
@@ -764,10 +739,6 @@ class RewriteStats:
         return sum(self.applied.values())
 
 
-def _graphs(graph: gs.Graph, subgraphs: bool) -> list[gs.Graph]:
-    return [graph, *graph.subgraphs(recursive=True)] if subgraphs else [graph]
-
-
 def _index(graph: gs.Graph) -> dict[tuple[str, str], list[gs.Node]]:
     by_op: dict[tuple[str, str], list[gs.Node]] = {}
     for node in graph.nodes:
@@ -785,13 +756,13 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, pass_ctx: PassContext
     pass_ctx = pass_ctx or PassContext(opset=graph.opset)
     options = options or {}
     stats = RewriteStats()
-    names = _Names(graph)
+    names = Namer(all_graphs(graph), eager=True)  # before any rewrite frees a name
     rejected_at: dict[str, set[int]] = {}
     stats.converged = False
     for _ in range(max_iterations):
         stats.iterations += 1
         sweep = 0
-        for g in _graphs(graph, subgraphs):
+        for g in all_graphs(graph) if subgraphs else [graph]:
             info = _GraphInfo(g, names)
             by_op = _index(g)
             for rule in rules:
@@ -824,7 +795,7 @@ def find_matches(graph: gs.Graph, rule: Rule, pass_ctx: PassContext | None = Non
                  options: dict | None = None) -> list[Match]:
     """Every place ``rule`` matches now (in ``graph`` itself), without rewriting anything."""
     pass_ctx = pass_ctx or PassContext(opset=graph.opset)
-    info = _GraphInfo(graph, _Names(graph))
+    info = _GraphInfo(graph, Namer(all_graphs(graph)))
     by_op = _index(graph)
     found = []
     for pattern in rule.patterns:
@@ -843,11 +814,12 @@ def explain(rule: Rule, graph: gs.Graph, node: gs.Node, pass_ctx: PassContext | 
     0.5, '/c' is 2.0``), or the one-use or check condition that refused a structural match.
     """
     pass_ctx = pass_ctx or PassContext(opset=graph.opset)
-    owner = next((g for g in _graphs(graph, True) if any(n is node for n in g.nodes)), None)
+    graphs = all_graphs(graph)
+    owner = next((g for g in graphs if any(n is node for n in g.nodes)), None)
     where = f"rule {rule.name!r} at node {node.name or node.op!r}"
     if owner is None:
         return f"{where}: the node is not in this graph"
-    info = _GraphInfo(owner, _Names(graph))
+    info = _GraphInfo(owner, Namer(graphs))
     best: tuple[int, int, str] | None = None
     for k, pattern in enumerate(rule.patterns, 1):
         matcher = _Matcher(pattern, info, pass_ctx.opset)

@@ -24,8 +24,8 @@ import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Pass, PassContext, PassResult, register_pass
 from infoptc.passes.dedup_initializers import ConstantPool, constant_bytes
-from infoptc.passes.fold_constants import NONDETERMINISTIC_OPS, Detacher, all_graphs, numpy_dtype, overridable
-from infoptc.rewrite import replace_uses
+from infoptc.passes.fold_constants import NONDETERMINISTIC_OPS
+from infoptc.rewrite import Detacher, all_graphs, numpy_dtype, overridable, replace_uses
 
 CSE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", None)
 

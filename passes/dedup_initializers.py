@@ -20,8 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, parse_size, register_pass
-from infoptc.passes.fold_constants import all_graphs, numpy_dtype, overridable
-from infoptc.rewrite import replace_uses
+from infoptc.rewrite import all_graphs, numpy_dtype, overridable, replace_uses
 
 
 def constant_bytes(t: gs.Constant) -> bytes | memoryview:

@@ -31,10 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
-from infoptc.passes.fold_constants import (
-    Detacher, all_graphs, constant_value, is_standard, numpy_dtype, overridable,
-)
-from infoptc.rewrite import bypass
+from infoptc.rewrite import Detacher, all_graphs, bypass, constant_value, is_standard, numpy_dtype, overridable
 
 INT64_MAX = np.iinfo(np.int64).max
 # A Slice end at least this large means "to the end" whatever the (symbolic) dimension.
@@ -329,35 +326,26 @@ class EliminateNoops(Pass):
         counters: Counter = Counter()
         graphs = all_graphs(graph)
         facts = _Facts(overridable(graphs), self.opts["no-signed-zeros"])
-        detacher = Detacher()
+        detacher = Detacher()  # removed nodes are unhooked from their inputs once, at the end
         for g in graphs:
-            local = {id(n) for n in g.nodes}
-            outputs = {id(t) for t in g.outputs}
             for node in list(g.nodes):
                 if not node.inputs or not node.outputs or not is_standard(node):
                     continue
                 check = NOOPS.get(node.op)
                 src = _safe(check, node, facts) if check else None
-                if src is not None and self._remove(g, node, src, local, outputs, detacher):
+                # bypass refuses where the output leaves this graph and src cannot take its name
+                # over (an outer-scope value, an input, a constant or another output)
+                if src is not None and _mask_unread(node) and bypass(g, node, src, detacher=detacher):
                     counters[f"removed_{node.op.lower()}"] += 1
                 elif node.op == "Reshape" and _collapse_reshape(node, facts):
                     counters["collapsed_reshapes"] += 1
         detacher.flush()
         return PassResult(changed=bool(counters), counters=dict(counters))
 
-    @staticmethod
-    def _remove(g: gs.Graph, node: gs.Node, src: gs.Tensor, local: set[int], outputs: set[int],
-                detacher: Detacher) -> bool:
-        if any(o.name and o.outputs for o in node.outputs[1:]):
-            return False  # a second output (Dropout's mask) is still read
-        if id(node.outputs[0]) in outputs and (id(src) in outputs or not (
-                len(src.inputs) == 1 and id(src.inputs[0]) in local)):
-            # The output leaves this graph: only a producer in this graph may take its name over
-            # (never an outer-scope value, an input, a constant or another output).
-            return False
-        # bypass cannot refuse now; unhook the inputs first, in linear time (see Detacher)
-        detacher.detach(node)
-        return bypass(g, node, src)
+
+def _mask_unread(node: gs.Node) -> bool:
+    """No output but the first (Dropout's mask) is still read."""
+    return not any(o.name and o.outputs for o in node.outputs[1:])
 
 
 def _safe(check, node: gs.Node, facts: _Facts) -> gs.Tensor | None:

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, parse_size, register_pass
-
-STANDARD_DOMAINS = ("", "ai.onnx", None)
+from infoptc.rewrite import (
+    Detacher, Namer, all_graphs, constant_value, is_standard, numpy_dtype, overridable, replace_with_constants,
+)
 
 # Ops whose output is not a function of their inputs (Dropout is random in training mode;
 # eliminate-noops removes it at inference).
@@ -53,47 +53,7 @@ DATA_MOVEMENT_OPS = frozenset({
 })
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def is_standard(node: gs.Node) -> bool:
-    return node.domain in STANDARD_DOMAINS
-
-
-def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
-    """The graph and every nested subgraph, outer first (computed once per pass run: asking a
-    node for its subgraphs costs an attribute scan)."""
-    found = [graph]
-    for node in graph.nodes:
-        for sub in node.subgraphs():
-            found.extend(all_graphs(sub))
-    return found
-
-
-def overridable(graphs: Iterable[gs.Graph]) -> set[int]:
-    """Ids of constants that are also graph inputs: a user may feed another value at run time."""
-    return {id(t) for g in graphs for t in g.inputs if isinstance(t, gs.Constant)}
-
-
-def numpy_dtype(t: gs.Tensor) -> np.dtype | None:
-    """The tensor's dtype when numpy represents it exactly (not bfloat16, float8, strings...)."""
-    try:
-        declared = t.export_dtype if isinstance(t, gs.Constant) else t.dtype
-        if declared is None:
-            return None
-        # graphsurgeon holds either a numpy dtype or an ONNX TensorProto enum
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(declared) if isinstance(declared, int) else declared)
-    except (TypeError, KeyError, ValueError):
-        return None
-    return dtype if dtype.kind in "biuf" else None
-
-
-def constant_value(t: gs.Tensor, locked: set[int]) -> np.ndarray | None:
-    """The value of a constant tensor, or None (a variable, an overridable input, an odd dtype)."""
-    if not isinstance(t, gs.Constant) or id(t) in locked or numpy_dtype(t) is None:
-        return None
-    values = np.asarray(t.values)
-    return values if values.dtype == numpy_dtype(t) else None
+# ----------------------------------------------------------------------------- tensor facts
 
 
 def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
@@ -108,81 +68,6 @@ def tensor_nbytes(t: gs.Tensor) -> int:
         values = t._values  # LazyValues know their size without loading
         return int(getattr(values, "nbytes", 0))
     return 0
-
-
-class Namer:
-    """Fresh node and tensor names, unique in the whole model (subgraphs included)."""
-
-    def __init__(self, graphs: Iterable[gs.Graph]):
-        self.graphs = list(graphs)
-        self.used: set[str] | None = None  # collected on first use: most runs never need a name
-
-    def __call__(self, base: str) -> str:
-        if self.used is None:
-            self.used = set()
-            for g in self.graphs:
-                self.used.update(n.name for n in g.nodes)
-                self.used.update(g.tensors().keys())
-                self.used.update(t.name for t in g.inputs)
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
-
-
-class Detacher:
-    """Disconnects nodes from the tensors they read, in time linear in the edges.
-
-    onnx-graphsurgeon unhooks a node from a tensor's consumer list with ``list.remove``, which
-    compares nodes with their costly ``__eq__``: quadratic when thousands of nodes read one
-    tensor (a scalar shared after dedup). Here a node's input list is emptied at once and each
-    consumer list is filtered once, in ``flush()``, at the end of the pass.
-    """
-
-    def __init__(self):
-        self.dead: set[int] = set()
-        self.tensors: dict[int, gs.Tensor] = {}
-
-    def detach(self, node: gs.Node) -> None:
-        for t in node.inputs:
-            self.tensors[id(t)] = t
-        self.dead.add(id(node))
-        list.clear(node.inputs)  # the plain list method: no per-tensor list.remove
-
-    def flush(self) -> None:
-        for t in self.tensors.values():
-            kept = [c for c in t.outputs if id(c) not in self.dead]
-            if len(kept) != len(t.outputs):
-                list.__setitem__(t.outputs, slice(None), kept)
-        self.dead.clear()
-        self.tensors.clear()
-
-
-def replace_with_constants(graph: gs.Graph, node: gs.Node, values: Sequence[np.ndarray | None],
-                           namer: Namer, detacher: Detacher) -> list[gs.Node]:
-    """Detach ``node`` and give its outputs the known ``values`` (None: an omitted output).
-
-    An output that is a graph output gets a ``Constant`` node (returned, for the caller to put in
-    the node list): the interface keeps its name and stays produced by a node. Every other
-    output becomes an initializer in place, so all its consumers, in subgraphs too, see it.
-    """
-    outputs = list(node.outputs)
-    detacher.detach(node)
-    node.outputs.clear()
-    graph_outputs = {id(t) for t in graph.outputs}
-    new_nodes = []
-    for out, value in zip(outputs, values):
-        if value is None or not out.name:
-            continue
-        if id(out) in graph_outputs:
-            const = gs.Constant(namer(f"{out.name}_value"), value)
-            new_nodes.append(gs.Node("Constant", name=namer(f"{node.name or out.name}/Constant"),
-                                     attrs={"value": const}, outputs=[out]))
-        else:
-            out.to_constant(value)
-    return new_nodes
 
 
 # ----------------------------------------------------------------------------- evaluation

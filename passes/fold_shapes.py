@@ -28,8 +28,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from infoptc.ir import iter_graphs
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
-from infoptc.passes.fold_constants import (
+from infoptc.rewrite import (
     Detacher, Namer, all_graphs, constant_value, is_standard, overridable, replace_with_constants,
 )
 
@@ -105,7 +106,7 @@ def refresh_shapes(graph: gs.Graph, graphs: list[gs.Graph]) -> int:
     except Exception:  # inference rejects the graph: keep the shapes we have
         return 0
     learned: dict[str, list] = {}
-    for g in _proto_graphs(inferred.graph):
+    for g in iter_graphs(inferred.graph):
         for vi in list(g.value_info) + list(g.output):
             tt = vi.type.tensor_type
             if vi.type.HasField("tensor_type") and tt.HasField("shape"):
@@ -145,17 +146,6 @@ def _opsets(graph: gs.Graph) -> list:
     if domains:
         return list(domains)
     return [onnx.helper.make_opsetid("", graph.opset)]
-
-
-def _proto_graphs(g: onnx.GraphProto):
-    yield g
-    for node in g.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _proto_graphs(sub)
 
 
 # ----------------------------------------------------------------------------- symbolic values
