@@ -45,6 +45,14 @@ NONDETERMINISTIC_OPS = frozenset({
 # Folding these would undo what the model author meant to keep (quantized weights).
 KEEP_OPS = frozenset({"DequantizeLinear"})
 
+# Ops that make or read sequences and optionals: their values are not tensors, and a
+# constant initializer can only hold a tensor.
+NON_TENSOR_OPS = frozenset({
+    "SequenceConstruct", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceAt",
+    "SequenceLength", "SequenceMap", "SplitToSequence", "ConcatFromSequence",
+    "Optional", "OptionalGetElement", "OptionalHasElement",
+})
+
 # Ops that only move or select elements: bit-exact in any evaluator, whatever the dtype.
 DATA_MOVEMENT_OPS = frozenset({
     "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split",
@@ -227,6 +235,8 @@ class FoldConstants(Pass):
     def _fold(self, graph: gs.Graph, node: gs.Node, graph_outputs: set[int], locked: set[int],
               evaluator: _Evaluator, naming: tuple[Namer, Detacher], counters: Counter) -> list[gs.Node] | None:
         if not node.outputs or not is_standard(node) or node.op in NONDETERMINISTIC_OPS or node.op in KEEP_OPS:
+            return None
+        if node.op in NON_TENSOR_OPS or any(getattr(o, "type", "tensor_type") != "tensor_type" for o in node.outputs):
             return None
         outputs_used = any(o.outputs or id(o) in graph_outputs for o in node.outputs)
         if not outputs_used or any(True for _ in node.subgraphs()):

@@ -220,3 +220,24 @@ def test_size_limit_option_parses_sizes():
     assert PassManager("fold-constants{size-limit=2KiB}").pipeline[0].opts["size-limit"] == 2048
     with pytest.raises(UsageError):
         PassManager("fold-constants{size-limit=big}")
+
+
+def test_sequences_of_constants_are_not_folded_into_tensors():
+    """A constant initializer can only hold a tensor (found by the conformance sweep: test_if_seq)."""
+    import numpy as np
+    import onnx
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    import infoptc
+
+    c = nh.from_array(np.ones(2, np.float32), "c")
+    seq_out = h.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, [2])
+    graph = h.make_graph([h.make_node("Relu", ["x"], ["y"]), h.make_node("SequenceConstruct", ["c", "c"], ["s"])],
+                         "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2]), seq_out], [c])
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    out = infoptc.optimize(m, opt_level=3, verify_each=True)
+    assert "SequenceConstruct" in {n.op_type for n in out.graph.node}
+    assert out.graph.output[1].type.WhichOneof("value") == "sequence_type"
