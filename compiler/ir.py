@@ -361,12 +361,46 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graphsurgeon drops those from ``graph.inputs``, so they are put back, in their order, as
     the constants they are. Passes must not fold them (see fold-constants' option).
     """
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_wrap_foreign_attributes(model))
     inits = {t.name for t in model.graph.initializer}
     if any(vi.name in inits for vi in model.graph.input):
         tensors = graph.tensors()
         graph.inputs = [tensors[vi.name] for vi in model.graph.input if vi.name in tensors]
     return graph
+
+
+# Attribute kinds graphsurgeon's importer skips (with a warning): losing them changes the
+# model (Optional's `type`), so they travel through the IR as opaque strings.
+_FOREIGN_ATTRIBUTES = {onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS,
+                       onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS}
+_WRAPPED = "__infoptc_attr__"
+
+
+def _wrap_foreign_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose foreign attributes are base64 strings graphsurgeon keeps (or the model)."""
+    if not any(a.type in _FOREIGN_ATTRIBUTES for g in iter_graphs(model.graph) for n in g.node for a in n.attribute):
+        return model
+    import base64
+
+    wrapped = onnx.ModelProto()
+    wrapped.CopyFrom(model)
+    for g in iter_graphs(wrapped.graph):
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type in _FOREIGN_ATTRIBUTES:
+                    text = base64.b64encode(attr.SerializeToString()).decode()
+                    attr.CopyFrom(onnx.helper.make_attribute(_WRAPPED + attr.name, text))
+    return wrapped
+
+
+def _unwrap_foreign_attributes(model: onnx.ModelProto) -> None:
+    import base64
+
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.name.startswith(_WRAPPED):
+                    attr.ParseFromString(base64.b64decode(attr.s))
 
 
 def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -396,6 +430,7 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
             t.dtype = dtype
     if odd and template is not None:
         _restore_types(model, template, {t.name for t in odd})
+    _unwrap_foreign_attributes(model)
     if big:
         by_name = {t.name: t for g in iter_graphs(model.graph) for t in g.initializer}
         for t in big:

@@ -197,3 +197,18 @@ def test_initializers_listed_as_inputs_stay_inputs_and_unfolded(ir_version, opse
         onnx.checker.check_model(out)
         assert [i.name for i in out.graph.input] == ["x", "w", "two"]
         assert [n.op_type for n in out.graph.node] == ["Mul", "Add"]  # nothing folded away
+
+
+def test_type_proto_attributes_survive():
+    """graphsurgeon skips TYPE_PROTO attributes; Optional's `type` must still come back."""
+    opt_type = h.make_optional_type_proto(h.make_tensor_type_proto(onnx.TensorProto.FLOAT, [2]))
+    nodes = [h.make_node("Optional", [], ["o"], type=opt_type, name="empty"),
+             h.make_node("OptionalHasElement", ["o"], ["has"], name="has"),
+             h.make_node("Relu", ["x"], ["y"], name="relu")]
+    m = model(nodes, [fvi("x", [2])], [fvi("y", [2]), h.make_tensor_value_info("has", onnx.TensorProto.BOOL, [])],
+              opset=18)
+    for level in (0, 3):
+        out = infoptc.optimize(m, opt_level=level)
+        attr = next(n for n in out.graph.node if n.op_type == "Optional").attribute[0]
+        assert attr.name == "type" and attr.tp == opt_type
+        onnx.checker.check_model(out, full_check=True)
