@@ -201,7 +201,7 @@ def test_initializers_listed_as_inputs_stay_inputs_and_unfolded(ir_version, opse
 
 def test_type_proto_attributes_survive():
     """graphsurgeon skips TYPE_PROTO attributes; Optional's `type` must still come back."""
-    opt_type = h.make_optional_type_proto(h.make_tensor_type_proto(onnx.TensorProto.FLOAT, [2]))
+    opt_type = h.make_tensor_type_proto(onnx.TensorProto.FLOAT, [2])
     nodes = [h.make_node("Optional", [], ["o"], type=opt_type, name="empty"),
              h.make_node("OptionalHasElement", ["o"], ["has"], name="has"),
              h.make_node("Relu", ["x"], ["y"], name="relu")]
