@@ -238,7 +238,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return EXIT_OK
     if after is not None:
         out.print(_before_after_table(artifact.source, after))
-    facts = artifact.describe()
+    facts = report["target"]
     target_text = facts.get("tvm_target") or facts.get("target")
     out.print(f"wrote {', '.join(report['output'])}\n  target: {target_text}\n"
               f"  pipeline: {artifact.pipeline or '<empty>'}", markup=False)
