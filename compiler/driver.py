@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 from . import ir, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
-from .pass_manager import Instrument, PassContext, PassManager
+from .pass_manager import Instrument, PassContext, PassManager, paused_gc
 from .pipelines import pipeline_for_level
 from .targets import Artifact, get_target
 
@@ -37,17 +37,19 @@ def compile(
         plugins.load_plugin_file(path)
     backend = get_target(target)(**target_options)
     backend.check_available()
-    source = ir.load_model(model)
-    graph = ir.to_graph(ir.infer_shapes(source))
-    bind_input_shapes(graph, input_shapes or {})
-    instruments = list(instruments)
-    if verify_each:  # the reference must take the same (bound) inputs as the optimized model
-        instruments.append(VerifyEach(ir.from_graph(graph, source) if input_shapes else source))
-    if opt_bisect_limit is not None:
-        instruments.append(BisectLimit(opt_bisect_limit))
-    manager = PassManager(passes if passes is not None else pipeline_for_level(opt_level), instruments)
-    records = manager.run(graph, PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {})))
-    artifact = backend.lower(ir.from_graph(graph, source))
+    with paused_gc():  # importing and exporting a graph makes as many node<->tensor cycles as passes do
+        source = ir.load_model(model)
+        graph = ir.to_graph(ir.infer_shapes(source))
+        bind_input_shapes(graph, input_shapes or {})
+        instruments = list(instruments)
+        if verify_each:  # the reference must take the same (bound) inputs as the optimized model
+            instruments.append(VerifyEach(ir.from_graph(graph, source) if input_shapes else source))
+        if opt_bisect_limit is not None:
+            instruments.append(BisectLimit(opt_bisect_limit))
+        manager = PassManager(passes if passes is not None else pipeline_for_level(opt_level), instruments)
+        records = manager.run(graph, PassContext(opset=graph.opset, target=target,
+                                                 input_shapes=dict(input_shapes or {})))
+        artifact = backend.lower(ir.from_graph(graph, source))
     artifact.source = source
     artifact.pass_records = records
     artifact.pipeline = str(manager)

@@ -7,19 +7,24 @@ export, so a round trip through ``to_graph``/``from_graph`` loses nothing a user
 
 from __future__ import annotations
 
+import base64
+import functools
+import math
 import os
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterable, Iterator, Union
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
+from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from .errors import InvalidModelError, UsageError
+from .rewrite import all_graphs, node_subgraphs, tensor_map
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
@@ -66,14 +71,16 @@ def load_model(source: ModelSource, *, validate: bool = True) -> onnx.ModelProto
     else:
         raise TypeError(f"cannot load a model from {type(source).__name__}")
 
-    if _has_external_data(model):
+    graphs = list(iter_graphs(model.graph))  # walked once, for external data and validation
+    tensors = list(_graph_tensors(graphs))
+    if any(external_data_helper.uses_external_data(t) for t in tensors):
         if base_dir is None:
             raise InvalidModelError(
                 "model refers to external data but was not loaded from a file; pass its path"
             )
         load_external_data(model, base_dir)
     if validate:
-        validate_model(model)
+        _validate(model, graphs, tensors)
     return model
 
 
@@ -104,7 +111,11 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of the model: initializers and Constant-node/attribute values."""
-    for g in iter_graphs(model.graph):
+    return _graph_tensors(iter_graphs(model.graph))
+
+
+def _graph_tensors(graphs: Iterable[onnx.GraphProto]) -> Iterator[onnx.TensorProto]:
+    for g in graphs:
         yield from g.initializer
         for node in g.node:
             for attr in node.attribute:
@@ -112,10 +123,6 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield attr.t
                 elif attr.type == onnx.AttributeProto.TENSORS:
                     yield from attr.tensors
-
-
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(external_data_helper.uses_external_data(t) for t in iter_tensors(model))
 
 
 def _safe_location(base_dir: Path, location: str) -> Path:
@@ -165,13 +172,25 @@ def load_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    itemsize = _itemsize(tensor.data_type)
+    if itemsize is None:
+        return None
+    if not tensor.dims:
+        return itemsize
+    count = math.prod(tensor.dims)
+    if not -2**63 <= count < 2**63:
+        count = int(np.prod(tensor.dims, dtype=np.int64))  # as int64 arithmetic wraps it
+    return count * itemsize
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(data_type: int) -> int | None:
+    """Bytes per element of an ONNX dtype; None for strings and dtypes numpy lacks."""
     try:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
     except (KeyError, TypeError, ValueError):
         return None
-    if tensor.data_type in (onnx.TensorProto.STRING,):
-        return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
+    return None if data_type == onnx.TensorProto.STRING else itemsize
 
 
 # ----------------------------------------------------------------------------- validation
@@ -179,15 +198,21 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
 
 def validate_model(model: onnx.ModelProto) -> None:
     """Structural checks with one-line messages, then the ONNX checker."""
+    graphs = list(iter_graphs(model.graph))
+    _validate(model, graphs, _graph_tensors(graphs))
+
+
+def _validate(model: onnx.ModelProto, graphs: list[onnx.GraphProto], tensors: Iterable[onnx.TensorProto]) -> None:
+    """``validate_model`` given the model's graphs (``iter_graphs``) and their tensors."""
     graph = model.graph
     if len(graph.node) == 0:
         raise InvalidModelError("graph is empty: it has no nodes")
     if len(graph.output) == 0:
         raise InvalidModelError("graph has no outputs")
     _check_opsets(model)
-    _check_ops(model)
-    order = [_check_names_and_cycles(g) for g in iter_graphs(graph)][0]
-    _check_tensor_sizes(model)
+    _check_ops(model, graphs)
+    order = [_check_names_and_cycles(g) for g in graphs][0]
+    _check_tensor_sizes(tensors)
     for vi in list(graph.input) + list(graph.output):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value < 0:
@@ -237,11 +262,12 @@ def _check_opsets(model: onnx.ModelProto) -> None:
         )
 
 
-def _check_ops(model: onnx.ModelProto) -> None:
+def _check_ops(model: onnx.ModelProto, graphs: list[onnx.GraphProto]) -> None:
     imports = {imp.domain or "": imp.version for imp in model.opset_import}
     local_functions = {(f.domain, f.name) for f in model.functions}
     function_domains = {f.domain for f in model.functions}
-    bodies = [g.node for g in iter_graphs(model.graph)] + [f.node for f in model.functions]
+    bodies = [g.node for g in graphs] + [f.node for f in model.functions]
+    known: dict[tuple[str, str, int], bool] = {}  # a schema lookup per distinct op, not per node
     for nodes in bodies:
         for node in nodes:
             domain = "" if node.domain == "ai.onnx" else node.domain
@@ -249,7 +275,10 @@ def _check_ops(model: onnx.ModelProto) -> None:
                 continue
             if domain in ONNX_DOMAINS:
                 version = imports.get(domain, imports.get("ai.onnx", 0) if domain == "" else 0)
-                if not onnx.defs.has(node.op_type, max_inclusive_version=max(version, 1), domain=domain):
+                key = (node.op_type, domain, max(version, 1))
+                if key not in known:
+                    known[key] = onnx.defs.has(node.op_type, max_inclusive_version=key[2], domain=domain)
+                if not known[key]:
                     where = f"domain {domain!r}" if domain else "the ONNX standard"
                     raise InvalidModelError(
                         f"unknown op {node.op_type!r} (node {node.name or '<unnamed>'!r}) in {where} at opset {version}"
@@ -273,8 +302,9 @@ def _check_names_and_cycles(graph: onnx.GraphProto) -> list[int]:
     dup = [n for n, c in names.items() if c > 1]
     if dup:
         raise InvalidModelError(f"duplicate tensor name {dup[0]!r}: graph input listed twice")
+    nodes = list(graph.node)
     producer_of: dict[str, int] = {}
-    for i, node in enumerate(graph.node):
+    for i, node in enumerate(nodes):
         for out in node.output:
             if not out:
                 continue
@@ -285,15 +315,15 @@ def _check_names_and_cycles(graph: onnx.GraphProto) -> list[int]:
                 )
             producer_of[out] = i
     # Kahn's algorithm over the node list; whatever remains sits on (or behind) a cycle.
-    deps: list[set[int]] = []
-    for node in graph.node:
-        deps.append({producer_of[x] for x in _node_inputs(node) if x in producer_of})
-    users: dict[int, list[int]] = {i: [] for i in range(len(graph.node))}
-    indeg = [0] * len(graph.node)
-    for i, d in enumerate(deps):
-        for j in d:
+    users: list[list[int]] = [[] for _ in nodes]
+    indeg = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        deps = {producer_of[x] for x in node.input if x in producer_of}
+        if len(node.attribute):
+            deps.update(producer_of[x] for x in _node_inputs(node) if x in producer_of)
+        for j in deps:
             users[j].append(i)
-        indeg[i] = len(d)
+        indeg[i] = len(deps)
     ready = [i for i, n in reversed(list(enumerate(indeg))) if n == 0]
     order: list[int] = []
     while ready:
@@ -328,8 +358,8 @@ def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
     return reads - local
 
 
-def _check_tensor_sizes(model: onnx.ModelProto) -> None:
-    for t in iter_tensors(model):
+def _check_tensor_sizes(tensors: Iterable[onnx.TensorProto]) -> None:
+    for t in tensors:
         if any(d < 0 for d in t.dims):
             raise InvalidModelError(f"tensor {t.name!r} has a negative dimension {list(t.dims)}")
         if t.raw_data:
@@ -361,12 +391,172 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graphsurgeon drops those from ``graph.inputs``, so they are put back, in their order, as
     the constants they are. Passes must not fold them (see fold-constants' option).
     """
-    graph = gs.import_onnx(_wrap_foreign_attributes(model))
+    graph = _import_plain(model) or gs.import_onnx(_wrap_foreign_attributes(model))
     inits = {t.name for t in model.graph.initializer}
     if any(vi.name in inits for vi in model.graph.input):
         tensors = graph.tensors()
         graph.inputs = [tensors[vi.name] for vi in model.graph.input if vi.name in tensors]
     return graph
+
+
+# graphsurgeon's importer spends most of its time in the Node and Tensor constructors, whose
+# __setattr__ hooks raise and catch an AttributeError for each list they create. For the usual
+# model (no local functions, subgraphs, sparse initializers or attribute references),
+# ``_import_plain`` builds the very objects ``gs.import_onnx`` builds (the same attributes, in
+# the same order, the same sharing of tensors) without those hooks; other models, and a
+# graphsurgeon whose objects look different (``_plain_objects_match``), take the importer.
+_PLAIN_ATTRIBUTES = {onnx.AttributeProto.FLOAT: "f", onnx.AttributeProto.INT: "i", onnx.AttributeProto.STRING: "s",
+                     onnx.AttributeProto.TENSOR: "t", onnx.AttributeProto.FLOATS: "floats",
+                     onnx.AttributeProto.INTS: "ints", onnx.AttributeProto.STRINGS: "strings"}
+
+
+def _import_plain(model: onnx.ModelProto) -> gs.Graph | None:
+    """``gs.import_onnx(_wrap_foreign_attributes(model))`` for plain models, else None."""
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    g = model.graph
+    if model.functions or len(g.sparse_initializer) or not _plain_objects_match():
+        return None
+    node_attrs = []
+    for node in g.node:
+        attrs = OrderedDict()
+        for a in node.attribute:
+            kind = _PLAIN_ATTRIBUTES.get(a.type)
+            if a.ref_attr_name or (kind is None and a.type not in _FOREIGN_ATTRIBUTES):
+                return None  # a subgraph, an attribute reference, a kind graphsurgeon skips
+            if kind is None:  # as _wrap_foreign_attributes wraps it
+                attrs[_WRAPPED + a.name] = base64.b64encode(a.SerializeToString()).decode()
+                continue
+            value = getattr(a, kind)
+            if kind == "s":
+                value = value.decode()
+            elif kind == "t":
+                value = _constant(value)
+            elif kind in ("floats", "ints"):
+                value = list(value)
+            elif kind == "strings":
+                value = [v.decode() for v in value]
+            attrs[a.name] = value
+        node_attrs.append(attrs)
+
+    # The importer's order: initializers, value_info (which only adds dtype and shape to a
+    # tensor seen before), graph inputs that are no initializers, outputs, then the nodes.
+    tensors: dict[str, gs.Tensor] = {}
+    for t in g.initializer:
+        if t.name not in tensors:
+            tensors[t.name] = _constant(t)
+    for vi in g.value_info:
+        old = tensors.get(vi.name)
+        if old is None:
+            tensors[vi.name] = _variable_of(vi)
+        elif isinstance(old, gs.Variable):
+            new = _variable_of(vi)
+            old.dtype = old.dtype or new.dtype
+            old.shape = old.shape or new.shape
+
+    def io(vi: onnx.ValueInfoProto) -> gs.Tensor:
+        if vi.name not in tensors:
+            tensors[vi.name] = _variable_of(vi)
+        return tensors[vi.name]
+
+    def named(name: str) -> gs.Tensor:
+        if name not in tensors:
+            if not name:
+                return _variable("")  # an omitted optional input or output: never shared
+            tensors[name] = _variable(name)
+        return tensors[name]
+
+    initializers = {t.name for t in g.initializer}
+    inputs = [io(vi) for vi in g.input if vi.name not in initializers]
+    outputs = [io(vi) for vi in g.output]
+    nodes = [_node(node.op_type, node.name, attrs, [named(x) for x in node.input], [named(x) for x in node.output],
+                   node.domain if node.HasField("domain") else None)
+             for node, attrs in zip(g.node, node_attrs)]
+    return gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=g.name, doc_string=g.doc_string,
+                    producer_name=model.producer_name, producer_version=model.producer_version,
+                    opset=OnnxImporter.get_opset(model), import_domains=OnnxImporter.get_import_domains(model),
+                    functions=[], ir_version=model.ir_version)
+
+
+def _constant(t: onnx.TensorProto) -> gs.Constant:
+    location = int(t.data_location) if t.HasField("data_location") else None
+    return gs.Constant(name=t.name, values=gs.ir.tensor.LazyValues(t), data_location=location)
+
+
+_ELEM_DTYPES: dict[int, object] = {}  # tensor elem_type -> what graphsurgeon makes of it
+
+
+def _variable_of(vi: onnx.ValueInfoProto) -> gs.Variable:
+    from onnx_graphsurgeon.importers import onnx_importer as importer
+
+    if vi.type.ByteSize() == 0:
+        return _variable(vi.name)
+    if vi.type.WhichOneof("value") != "tensor_type":
+        return _variable(vi.name, importer.get_onnx_tensor_dtype(vi), importer.get_onnx_tensor_shape(vi),
+                         importer.get_onnx_tensor_type(vi))
+    tensor_type = vi.type.tensor_type
+    elem = tensor_type.elem_type
+    if elem not in _ELEM_DTYPES:
+        _ELEM_DTYPES[elem] = importer.get_onnx_tensor_dtype(vi)
+    shape = None  # as get_onnx_tensor_shape reads a tensor type
+    if tensor_type.HasField("shape"):
+        shape = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+                 for d in tensor_type.shape.dim]
+    return _variable(vi.name, _ELEM_DTYPES[elem], shape, "tensor_type")
+
+
+def _variable(name: str, dtype=None, shape=None, type: str = "tensor_type") -> gs.Variable:
+    """``gs.Variable(name, dtype, shape, type)``, its attributes set without the hooks."""
+    v = object.__new__(gs.Variable)
+    setattr_ = object.__setattr__  # (not __dict__.update: that would give each object a dict)
+    setattr_(v, "name", name)
+    setattr_(v, "inputs", _synced(v, "outputs", ()))
+    setattr_(v, "outputs", _synced(v, "inputs", ()))
+    setattr_(v, "dtype", dtype)
+    setattr_(v, "shape", shape)
+    setattr_(v, "type", type)
+    return v
+
+
+def _node(op: str, name: str, attrs: OrderedDict, inputs: list, outputs: list, domain: str | None) -> gs.Node:
+    """``gs.Node(op, name, attrs, inputs, outputs, domain)``, its attributes set without the hooks."""
+    n = object.__new__(gs.Node)
+    setattr_ = object.__setattr__
+    setattr_(n, "op", op)
+    setattr_(n, "name", name)
+    setattr_(n, "attrs", attrs)
+    setattr_(n, "inputs", _synced(n, "outputs", inputs))
+    setattr_(n, "outputs", _synced(n, "inputs", outputs))
+    setattr_(n, "domain", domain)
+    return n
+
+
+def _synced(parent, field_name: str, items) -> SynchronizedList:
+    """``SynchronizedList(parent, field_name, items)``: each item lists ``parent`` in its own
+    ``field_name`` list, as the constructor's ``extend`` does."""
+    synced = list.__new__(SynchronizedList)
+    synced.parent_obj = parent
+    synced.field_name = field_name
+    if items:
+        list.extend(synced, items)
+        for item in items:
+            list.append(getattr(item, field_name), parent)
+    return synced
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_objects_match() -> bool:
+    """Whether ``_variable`` and ``_node`` build what this graphsurgeon's constructors build."""
+    def layout(obj) -> list:
+        return [(k, list(vars(v)), v.field_name, v.parent_obj is obj, len(v)) if isinstance(v, SynchronizedList)
+                else (k, type(v), v) for k, v in vars(obj).items() if k != "attrs"]
+
+    made = []
+    for variable, node in ((gs.Variable, gs.Node), (_variable, _node)):
+        x, y = variable("x", np.dtype(np.float32), [1, "n"]), variable("y")
+        n = node("Op", "n", OrderedDict(), [x], [y], None)
+        made.append([layout(x), layout(y), layout(n), x.outputs[0] is n, y.inputs[0] is n, type(n.attrs)])
+    return made[0] == made[1]
 
 
 # Attribute kinds graphsurgeon's importer skips (with a warning): losing them changes the
@@ -417,17 +607,26 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
     odd = [t for t in tensors if isinstance(t, gs.Variable) and t.dtype is not None
            and getattr(t, "type", "tensor_type") not in ("tensor_type", "sequence_type", "sparse_tensor_type")]
     odd_dtypes = [t.dtype for t in odd]
+    # value_info the template does not declare is dropped below: not writing it at all saves
+    # exporting (and deleting) an entry per tensor. Graph inputs and outputs keep their types.
+    declared = _declared_value_info(template) if template is not None else None
+    hidden = _undeclared(graph, tensors, declared) if template is not None else []
+    hidden_types = [(t.dtype, t.shape) for t in hidden]
     try:
         for t in big:
             t._values = np.zeros((0,), dtype=t.dtype)
         for t in odd:
             t.dtype = None
+        for t in hidden:
+            t.dtype = t.shape = None
         model = gs.export_onnx(graph, do_type_check=False, **kwargs)
     finally:
         for t, values in zip(big, saved):
             t._values = values
         for t, dtype in zip(odd, odd_dtypes):
             t.dtype = dtype
+        for t, (dtype, shape) in zip(hidden, hidden_types):
+            t.dtype, t.shape = dtype, shape
     if odd and template is not None:
         _restore_types(model, template, {t.name for t in odd})
     _unwrap_foreign_attributes(model)
@@ -450,15 +649,25 @@ def from_graph(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx
         model.metadata_props.extend(template.metadata_props)
         del model.training_info[:]
         model.training_info.extend(template.training_info)
-        _keep_declared_value_info(model, template)
+        _keep_declared_value_info(model, declared)
     return model
 
 
-def _keep_declared_value_info(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+def _declared_value_info(template: onnx.ModelProto) -> set[str]:
+    return {vi.name for g in iter_graphs(template.graph) for vi in g.value_info}
+
+
+def _undeclared(graph: gs.Graph, tensors: list[gs.Tensor], declared: set[str]) -> list[gs.Variable]:
+    """Typed variables that are no graph's input or output and that ``declared`` lacks."""
+    io = {id(t) for g in all_graphs(graph) for t in g.inputs + g.outputs}
+    return [t for t in tensors if isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)
+            and t.name not in declared and id(t) not in io]
+
+
+def _keep_declared_value_info(model: onnx.ModelProto, declared: set[str]) -> None:
     """Keep value_info only for the values the source model annotated. The shapes the driver
     inferred stay internal: written out, they let ONNX Runtime pick different (here slower)
     fusions than on the original model, and they grow the file."""
-    declared = {vi.name for g in iter_graphs(template.graph) for vi in g.value_info}
     for g in iter_graphs(model.graph):
         kept = [vi for vi in g.value_info if vi.name in declared]
         if len(kept) != len(g.value_info):
@@ -470,9 +679,9 @@ LARGE_TENSOR = 64 * 2**20  # bytes; above this a constant is attached after expo
 
 
 def _all_tensors(graph: gs.Graph) -> list[gs.Tensor]:
-    found = list(graph.tensors().values())
+    found = list(tensor_map(graph).values())
     for node in graph.nodes:
-        for sub in node.subgraphs():
+        for sub in node_subgraphs(node):
             found.extend(_all_tensors(sub))
     return found
 
@@ -508,7 +717,7 @@ def gs_domains(graph: gs.Graph) -> set[str]:
     for node in graph.nodes:
         if node.domain and node.domain != "ai.onnx":
             domains.add(node.domain)
-        for sub in node.subgraphs():
+        for sub in node_subgraphs(node):
             domains |= gs_domains(sub)
     return domains
 
@@ -522,6 +731,11 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 def is_large(model: onnx.ModelProto) -> bool:
     """Too big to serialize as one protobuf (``ByteSize`` itself fails above 2 GiB)."""
+    try:  # the whole message is no larger than its tensors: then no need to sum them in Python
+        if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+            return False
+    except Exception:
+        pass
     return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 

@@ -9,18 +9,20 @@ and the instruments (timing, printing, verification, bisection, statistics).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import gc
 import enum
+import gc
 import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import onnx_graphsurgeon as gs
 
 from .errors import CompileError, InfoptcError, UsageError
+from .rewrite import cleanup, node_subgraphs, toposort
 
 log = logging.getLogger("infoptc")
 
@@ -106,6 +108,11 @@ class PassResult:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+# Analysis key the manager sets after it sorted the graph following a change; like every analysis
+# it is dropped at the next change. The toposort pass has nothing to do while it is set.
+SORTED = "sorted"
+
+
 @dataclass
 class PassContext:
     """Model-level facts a pass may read, and a cache of analyses dropped on every change."""
@@ -129,6 +136,9 @@ class Pass:
     summary: ClassVar[str] = ""
     contract: ClassVar[Contract] = Contract.EXACT
     options: ClassVar[dict[str, Option]] = {}
+    # True when ``run`` returns a PassResult whose ``changed`` covers every edit it makes: the
+    # manager then trusts it instead of fingerprinting the graph before and after the pass.
+    reports_changes: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.opts: dict[str, Any] = {k: o.default for k, o in self.options.items()}
@@ -270,12 +280,29 @@ class Instrument:
 
 def fingerprint(graph: gs.Graph) -> int:
     """A cheap structural hash: op types, tensor names and wiring, subgraphs included."""
-    items = [tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs)]
+    items = [tuple([t.name for t in graph.inputs]), tuple([t.name for t in graph.outputs])]
+    append = items.append
     for node in graph.nodes:
-        items.append((node.op, node.domain, tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs)))
-        for sub in node.subgraphs():
-            items.append(fingerprint(sub))
+        append((node.op, node.domain, tuple([t.name for t in node.inputs]), tuple([t.name for t in node.outputs])))
+        if node.attrs:
+            for sub in node_subgraphs(node):
+                append(fingerprint(sub))
     return hash(tuple(items))
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector. graphsurgeon graphs are webs of node<->tensor cycles:
+    the collector would rescan them over and over while a graph is built and rewritten (compile
+    time grew 13.7x from 10k to 100k nodes with it, 11.5x without). Garbage made meanwhile is
+    collected once it is enabled again."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class PassManager:
@@ -287,6 +314,9 @@ class PassManager:
         self.pipeline = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
         self.instruments = list(instruments)
         self.records: list[PassRecord] = []
+        self._known: int | None = None  # fingerprint of the graph as the last pass left it
+        self._version = 0  # how many changes this run has seen
+        self._idle: dict[int, tuple[int, dict[str, int]]] = {}  # id(pass) -> (version, counters) of a no-op run
 
     def __str__(self) -> str:
         return ",".join(map(str, self.pipeline))
@@ -298,20 +328,13 @@ class PassManager:
     def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> list[PassRecord]:
         ctx = ctx or PassContext()
         self.records = []
-        # graphsurgeon graphs are webs of node<->tensor cycles: the cyclic collector would rescan
-        # them over and over (compile time grew 13.7x from 10k to 100k nodes with it, 11.5x
-        # without). Garbage made during the run is collected once it ends.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        self._known, self._version, self._idle = None, 0, {}
+        with paused_gc():
             for inst in self.instruments:
                 inst.run_begin(graph, ctx)
             self._run_items(self.pipeline, graph, ctx)
             for inst in self.instruments:
                 inst.run_end(graph, ctx)
-        finally:
-            if collecting:
-                gc.enable()
         return self.records
 
     def _run_items(self, items: Sequence, graph: gs.Graph, ctx: PassContext) -> bool:
@@ -332,10 +355,21 @@ class PassManager:
         if not all(inst.before_pass(record, graph, ctx) for inst in self.instruments):
             record.skipped = True
             return False
-        before = fingerprint(graph)
+        # A change is proven by fingerprints before and after the pass, unless the pass reports
+        # its changes itself. The fingerprint the last pass left is still good when it changed
+        # nothing and no instrument (which might edit the graph) ran since.
+        checked = not p.reports_changes
+        known, self._known = self._known, None
+        # A built-in pass that changed nothing would change nothing again on the same graph (they
+        # are deterministic): a fixpoint's last round then only runs the passes that saw a change.
+        idle = self._idle.get(id(p)) if p.reports_changes and not self.instruments else None
+        before = (known if known is not None else fingerprint(graph)) if checked else None
         start = time.perf_counter()
         try:
-            result = p.run(graph, ctx)
+            if idle is not None and idle[0] == self._version:
+                result = PassResult(False, dict(idle[1]))
+            else:
+                result = p.run(graph, ctx)
         except InfoptcError:
             raise
         except Exception as e:  # a pass bug must name the pass, not surface as a traceback
@@ -343,15 +377,24 @@ class PassManager:
         if isinstance(result, dict):
             result = PassResult(counters=result)  # changes are then found by fingerprint
         result = result or PassResult()
-        record.changed = bool(result.changed) or fingerprint(graph) != before
+        after = fingerprint(graph) if checked and not result.changed else None
+        record.changed = bool(result.changed) or (checked and after != before)
         if record.changed:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            cleanup(graph)  # graphsurgeon's cleanup().toposort(), in linear time
+            toposort(graph)
             ctx.analyses.clear()
+            self._version += 1
+            if not self.instruments:  # (an instrument might edit the graph after this)
+                ctx.analyses[SORTED] = True
         record.seconds = time.perf_counter() - start
         record.counters = {k: int(v) for k, v in result.counters.items()}
         log.debug("pass %s: changed=%s %s", p.name, record.changed, record.counters)
         for inst in self.instruments:
             inst.after_pass(record, graph, ctx)
+        if not record.changed and not self.instruments:
+            self._known = after if checked else known
+            if p.reports_changes:
+                self._idle[id(p)] = (self._version, record.counters)
         return record.changed
 
 

@@ -60,7 +60,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
-from .rewrite import Namer, all_graphs, detach_now, replace_uses
+from .rewrite import Namer, all_graphs, detach_now, graphs_of, replace_uses, toposort
 
 log = logging.getLogger("infoptc")
 
@@ -219,6 +219,11 @@ class Pattern:
         return (self.root.domain, self.root.op)
 
     @property
+    def ops(self) -> frozenset[tuple[str, str]]:
+        """(domain, op) of every pattern node: a graph lacking one cannot match."""
+        return frozenset((n.domain, n.op) for n in self.nodes)
+
+    @property
     def name(self) -> str:
         return self.fn.__name__
 
@@ -339,9 +344,17 @@ class _GraphInfo:
     def __init__(self, graph: gs.Graph, names: Namer):
         self.graph = graph
         self.names = names
-        self.ids = {id(n) for n in graph.nodes}
+        self._ids: set[int] | None = None
         self.dead: set[int] = set()
         self.outputs = {id(t) for t in graph.outputs}
+
+    @property
+    def ids(self) -> set[int]:
+        """Ids of the graph's nodes, taken when first needed (most sweeps never look a producer
+        up); ``apply_rules`` takes them before its first edit at the latest."""
+        if self._ids is None:
+            self._ids = {id(n) for n in self.graph.nodes}
+        return self._ids
 
     def producer(self, t: gs.Tensor) -> gs.Node | None:
         if isinstance(t, gs.Constant) or len(t.inputs) != 1:
@@ -573,6 +586,27 @@ class MatchContext:
         return any(o is t for o in self.graph.outputs)
 
 
+def _may_match(pn: _PNode, node: gs.Node, info: _GraphInfo) -> bool:
+    """A cheap necessary condition for ``pn`` to match at ``node``: the ops, input counts and
+    wiring of the pattern, without variables, constants, attributes or failure messages. Most
+    nodes fail here, before a matcher is built."""
+    if node.op != pn.op or _domain(node) != pn.domain:
+        return False
+    ins = _inputs(node)
+    n = len(pn.inputs)
+    if len(ins) < n or (len(ins) > n and not pn.allow_other_inputs):
+        return False
+    orders = [range(n), (1, 0)] if pn.op in COMMUTATIVE and not pn.domain and n == 2 else [range(n)]
+    return any(all(not isinstance(pv, _Out) or _may_compute(pv, ins[order[k]], info) for k, pv in enumerate(pn.inputs))
+               for order in orders)
+
+
+def _may_compute(out: _Out, t: gs.Tensor, info: _GraphInfo) -> bool:
+    producer = info.producer(t) if _present(t) else None
+    return (producer is not None and _position(producer.outputs, t) == out.index
+            and _may_match(out.node, producer, info))
+
+
 def _try(rule: Rule, pattern: Pattern, node: gs.Node, info: _GraphInfo, pass_ctx: PassContext,
          options: dict, matcher: _Matcher) -> tuple[Match | None, bool]:
     """First acceptable match of ``pattern`` at ``node``; also whether any structure matched."""
@@ -756,19 +790,28 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, pass_ctx: PassContext
     pass_ctx = pass_ctx or PassContext(opset=graph.opset)
     options = options or {}
     stats = RewriteStats()
-    names = Namer(all_graphs(graph), eager=True)  # before any rewrite frees a name
+    graphs = graphs_of(graph, pass_ctx)
+    names = Namer(graphs)  # collected before the first rewrite, which may free a name
     rejected_at: dict[str, set[int]] = {}
     stats.converged = False
+    rewritten = False  # until then, the graph is as the pass context's analyses saw it
     for _ in range(max_iterations):
         stats.iterations += 1
         sweep = 0
-        for g in all_graphs(graph) if subgraphs else [graph]:
+        for g in (graphs if subgraphs else [graph]):
             info = _GraphInfo(g, names)
-            by_op = _index(g)
+            by_op = _index(g) if rewritten else pass_ctx.analysis(f"nodes_by_op:{id(g)}", lambda: _index(g))
+            present = set(by_op)  # the ops in the graph now; taken again after a rewrite
             for rule in rules:
                 for pattern in rule.patterns:
+                    if present is None:
+                        present = {(_domain(n), n.op) for n in g.nodes}
+                    # Nothing changes the graph until a match: a pattern whose ops are not all
+                    # present cannot match at any of its roots.
+                    if not pattern.ops <= present:
+                        continue
                     for node in by_op.get(pattern.root_key, ()):
-                        if id(node) in info.dead:
+                        if id(node) in info.dead or not _may_match(pattern.root, node, info):
                             continue
                         matcher = _Matcher(pattern, info, pass_ctx.opset)
                         match, structural = _try(rule, pattern, node, info, pass_ctx, options, matcher)
@@ -776,7 +819,10 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, pass_ctx: PassContext
                             if structural:
                                 rejected_at.setdefault(rule.name, set()).add(id(node))
                             continue
+                        names.collect()
+                        info.ids  # noqa: B018 -- the node set as it was before any edit
                         _rewrite(match, info, pass_ctx, options)
+                        present, rewritten = None, True
                         stats.applied[rule.name] += 1
                         sweep += 1
             if info.dead:
@@ -784,10 +830,12 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, pass_ctx: PassContext
         if not sweep:
             stats.converged = True
             break
+        graphs = all_graphs(graph)
     for name, ids in rejected_at.items():
         stats.rejected[name] = len(ids)
     if stats.total:
-        graph.toposort()
+        toposort(graph)
+        pass_ctx.analyses.clear()  # they describe the graph before the rewrites
     return stats
 
 
@@ -844,6 +892,7 @@ class RewritePass(Pass):
     counter: ClassVar[str] = "fused"
     max_iterations: ClassVar[int] = 16
     contract = Contract.REASSOCIATING
+    reports_changes = True  # every rewrite is counted (a subclass overriding run must keep that)
 
     def rules_for(self, ctx: PassContext) -> Sequence[Rule]:
         return self.rules

@@ -1,6 +1,7 @@
 """Graph-editing helpers shared by passes and the pattern engine (on onnx-graphsurgeon graphs).
 
-Walking: ``all_graphs``. Facts: ``is_standard``, ``overridable``, ``numpy_dtype``,
+Walking: ``all_graphs`` (``graphs_of``: cached per pass context), ``node_subgraphs``, ``tensor_map``. Upkeep: ``cleanup``, ``toposort`` (graphsurgeon's,
+in linear time). Facts: ``is_standard``, ``overridable``, ``numpy_dtype``,
 ``constant_value``, ``is_graph_io``. Editing: ``Namer`` (fresh names), ``Detacher`` /
 ``detach_now`` (unhook nodes in linear time), ``replace_uses``, ``bypass``,
 ``replace_with_constants``.
@@ -25,8 +26,35 @@ def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
     node for its subgraphs costs an attribute scan)."""
     found = [graph]
     for node in graph.nodes:
-        for sub in node.subgraphs():
-            found.extend(all_graphs(sub))
+        if node.attrs:
+            for sub in node_subgraphs(node):
+                found.extend(all_graphs(sub))
+    return found
+
+
+def graphs_of(graph: gs.Graph, ctx) -> list[gs.Graph]:
+    """``all_graphs(graph)``, kept as an analysis of the pass context ``ctx`` until a pass
+    changes the graph (the walk costs a look at every node)."""
+    return ctx.analysis(f"all_graphs:{id(graph)}", lambda: all_graphs(graph))
+
+
+def tensor_map(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """``graph.tensors()``: the named tensors of the graph's inputs, nodes and outputs by name,
+    in first-seen order (a later tensor of the same name wins), without its per-tensor calls."""
+    found: dict[str, gs.Tensor] = {}
+    for t in graph.inputs:
+        if t.name != "":
+            found[t.name] = t
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name != "":
+                found[t.name] = t
+        for t in node.outputs:
+            if t.name != "":
+                found[t.name] = t
+    for t in graph.outputs:
+        if t.name != "":
+            found[t.name] = t
     return found
 
 
@@ -72,25 +100,33 @@ class Namer:
     """Fresh node and tensor names, unique in the whole model (subgraphs included).
 
     The names in use are collected on the first call, since most runs never need a name; with
-    ``eager=True`` at once, so that names an edit frees before the first call stay taken.
+    ``eager=True`` at once, or by ``collect()`` before a first edit, so that names an edit frees
+    before the first call stay taken.
     """
 
     def __init__(self, graphs: Iterable[gs.Graph], eager: bool = False):
         self.graphs = list(graphs)
         self.used: set[str] | None = None
         if eager:
-            self._collect()
+            self.collect()
 
-    def _collect(self) -> None:
-        self.used = set()
+    def collect(self) -> None:
+        """Take the names in use now (once): node names, tensor names, graph inputs."""
+        if self.used is not None:
+            return
+        used: set[str] = set()
         for g in self.graphs:
-            self.used.update(n.name for n in g.nodes)
-            self.used.update(g.tensors().keys())
-            self.used.update(t.name for t in g.inputs)
+            used.update(t.name for t in g.inputs)  # unnamed inputs too, as ever
+            for node in g.nodes:
+                used.add(node.name)
+                used.update(t.name for t in node.inputs if t.name != "")
+                used.update(t.name for t in node.outputs if t.name != "")
+            used.update(t.name for t in g.outputs if t.name != "")
+        self.used = used
 
     def __call__(self, base: str) -> str:
         if self.used is None:
-            self._collect()
+            self.collect()
         name, i = base, 0
         while name in self.used:
             i += 1
@@ -201,3 +237,299 @@ def replace_with_constants(graph: gs.Graph, node: gs.Node, values: Sequence[np.n
         else:
             out.to_constant(value)
     return new_nodes
+
+
+# ----------------------------------------------------------------------------- cleanup and order
+# The pass manager runs these after every changing pass. They compute exactly what
+# graphsurgeon's ``Graph.cleanup(remove_unused_graph_inputs=False)`` and ``Graph.toposort()``
+# compute (the same nodes kept, in the same order, the same edits to tensors), in linear time:
+# graphsurgeon rebuilds tensor maps, walks ``node.subgraphs()`` generators for every node, and
+# unhooks each removed node with ``list.remove``, which calls ``Node.__eq__`` on every consumer
+# it passes. Graphs with local functions are left to graphsurgeon itself.
+
+
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """``list(node.subgraphs())``, without the generator and import it costs on every call."""
+    if not node.attrs:
+        return []
+    found: list[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph) and not any(value is g for g in found):
+            found.append(value)
+    return found
+
+
+def _local_names(graph: gs.Graph) -> set[str]:
+    """Names graphsurgeon's ``Graph._local_tensors`` holds: node outputs, graph inputs, constants."""
+    names = {t.name for t in graph.inputs}
+    add = names.add
+    for node in graph.nodes:
+        for t in node.outputs:
+            if t.name != "":
+                add(t.name)
+        for t in node.inputs:
+            if t.name != "" and isinstance(t, gs.Constant):
+                add(t.name)
+    names.update(t.name for t in graph.outputs if t.name != "" and isinstance(t, gs.Constant))
+    return names
+
+
+def _reads(node: gs.Node) -> list[gs.Tensor]:
+    """The node's inputs, and the outer values its subgraphs read (graphsurgeon's order)."""
+    if not node.attrs:
+        return node.inputs
+    reads = list(node.inputs)
+    for sub in node_subgraphs(node):
+        reads += list(sub._foreign_tensors().values())
+    return reads
+
+
+class _Fallback(Exception):
+    """Something graphsurgeon reports as an error (a cycle, a producer outside the graph):
+    let graphsurgeon itself run, and raise, as it would have."""
+
+
+def cleanup(graph: gs.Graph) -> int:
+    """``graph.cleanup(remove_unused_graph_inputs=False)``: drop nodes no graph output depends
+    on, subgraphs first; removed nodes are unhooked from their tensors. Returns how many went."""
+    if graph.functions:
+        before = _node_total(graph)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        return before - _node_total(graph)
+    return _cleanup(graph)
+
+
+def _node_total(graph: gs.Graph) -> int:
+    return sum(len(g.nodes) for g in all_graphs(graph))
+
+
+def _cleanup(graph: gs.Graph) -> int:
+    removed = 0
+    for node in graph.nodes:
+        if node.attrs:
+            for sub in node_subgraphs(node):
+                removed += _cleanup(sub)
+    for t in graph.inputs:
+        if t.inputs:  # a graph input has no producer; graphsurgeon unhooks any
+            t.inputs.clear()
+    try:
+        used = _used_nodes(graph)
+    except _Fallback:
+        before = _node_total(graph)
+        graph.cleanup(remove_unused_graph_inputs=False, recurse_functions=False)
+        return removed + before - _node_total(graph)
+    nodes = graph.nodes
+    dead = [n for n in nodes if id(n) not in used]
+    if dead:
+        _unhook(dead)
+    graph.nodes = [n for n in nodes if id(n) in used]
+    return removed + len(dead)
+
+
+def _used_nodes(graph: gs.Graph) -> set[int]:
+    """Ids of the nodes the graph outputs depend on: graphsurgeon's walk, tensor by tensor
+    from the outputs (each local name once, unnamed tensors always, outer values never)."""
+    unseen = _local_names(graph)  # local names not reached yet
+    used: set[int] = set()
+    queue: list[gs.Tensor] = []
+    for t in graph.outputs:
+        if t.name == "":
+            queue.append(t)
+        elif t.name in unseen:
+            unseen.discard(t.name)
+            queue.append(t)
+    for t in queue:  # grows while it is read
+        for node in t.inputs:
+            used.add(id(node))
+            for r in (_reads(node) if node.attrs else node.inputs):
+                name = r.name
+                if name == "":
+                    queue.append(r)
+                elif name in unseen:
+                    unseen.discard(name)
+                    queue.append(r)
+    if not used.issubset(map(id, graph.nodes)):
+        raise _Fallback  # a producer outside the graph
+    return used
+
+
+def _unhook(dead: list[gs.Node]) -> None:
+    """``node.inputs.clear(); node.outputs.clear()`` for each dead node, in order, as
+    graphsurgeon does it, but each tensor's consumer (producer) list is filtered once.
+
+    graphsurgeon's ``list.remove`` takes the first element that *equals* the node; a different
+    node can only be equal with the same name, op and domain. Lists where that could happen are
+    edited by ``list.remove`` itself, at the moment graphsurgeon would."""
+    readers: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
+    writers: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
+    for node in dead:
+        for t in node.inputs:
+            entry = readers.get(id(t))
+            if entry is None:
+                readers[id(t)] = (t, [node])
+            else:
+                entry[1].append(node)
+        for t in node.outputs:
+            entry = writers.get(id(t))
+            if entry is None:
+                writers[id(t)] = (t, [node])
+            else:
+                entry[1].append(node)
+    exact_readers = {k for k, (t, nodes) in readers.items() if _equal_possible(t.outputs, nodes)}
+    exact_writers = {k for k, (t, nodes) in writers.items() if _equal_possible(t.inputs, nodes)}
+    for node in dead:
+        if exact_readers:
+            for t in node.inputs:
+                if id(t) in exact_readers:
+                    list.remove(t.outputs, node)
+        list.clear(node.inputs)
+        if exact_writers:
+            for t in node.outputs:
+                if id(t) in exact_writers:
+                    list.remove(t.inputs, node)
+        list.clear(node.outputs)
+    for k, (t, nodes) in readers.items():
+        if k not in exact_readers:
+            _remove_each(t.outputs, nodes)
+    for k, (t, nodes) in writers.items():
+        if k not in exact_writers:
+            _remove_each(t.inputs, nodes)
+
+
+def _node_key(node: gs.Node) -> tuple:
+    return node.name, node.op, node.domain
+
+
+def _equal_possible(members: list[gs.Node], removed: list[gs.Node]) -> bool:
+    """Could ``list.remove(members, r)`` hit a node other than ``r`` itself?"""
+    if len(members) == 1 and len(removed) == 1:
+        return members[0] is not removed[0]
+    keys: dict[tuple, set[int]] = {}
+    for r in removed:
+        keys.setdefault(_node_key(r), set()).add(id(r))
+    if any(len(ids) > 1 for ids in keys.values()):
+        return True
+    for m in members:
+        ids = keys.get(_node_key(m))
+        if ids is not None and id(m) not in ids:
+            return True
+    return False
+
+
+def _remove_each(members: list[gs.Node], removed: list[gs.Node]) -> None:
+    """Remove one occurrence per entry of ``removed`` (by identity; the first ones)."""
+    if len(removed) == 1:  # the usual case: one node leaves this list
+        for i, m in enumerate(members):
+            if m is removed[0]:
+                list.__delitem__(members, i)
+                return
+        raise ValueError("list.remove(x): x not in list")
+    left: dict[int, int] = {}
+    for r in removed:
+        left[id(r)] = left.get(id(r), 0) + 1
+    kept = []
+    for m in members:
+        if left.get(id(m)):
+            left[id(m)] -= 1
+        else:
+            kept.append(m)
+    if any(left.values()):
+        raise ValueError("list.remove(x): x not in list")
+    list.__setitem__(members, slice(None), kept)
+
+
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """``graph.toposort()``: each node sorted by its depth (longest path from the graph's
+    inputs), ties in the order of a depth-first walk from the nodes in their current order;
+    subgraphs first."""
+    if graph.functions:
+        return graph.toposort()
+    _toposort(graph, full=True)
+    return graph
+
+
+def _toposort(graph: gs.Graph, full: bool) -> None:
+    has_subgraphs = False
+    for node in graph.nodes:
+        if node.attrs:
+            for sub in node_subgraphs(node):
+                has_subgraphs = True
+                _toposort(sub, full=False)
+    try:
+        graph.nodes = _sorted_nodes(graph)
+    except _Fallback:
+        if full:
+            graph.toposort()
+        else:
+            graph.toposort(recurse_subgraphs=True, recurse_functions=False, mode="nodes")
+        return
+    if full and has_subgraphs:
+        graph._merge_subgraph_functions()  # graphsurgeon's full mode shares the function list
+
+
+def _sorted_nodes(graph: gs.Graph) -> list[gs.Node]:
+    local = _local_names(graph)
+    in_graph: set[int] = set()  # taken when the walk first needs it (a sorted list never does)
+
+    def producers(node: gs.Node) -> list[gs.Node]:
+        if not in_graph:
+            in_graph.update(map(id, graph.nodes))
+        found: dict[int, gs.Node] = {}
+        for t in _reads(node):
+            if t.name in local:
+                for p in t.inputs:
+                    if id(p) not in in_graph:
+                        raise _Fallback
+                    found[id(p)] = p
+        return list(found.values())
+
+    # A depth-first walk from each node in list order; ``order`` is its post-order, as with
+    # graphsurgeon's recursion. A node whose producers all have their level already (the usual
+    # case: the list is mostly sorted) gets its level at once.
+    levels: dict[int, int] = {}
+    order: list[gs.Node] = []
+    order_levels: list[int] = []
+    for root in graph.nodes:
+        if id(root) in levels:
+            continue
+        if not root.attrs or not node_subgraphs(root):
+            deepest, ready = -1, True
+            for t in root.inputs:
+                if t.name in local:
+                    for p in t.inputs:
+                        level = levels.get(id(p))
+                        if level is None:
+                            ready = False
+                        elif level > deepest:
+                            deepest = level
+            if ready:
+                levels[id(root)] = deepest + 1
+                order.append(root)
+                order_levels.append(deepest + 1)
+                continue
+        on_path = {id(root)}
+        stack = [[root, producers(root), 0, -1]]  # node, producers, next producer, deepest so far
+        while stack:
+            frame = stack[-1]
+            node, prods, i = frame[0], frame[1], frame[2]
+            if i < len(prods):
+                frame[2] = i + 1
+                p = prods[i]
+                level = levels.get(id(p))
+                if level is None:
+                    if id(p) in on_path:
+                        raise _Fallback  # a cycle
+                    on_path.add(id(p))
+                    stack.append([p, producers(p), 0, -1])
+                elif level > frame[3]:
+                    frame[3] = level
+                continue
+            stack.pop()
+            on_path.discard(id(node))
+            levels[id(node)] = level = frame[3] + 1
+            order.append(node)
+            order_levels.append(level)
+            if stack and level > stack[-1][3]:
+                stack[-1][3] = level
+    ranked = sorted(range(len(order)), key=order_levels.__getitem__)  # stable: ties keep the walk's order
+    return [order[i] for i in ranked]

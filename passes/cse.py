@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from infoptc.pass_manager import Contract, Pass, PassContext, PassResult, register_pass
 from infoptc.passes.dedup_initializers import ConstantPool, constant_bytes
 from infoptc.passes.fold_constants import NONDETERMINISTIC_OPS
-from infoptc.rewrite import Detacher, all_graphs, numpy_dtype, overridable, replace_uses
+from infoptc.rewrite import Detacher, graphs_of, numpy_dtype, overridable, replace_uses
 
 CSE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", None)
 
@@ -64,10 +64,11 @@ class CommonSubexpressionElimination(Pass):
     name = "cse"
     summary = "merge nodes with the same op, attributes and inputs, and constants with identical values"
     contract = Contract.EXACT
+    reports_changes = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counters = Counter({"merged_nodes": 0})
-        graphs = all_graphs(graph)
+        graphs = graphs_of(graph, ctx)
         locked = overridable(graphs)
         pool, detacher = ConstantPool(max_bytes=None), Detacher()
         for g in graphs:
@@ -79,14 +80,15 @@ class CommonSubexpressionElimination(Pass):
                    counters: Counter) -> None:
         outputs = {id(t) for t in graph.outputs}
         table: dict[tuple, gs.Node] = {}
+        input_key = self._input_key
         for node in list(graph.nodes):
             if not node.outputs or node.domain not in CSE_DOMAINS or node.op in NONDETERMINISTIC_OPS:
                 continue
             try:
                 key = (node.op, node.domain or "",
-                       tuple(self._input_key(t, pool, locked) for t in node.inputs),
-                       tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())),
-                       tuple(bool(o.name) for o in node.outputs))
+                       tuple([input_key(t, pool, locked) for t in node.inputs]),
+                       tuple(sorted([(k, _attr_key(v)) for k, v in node.attrs.items()])) if node.attrs else (),
+                       tuple([bool(o.name) for o in node.outputs]))
             except _Unhashable:
                 continue
             rep = table.get(key)

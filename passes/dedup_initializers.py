@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, parse_size, register_pass
-from infoptc.rewrite import all_graphs, numpy_dtype, overridable, replace_uses
+from infoptc.rewrite import graphs_of, numpy_dtype, overridable, replace_uses, tensor_map
 
 
 def constant_bytes(t: gs.Constant) -> bytes | memoryview:
@@ -71,13 +71,14 @@ class DedupInitializers(Pass):
     name = "dedup-initializers"
     summary = "merge initializers with identical dtype, shape and bytes (hash, then compare)"
     contract = Contract.EXACT
+    reports_changes = True
     options = {
         "min-size": Option("0", "ignore initializers smaller than this (bytes)", parse=parse_size),
     }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counters = Counter({"merged": 0, "saved_bytes": 0})
-        graphs = all_graphs(graph)
+        graphs = graphs_of(graph, ctx)
         keep = overridable(graphs)
         minimum = parse_size(self.opts["min-size"])
         pool = ConstantPool()
@@ -85,7 +86,7 @@ class DedupInitializers(Pass):
         # Outer graphs first: a subgraph may use an outer initializer, never the reverse.
         for g in graphs:
             keep |= {id(t) for t in g.outputs}
-            for t in list(g.tensors().values()):
+            for t in list(tensor_map(g).values()):
                 if not isinstance(t, gs.Constant) or id(t) in seen or id(t) in keep:
                     continue
                 seen.add(id(t))

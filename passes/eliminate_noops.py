@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
-from infoptc.rewrite import Detacher, all_graphs, bypass, constant_value, is_standard, numpy_dtype, overridable
+from infoptc.rewrite import Detacher, bypass, constant_value, graphs_of, is_standard, numpy_dtype, overridable
 
 INT64_MAX = np.iinfo(np.int64).max
 # A Slice end at least this large means "to the end" whatever the (symbolic) dimension.
@@ -312,6 +312,7 @@ class EliminateNoops(Pass):
     name = "eliminate-noops"
     summary = "remove ops that return their input: Identity, same-type Cast, x*1, no-op Reshape/Transpose/Slice..."
     contract = Contract.EXACT
+    reports_changes = True
     options = {
         "no-signed-zeros": Option(False, "also drop x+0.0 and x-(-0.0), which turn -0.0 into +0.0 "
                                          "(contract reassociating)"),
@@ -324,7 +325,7 @@ class EliminateNoops(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counters: Counter = Counter()
-        graphs = all_graphs(graph)
+        graphs = graphs_of(graph, ctx)
         facts = _Facts(overridable(graphs), self.opts["no-signed-zeros"])
         detacher = Detacher()  # removed nodes are unhooked from their inputs once, at the end
         for g in graphs:

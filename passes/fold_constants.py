@@ -32,7 +32,8 @@ import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, parse_size, register_pass
 from infoptc.rewrite import (
-    Detacher, Namer, all_graphs, constant_value, is_standard, numpy_dtype, overridable, replace_with_constants,
+    Detacher, Namer, constant_value, graphs_of, is_standard, node_subgraphs, numpy_dtype, overridable,
+    replace_with_constants,
 )
 
 # Ops whose output is not a function of their inputs (Dropout is random in training mode;
@@ -194,6 +195,7 @@ class FoldConstants(Pass):
     name = "fold-constants"
     summary = "evaluate nodes whose inputs are all constants and store their outputs as initializers"
     contract = Contract.REASSOCIATING
+    reports_changes = True
     options = {
         "size-limit": Option("1MB", "largest folded output (bytes) that may grow the model", parse=parse_size),
         "fold-input-initializers": Option(False, "treat initializers listed as graph inputs as constants"),
@@ -209,7 +211,7 @@ class FoldConstants(Pass):
         counters = Counter({"folded": 0, "constant_nodes": 0, "skipped_too_large": 0,
                             "skipped_input_initializers": 0, "skipped_unevaluable": 0})
         changed = False
-        graphs = all_graphs(graph)
+        graphs = graphs_of(graph, ctx)
         if self.opts["fold-input-initializers"]:
             for g in graphs:
                 kept = [t for t in g.inputs if not isinstance(t, gs.Constant)]
@@ -239,7 +241,7 @@ class FoldConstants(Pass):
         if node.op in NON_TENSOR_OPS or any(getattr(o, "type", "tensor_type") != "tensor_type" for o in node.outputs):
             return None
         outputs_used = any(o.outputs or id(o) in graph_outputs for o in node.outputs)
-        if not outputs_used or any(True for _ in node.subgraphs()):
+        if not outputs_used or node_subgraphs(node):
             return None
         if node.op == "Constant":
             if any(id(o) in graph_outputs for o in node.outputs):

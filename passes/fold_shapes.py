@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from infoptc.ir import iter_graphs
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 from infoptc.rewrite import (
-    Detacher, Namer, all_graphs, constant_value, is_standard, overridable, replace_with_constants,
+    Detacher, Namer, constant_value, graphs_of, is_standard, overridable, replace_with_constants, tensor_map,
 )
 
 Dim = int | tuple  # a number, or a symbol: ("name", "batch") / ("dim", id(tensor), axis)
@@ -88,7 +88,7 @@ def refresh_shapes(graph: gs.Graph, graphs: list[gs.Graph]) -> int:
             continue  # listed below as an initializer, which also keeps it an input
         inputs.append(OnnxExporter.export_value_info_proto(t, do_type_check=False))
     seen: set[str] = {t.name for t in inputs}
-    for t in graph.tensors().values():
+    for t in tensor_map(graph).values():
         if not isinstance(t, gs.Constant) or t.name in seen:
             continue
         seen.add(t.name)
@@ -114,7 +114,7 @@ def refresh_shapes(graph: gs.Graph, graphs: list[gs.Graph]) -> int:
                                     for d in tt.shape.dim]
     improved = 0
     for g in graphs:
-        for t in g.tensors().values():
+        for t in tensor_map(g).values():
             new = learned.get(t.name)
             if new is None or isinstance(t, gs.Constant):
                 continue
@@ -271,13 +271,14 @@ class FoldShapes(Pass):
     name = "fold-shapes"
     summary = "refresh shapes, fold Shape/Size arithmetic to constants, make Reshape/Expand shapes static"
     contract = Contract.EXACT
+    reports_changes = True
     options = {
         "infer": Option(True, "refresh shapes with ONNX shape inference before folding"),
     }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counters = Counter({"shape_values": 0, "reshape_shapes": 0, "expand_shapes": 0, "refined_shapes": 0})
-        graphs = all_graphs(graph)
+        graphs = graphs_of(graph, ctx)
         if not any(_worth_a_look(n) for g in graphs for n in g.nodes):
             return PassResult(False, dict(counters))
         if self.opts["infer"]:
