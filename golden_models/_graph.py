@@ -126,3 +126,19 @@ def tensor_info(name: str, elem_type: int, shape) -> onnx.ValueInfoProto:
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 BOOL = TensorProto.BOOL
+
+
+def linear(g: TorchStyleGraph, rng, x: str, scope: str, pname: str, fin: int, fout: int,
+           std: float = 0.02, bias_std: float = 0.02) -> str:
+    """A torch Linear/Conv1D as exported: MatMul by an [in, out] weight, then Add of the bias."""
+    w = g.init(f"{pname}.weight", normal(rng, (fin, fout), std))
+    b = g.init(f"{pname}.bias", normal(rng, (fout,), bias_std))
+    y = g.op("MatMul", [x, w], scope)
+    return g.op("Add", [b, y], scope)
+
+
+def dim(g: TorchStyleGraph, x: str, scope: str, index: int) -> str:
+    """``x.size(index)`` -> 0-d int64 (Shape + Gather with a scalar index)."""
+    shape = g.op("Shape", [x], scope)
+    idx = g.const(index, scope, np.int64)
+    return g.op("Gather", [shape, idx], scope, axis=0)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ._graph import FLOAT, INT64, TorchStyleGraph, f32, normal, tensor_info
+from ._graph import FLOAT, INT64, TorchStyleGraph, dim as _dim, f32, linear, normal, tensor_info
 
 SEED = 3456
 NUM_LAYERS = 2
@@ -54,20 +54,6 @@ def layer_norm(g: TorchStyleGraph, rng, x: str, scope: str, pname: str, eps: flo
     normed = g.op("Div", [centered, std], scope)
     scaled = g.op("Mul", [normed, gamma], scope)
     return g.op("Add", [scaled, beta], scope, outputs=1)
-
-
-def linear(g: TorchStyleGraph, rng, x: str, scope: str, pname: str, fin: int, fout: int) -> str:
-    w = g.init(f"{pname}.weight", normal(rng, (fin, fout), INIT_STD))
-    b = g.init(f"{pname}.bias", normal(rng, (fout,), INIT_STD))
-    y = g.op("MatMul", [x, w], scope)
-    return g.op("Add", [b, y], scope)
-
-
-def _dim(g: TorchStyleGraph, x: str, scope: str, index: int) -> str:
-    """``x.size(index)`` -> 0-d int64 (Shape + Gather with a scalar index)."""
-    shape = g.op("Shape", [x], scope)
-    idx = g.const(index, scope, np.int64)
-    return g.op("Gather", [shape, idx], scope, axis=0)
 
 
 def _unsqueeze0(g: TorchStyleGraph, x: str, scope: str) -> str:

@@ -22,7 +22,8 @@ import math
 import numpy as np
 import onnx
 
-from ._graph import FLOAT, INT64, TorchStyleGraph, f32, normal, tensor_info
+from ._graph import FLOAT, INT64, TorchStyleGraph, dim as _dim, f32, normal, tensor_info
+from ._graph import linear as _conv1d  # GPT-2's Conv1D stores its weight [in, out], like Linear here
 
 SEED = 4567
 NUM_LAYERS = 2
@@ -40,20 +41,6 @@ def _ln(g: TorchStyleGraph, rng, x: str, scope: str, pname: str) -> str:
     gamma = g.init(f"{pname}.weight", f32(1.0 + rng.standard_normal(HIDDEN) * 0.05))
     beta = g.init(f"{pname}.bias", normal(rng, (HIDDEN,), 0.02))
     return g.op("LayerNormalization", [x, gamma, beta], scope, axis=-1, epsilon=LN_EPS)
-
-
-def _conv1d(g: TorchStyleGraph, rng, x: str, scope: str, pname: str, fin: int, fout: int,
-            std: float = INIT_STD) -> str:
-    w = g.init(f"{pname}.weight", normal(rng, (fin, fout), std))
-    b = g.init(f"{pname}.bias", normal(rng, (fout,), INIT_STD))
-    y = g.op("MatMul", [x, w], scope)
-    return g.op("Add", [b, y], scope)
-
-
-def _dim(g: TorchStyleGraph, x: str, scope: str, index: int) -> str:
-    shape = g.op("Shape", [x], scope)
-    idx = g.const(index, scope, np.int64)
-    return g.op("Gather", [shape, idx], scope, axis=0)
 
 
 def _unsqueeze(g: TorchStyleGraph, x: str, scope: str, axis: int) -> str:
