@@ -183,7 +183,7 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     return count * itemsize
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _itemsize(data_type: int) -> int | None:
     """Bytes per element of an ONNX dtype; None for strings and dtypes numpy lacks."""
     try:
@@ -544,7 +544,7 @@ def _synced(parent, field_name: str, items) -> SynchronizedList:
     return synced
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plain_objects_match() -> bool:
     """Whether ``_variable`` and ``_node`` build what this graphsurgeon's constructors build."""
     def layout(obj) -> list:
@@ -731,11 +731,11 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 def is_large(model: onnx.ModelProto) -> bool:
     """Too big to serialize as one protobuf (``ByteSize`` itself fails above 2 GiB)."""
-    try:  # the whole message is no larger than its tensors: then no need to sum them in Python
+    try:  # a message no larger than the limit has tensors no larger: no need to sum them in Python
         if model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
             return False
-    except Exception:
-        pass
+    except Exception:  # too big to size at all
+        return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
 

@@ -800,7 +800,7 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, pass_ctx: PassContext
         sweep = 0
         for g in (graphs if subgraphs else [graph]):
             info = _GraphInfo(g, names)
-            by_op = _index(g) if rewritten else pass_ctx.analysis(f"nodes_by_op:{id(g)}", lambda: _index(g))
+            by_op = _index(g) if rewritten else pass_ctx.analysis(f"nodes_by_op:{id(g)}", lambda g=g: _index(g))
             present = set(by_op)  # the ops in the graph now; taken again after a rewrite
             for rule in rules:
                 for pattern in rule.patterns:

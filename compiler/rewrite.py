@@ -1,8 +1,8 @@
 """Graph-editing helpers shared by passes and the pattern engine (on onnx-graphsurgeon graphs).
 
-Walking: ``all_graphs`` (``graphs_of``: cached per pass context), ``node_subgraphs``, ``tensor_map``. Upkeep: ``cleanup``, ``toposort`` (graphsurgeon's,
-in linear time). Facts: ``is_standard``, ``overridable``, ``numpy_dtype``,
-``constant_value``, ``is_graph_io``. Editing: ``Namer`` (fresh names), ``Detacher`` /
+Walking: ``all_graphs`` (``graphs_of``: kept per pass context), ``node_subgraphs``,
+``tensor_map``. Upkeep: ``cleanup``, ``toposort`` (graphsurgeon's, in linear time). Facts:
+``is_standard``, ``overridable``, ``numpy_dtype``, ``constant_value``, ``is_graph_io``. Editing: ``Namer`` (fresh names), ``Detacher`` /
 ``detach_now`` (unhook nodes in linear time), ``replace_uses``, ``bypass``,
 ``replace_with_constants``.
 """
@@ -296,19 +296,25 @@ def cleanup(graph: gs.Graph) -> int:
         before = _node_total(graph)
         graph.cleanup(remove_unused_graph_inputs=False)
         return before - _node_total(graph)
-    return _cleanup(graph)
+    gone: list = []  # removed nodes and the tensors only they used
+    keep: set[int] = set()  # every graph's inputs and outputs
+    removed = _cleanup(graph, gone, keep)
+    _release(gone, keep)
+    return removed
 
 
 def _node_total(graph: gs.Graph) -> int:
     return sum(len(g.nodes) for g in all_graphs(graph))
 
 
-def _cleanup(graph: gs.Graph) -> int:
+def _cleanup(graph: gs.Graph, gone: list, keep: set[int]) -> int:
     removed = 0
+    keep.update(id(t) for t in graph.inputs)
+    keep.update(id(t) for t in graph.outputs)
     for node in graph.nodes:
         if node.attrs:
             for sub in node_subgraphs(node):
-                removed += _cleanup(sub)
+                removed += _cleanup(sub, gone, keep)
     for t in graph.inputs:
         if t.inputs:  # a graph input has no producer; graphsurgeon unhooks any
             t.inputs.clear()
@@ -321,9 +327,31 @@ def _cleanup(graph: gs.Graph) -> int:
     nodes = graph.nodes
     dead = [n for n in nodes if id(n) not in used]
     if dead:
-        _unhook(dead)
+        gone += dead
+        gone += _unhook(dead)
     graph.nodes = [n for n in nodes if id(n) in used]
     return removed + len(dead)
+
+
+def _release(gone: list, keep: set[int]) -> None:
+    """Let reference counting free removed nodes, their attribute tensors, and tensors left with
+    no producer and no consumer (``keep``: graph inputs and outputs stay). Each holds itself
+    through its SynchronizedLists' ``parent_obj``; with the collector paused during a compile
+    they would pile up, and the passes after would walk memory strewn with them. A released
+    object's lists are empty and can no longer be appended to (AttributeError)."""
+    for obj in gone:
+        if id(obj) in keep or obj.inputs or obj.outputs:
+            continue
+        if isinstance(obj, gs.Node):
+            for value in obj.attrs.values():
+                if isinstance(value, gs.Tensor) and not value.inputs and not value.outputs:
+                    _release_one(value)
+        _release_one(obj)
+
+
+def _release_one(obj) -> None:
+    for synced in (obj.inputs, obj.outputs):
+        vars(synced).pop("parent_obj", None)
 
 
 def _used_nodes(graph: gs.Graph) -> set[int]:
@@ -353,13 +381,14 @@ def _used_nodes(graph: gs.Graph) -> set[int]:
     return used
 
 
-def _unhook(dead: list[gs.Node]) -> None:
+def _unhook(dead: list[gs.Node]) -> list[gs.Tensor]:
     """``node.inputs.clear(); node.outputs.clear()`` for each dead node, in order, as
     graphsurgeon does it, but each tensor's consumer (producer) list is filtered once.
 
     graphsurgeon's ``list.remove`` takes the first element that *equals* the node; a different
     node can only be equal with the same name, op and domain. Lists where that could happen are
-    edited by ``list.remove`` itself, at the moment graphsurgeon would."""
+    edited by ``list.remove`` itself, at the moment graphsurgeon would. Returns the tensors it
+    touched."""
     readers: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
     writers: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
     for node in dead:
@@ -394,6 +423,7 @@ def _unhook(dead: list[gs.Node]) -> None:
     for k, (t, nodes) in writers.items():
         if k not in exact_writers:
             _remove_each(t.inputs, nodes)
+    return [t for t, _ in readers.values()] + [t for t, _ in writers.values()]
 
 
 def _node_key(node: gs.Node) -> tuple:
