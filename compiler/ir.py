@@ -319,8 +319,9 @@ def _check_names_and_cycles(graph: onnx.GraphProto) -> list[int]:
     indeg = [0] * len(nodes)
     for i, node in enumerate(nodes):
         deps = {producer_of[x] for x in node.input if x in producer_of}
-        if len(node.attribute):
-            deps.update(producer_of[x] for x in _node_inputs(node) if x in producer_of)
+        for attr in node.attribute:  # what its subgraphs read from outside (_node_inputs)
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                deps.update(producer_of[x] for x in _outer_scope_reads(sub) if x in producer_of)
         for j in deps:
             users[j].append(i)
         indeg[i] = len(deps)

@@ -136,8 +136,9 @@ class Pass:
     summary: ClassVar[str] = ""
     contract: ClassVar[Contract] = Contract.EXACT
     options: ClassVar[dict[str, Option]] = {}
-    # True when ``run`` returns a PassResult whose ``changed`` covers every edit it makes: the
-    # manager then trusts it instead of fingerprinting the graph before and after the pass.
+    # True when ``run`` returns a PassResult whose ``changed`` covers every edit it makes, and
+    # is deterministic: the manager then trusts it instead of fingerprinting the graph before
+    # and after, and does not run it again on a graph it left unchanged.
     reports_changes: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
