@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='explicit pipeline, replacing -O: "dce,fold-constants{size-limit=1MB},fixpoint(cse,dce)"')
     c.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
                    help="bind an input's shape, e.g. input:1x3x224x224 (repeatable)")
+    c.add_argument("--freeze-initializers", action="store_true", default=None,
+                   help="treat initializers listed as graph inputs as constants (as onnxsim does); "
+                        "the output stops accepting them as inputs")
     c.add_argument("--external-data", action="store_true", default=None,
                    help="write tensors to OUTPUT.data beside the model (automatic above 1.8 GB)")
     c.add_argument("--time-passes", action="store_true", default=None, help="table of time per pass")
@@ -213,6 +216,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     artifact = compile_model(
         input_path, target=target, opt_level=opt_level, passes=args.passes,
         input_shapes=parse_input_shapes(args.input_shape or []), instruments=instruments,
+        freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit, **target_options,
     )
     if args.opt_bisect_limit is not None:

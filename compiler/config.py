@@ -20,7 +20,7 @@ from .errors import UsageError
 
 KEYS = {
     "target": str, "opt-level": str, "passes": str, "input-shape": list, "external-data": bool,
-    "time-passes": bool, "stats": bool, "print-after": list, "verify-each": bool,
+    "freeze-initializers": bool, "time-passes": bool, "stats": bool, "print-after": list, "verify-each": bool,
     "opt-bisect-limit": int, "threads": int, "load-plugin": list, "tune": int, "tuning-db": str,
     "arch": str, "mcpu": str, "mattr": str, "mtriple": str, "target-opt": list,
 }

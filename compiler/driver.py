@@ -22,6 +22,7 @@ def compile(
     passes: str | None = None,
     *,
     input_shapes: dict[str, Sequence[int]] | None = None,
+    freeze_initializers: bool = False,
     instruments: Sequence[Instrument] = (),
     verify_each: bool = False,
     opt_bisect_limit: int | None = None,
@@ -31,6 +32,9 @@ def compile(
     """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
 
     ``passes`` (pipeline text) replaces the pipeline of ``opt_level`` when given.
+    ``freeze_initializers`` treats initializers that are also listed as graph inputs (old
+    exporters list every weight that way) as constants, as onnxsim does: the passes may then fold
+    and fuse them, and the optimized model stops accepting them as inputs.
     The artifact also carries ``source`` (the loaded input model) and ``pass_records``.
     """
     for path in load_plugins:
@@ -41,9 +45,12 @@ def compile(
         source = ir.load_model(model)
         graph = ir.to_graph(ir.infer_shapes(source))
         bind_input_shapes(graph, input_shapes or {})
+        if freeze_initializers:
+            graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
         instruments = list(instruments)
-        if verify_each:  # the reference must take the same (bound) inputs as the optimized model
-            instruments.append(VerifyEach(ir.from_graph(graph, source) if input_shapes else source))
+        if verify_each:  # the reference must take the same (bound, frozen) inputs as the optimized model
+            instruments.append(VerifyEach(ir.from_graph(graph, source) if input_shapes or freeze_initializers
+                                          else source))
         if opt_bisect_limit is not None:
             instruments.append(BisectLimit(opt_bisect_limit))
         manager = PassManager(passes if passes is not None else pipeline_for_level(opt_level), instruments)

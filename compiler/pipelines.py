@@ -39,10 +39,11 @@ OPT_LEVELS: dict[str, str] = {
           "fuse-conv-bn,fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
           "fuse-rms-norm,fuse-attention,fuse-activation,"
           "toposort",
-    # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node
-    # (ConstantOfShape/Expand/Tile stay as ops), and identical initializers always merge.
+    # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node, weights
+    # included (ConstantOfShape/Expand/Tile stay as ops), and identical initializers always merge.
     "Os": "dce,"
-          "fixpoint(eliminate-noops,fold-shapes,fold-constants{size-limit=16KB},cse,dedup-initializers),"
+          "fixpoint(eliminate-noops,fold-shapes,fold-constants{size-limit=16KB,weight-size-limit=16KB},cse,"
+          "dedup-initializers),"
           "toposort",
 }
 

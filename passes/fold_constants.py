@@ -12,8 +12,11 @@ tensor whose shape is fully static become constants. Never folded:
 * initializers that are also graph inputs: a user may override them at run time
   (``fold-input-initializers=true`` turns them into plain initializers first);
 * outputs above ``size-limit`` bytes, unless the node only consumes constants that die with it
-  (then folding cannot grow the model). ConstantOfShape/Expand/Tile/Range sizes are predicted
-  before evaluating, so a model never blows up; such nodes count as ``skipped_too_large``.
+  (then folding cannot grow the model), or unless every use of the outputs is a parameter
+  input (a Conv/Gemm/MatMul weight, a normalization scale, an embedding table), which every
+  runtime materializes at load anyway: those fold up to ``weight-size-limit``.
+  ConstantOfShape/Expand/Tile/Range sizes are predicted before evaluating, so activations-sized
+  masks and broadcasts never blow a model up; such nodes count as ``skipped_too_large``.
 
 Contract: ``reassociating``: the reference evaluator computes floating-point ops with numpy,
 which can differ from the runtime's kernels in the last bits (exp, erf, reductions). With
@@ -63,6 +66,22 @@ DATA_MOVEMENT_OPS = frozenset({
     "Slice", "Gather", "GatherElements", "GatherND", "Expand", "Tile", "Where", "Shape", "Size",
     "ConstantOfShape", "Pad", "DepthToSpace", "SpaceToDepth", "Compress", "ReverseSequence",
 })
+
+
+# Inputs that hold a model's parameters (op -> input indices): weights, biases, normalization
+# scales, embedding tables. A constant there is materialized by every runtime when it loads the
+# model (ONNX Runtime prepacks it, TVM binds it), so folding it into an initializer moves work
+# from load time to compile time without changing what the runtime holds in memory.
+WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    "Conv": frozenset({1, 2}), "ConvTranspose": frozenset({1, 2}), "Gemm": frozenset({1, 2}),
+    "MatMul": frozenset({0, 1}), "BatchNormalization": frozenset({1, 2, 3, 4}),
+    "InstanceNormalization": frozenset({1, 2}), "LayerNormalization": frozenset({1, 2}),
+    "GroupNormalization": frozenset({1, 2}), "Gather": frozenset({0}), "PRelu": frozenset({1}),
+    "LSTM": frozenset({1, 2, 3}), "GRU": frozenset({1, 2, 3}), "RNN": frozenset({1, 2, 3}),
+}
+
+# Ops that only reshape or retype a weight on its way to the op that uses it.
+WEIGHT_PASSTHROUGH_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"})
 
 
 # ----------------------------------------------------------------------------- tensor facts
@@ -189,6 +208,26 @@ def predicted_bytes(node: gs.Node, inputs: list[np.ndarray | None]) -> int | Non
     return total
 
 
+def feeds_only_weights(t: gs.Tensor, graph_outputs: set[int], depth: int = 4) -> bool:
+    """Whether every use of ``t`` is a parameter input (WEIGHT_INPUTS), directly or through a
+    short chain of reshapes and casts."""
+    if not t.outputs or id(t) in graph_outputs:
+        return False
+    for consumer in t.outputs:
+        if not is_standard(consumer):
+            return False
+        if consumer.op in WEIGHT_PASSTHROUGH_OPS and depth > 0 and consumer.inputs and consumer.inputs[0] is t:
+            if all(feeds_only_weights(o, graph_outputs, depth - 1) for o in consumer.outputs):
+                continue
+            return False
+        slots = WEIGHT_INPUTS.get(consumer.op, frozenset())
+        if not any(i in slots for i, inp in enumerate(consumer.inputs) if inp is t):
+            return False
+        if any(inp is t and i not in slots for i, inp in enumerate(consumer.inputs)):
+            return False
+    return True
+
+
 def _is_exact(node: gs.Node, inputs: list[np.ndarray | None]) -> bool:
     """Bit-exact in any evaluator: data movement, or integer/boolean values only."""
     if node.op in DATA_MOVEMENT_OPS:
@@ -211,6 +250,9 @@ class FoldConstants(Pass):
     reports_changes = True
     options = {
         "size-limit": Option("1MB", "largest folded output (bytes) that may grow the model", parse=parse_size),
+        "weight-size-limit": Option("1GB", "largest folded output (bytes) when it only feeds parameter inputs "
+                                    "(Conv/Gemm/MatMul weights, normalization scales, embedding tables)",
+                                    parse=parse_size),
         "fold-input-initializers": Option(False, "treat initializers listed as graph inputs as constants"),
         "exact-only": Option(False, "fold only bit-exact nodes (integer, boolean, data movement); contract exact"),
     }
@@ -297,6 +339,9 @@ class FoldConstants(Pass):
         freed = sum(tensor_nbytes(t) for t in exclusive.values())
         budget = max(limit, freed)
         predicted = predicted_bytes(node, inputs)
+        if (predicted is None or predicted > budget) and all(
+                feeds_only_weights(o, graph_outputs) for o in outputs if o.name):
+            budget = max(budget, parse_size(self.opts["weight-size-limit"]))
         if predicted is not None and predicted > budget:
             counters["skipped_too_large"] += 1
             return None

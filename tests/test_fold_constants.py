@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import infoptc
+import infoptc.cli
 from infoptc.analysis import op_histogram
 from infoptc.errors import UsageError
 from infoptc.pass_manager import Contract, PassContext, PassManager, get_pass
@@ -112,11 +114,49 @@ def test_large_output_allowed_when_its_input_dies_with_it():
     m = make_model(nodes, [vi("x", shape=[1, 300_000])], [vi("y", shape=[1, 2])], inits={"w": w})
     out, counters = optimize(m)
     assert counters["folded"] == 1 and op_histogram(out) == {"MatMul": 1}
-    # If the weight is also read elsewhere, folding would store it twice: skipped.
+    # If the weight is also read elsewhere, folding would store it twice: skipped when the
+    # result is not a weight either (here it is one, so only a weight-size-limit stops it).
     shared = make_model(nodes + [helper.make_node("ReduceSum", ["w"], ["z"], keepdims=0)],
                         [vi("x", shape=[1, 300_000])], [vi("y", shape=[1, 2]), vi("z", shape=[])], inits={"w": w})
-    out, counters = optimize(shared)
+    out, counters = optimize(shared, passes="fold-constants{weight-size-limit=1MB}")
     assert counters["skipped_too_large"] == 1 and op_histogram(out)["Transpose"] == 1
+    out, counters = optimize(shared)
+    assert "Transpose" not in op_histogram(out)
+    check_equivalent(shared, out, Contract.REASSOCIATING)
+
+
+def _splat_weight_model(consumer: str) -> onnx.ModelProto:
+    """A 2 MiB ConstantOfShape (the ONNX light model-zoo's way of storing weights), reshaped and
+    used as a MatMul weight, or added to the activations (a mask-like broadcast)."""
+    k, n = 1024, 512
+    value = numpy_helper.from_array(np.array([0.02], np.float32))
+    nodes = [helper.make_node("ConstantOfShape", ["dims"], ["w_flat"], value=value),
+             helper.make_node("Reshape", ["w_flat", "wshape"], ["w"])]
+    if consumer == "weight":
+        nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"]))
+        shapes = ([1, k], [1, n])
+    else:
+        nodes.append(helper.make_node("Add", ["x", "w"], ["y"]))
+        shapes = ([k, n], [k, n])
+    return make_model(nodes, [vi("x", shape=shapes[0])], [vi("y", shape=shapes[1])],
+                      inits={"dims": np.array([k * n], np.int64), "wshape": np.array([k, n], np.int64)})
+
+
+def test_weights_fold_above_the_size_limit_but_activations_do_not():
+    weight = _splat_weight_model("weight")
+    out, counters = optimize(weight, passes="fold-constants,dce")
+    assert op_histogram(out) == {"MatMul": 1} and counters["skipped_too_large"] == 0
+    check_equivalent(weight, out, Contract.REASSOCIATING)
+    # The same 2 MiB broadcast into the activations is a blow-up, not a weight: kept as an op.
+    added = _splat_weight_model("activation")
+    out, counters = optimize(added, passes="fold-constants,dce")
+    assert op_histogram(out) == {"ConstantOfShape": 1, "Reshape": 1, "Add": 1}
+    assert counters["skipped_too_large"] == 1
+    # weight-size-limit caps weights too; -Os keeps both small.
+    out, _ = optimize(weight, passes="fold-constants{weight-size-limit=1MB},dce")
+    assert "ConstantOfShape" in op_histogram(out)
+    out, _ = optimize(weight, opt_level="s", passes=None)
+    assert "ConstantOfShape" in op_histogram(out)
 
 
 def _graph_with_input_initializer():
@@ -137,6 +177,22 @@ def test_initializers_that_are_graph_inputs_are_not_folded():
     assert [n.op for n in graph.nodes] == ["Add"]
     assert [t.name for t in graph.inputs] == ["x"]
     assert record.counters["released_input_initializers"] == 1 and record.counters["folded"] == 1
+
+
+def test_freeze_initializers_lets_every_pass_treat_them_as_constants(tmp_path):
+    x, w = vi("x", shape=[3]), vi("w", shape=[3])
+    m = make_model([helper.make_node("Neg", ["w"], ["nw"]), helper.make_node("Add", ["x", "nw"], ["y"])],
+                   [x, w], [vi("y", shape=[3])], inits={"w": np.array([1.0, 2.0, 3.0], np.float32)})
+    out, _ = optimize(m, opt_level=2, passes=None)
+    assert [i.name for i in out.graph.input] == ["x", "w"] and op_histogram(out) == {"Neg": 1, "Add": 1}
+    out, _ = optimize(m, opt_level=2, passes=None, freeze_initializers=True)
+    assert [i.name for i in out.graph.input] == ["x"] and op_histogram(out) == {"Add": 1}
+    feeds = {"x": np.array([1.0, 1.0, 1.0], np.float32)}
+    np.testing.assert_array_equal(run_onnx(out, feeds)["y"], np.array([0.0, -1.0, -2.0], np.float32))
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    assert infoptc.cli.main([str(path), "-O2", "--freeze-initializers", "-o", str(tmp_path / "o.onnx"), "-q"]) == 0
+    assert [i.name for i in onnx.load(tmp_path / "o.onnx").graph.input] == ["x"]
 
 
 def test_nondeterministic_and_foreign_ops_are_left_alone():
