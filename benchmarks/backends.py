@@ -10,10 +10,10 @@ is the median of interleaved runs (one call of each runner per round, so load ch
 shared machine hit all runners alike); "vs ORT" is that median over ORT's. "max |err|" is the
 largest absolute difference from ORT's outputs on the same inputs.
 
-Every ONNX Runtime session here has intra-op spinning off: with it on, ORT's idle workers spin
-for a while after each run and, interleaved on a small machine, steal the cores the next runner
-needs (TVM's ResNet measured 5.8 ms after ORT runs with spinning, 1.8 ms without; ORT's own
-latency did not change).
+Every runtime keeps its default threading (ONNX Runtime's and TVM's workers spin for a while
+after a run). Interleaved on a small machine, one runtime's spinners would steal the cores the
+next one needs (ORT's bert went from 3.3 to 5.3 ms right after TVM runs), so every timed run
+starts after a short pause (--settle) that lets the previous runner's threads go idle.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 import infoptc
 import numpy as np
 import onnx
+from infoptc.bench import run_interleaved
 from infoptc.errors import InfoptcError
 from infoptc.verify import random_inputs, tensor_specs
 
@@ -39,7 +40,7 @@ from golden_models import BUILDERS, MODEL_NAMES
 
 
 class OrtSession:
-    """ORT_ENABLE_ALL, ``threads`` intra-op threads, no spinning (see the module docstring)."""
+    """ORT_ENABLE_ALL, ``threads`` intra-op threads."""
 
     def __init__(self, model: onnx.ModelProto, threads: int):
         import onnxruntime as ort
@@ -48,7 +49,6 @@ class OrtSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
@@ -103,16 +103,13 @@ def bench_model(name: str, args) -> list[dict]:
         seconds = time.perf_counter() - start
         runners.append((label, OrtSession(artifact.model, args.threads) if target == "onnx" else artifact, seconds))
 
-    results = {label: [] for label, _, _ in runners}
     outputs = {}
     for label, runner, _ in runners:  # warm-up (first-call allocation, thread pools, JIT)
         for _ in range(args.warmup):
             outputs[label] = runner.run(feeds)
-    for _ in range(args.rounds):
-        for label, runner, _ in runners:
-            t0 = time.perf_counter()
-            runner.run(feeds)
-            results[label].append(time.perf_counter() - t0)
+    samples = run_interleaved([lambda r=runner: r.run(feeds) for _, runner, _ in runners],
+                              iterations=args.rounds, settle=args.settle)
+    results = {label: times for (label, _, _), times in zip(runners, samples)}
     ort_ms = statistics.median(results[runners[0][0]]) * 1e3
     for label, _, compile_s in runners:
         ms = statistics.median(results[label]) * 1e3
@@ -132,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128, help="value of symbolic sequence dims (default 128)")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=0.01,
+                        help="seconds of pause before each timed run, so the previous runner's threads go idle")
     parser.add_argument("--tune", type=int, default=0, metavar="N", help="also benchmark llvm tuned with N trials")
     parser.add_argument("--tuning-db", default="tuning_db", help="folder for the tuning databases (one per model)")
     parser.add_argument("--json", action="store_true")

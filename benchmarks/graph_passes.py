@@ -7,8 +7,9 @@
 Part 1, one row per model (the golden models, plus ONNX's "light" model-zoo models when the
 installed onnx package ships them): node count and size, ONNX Runtime CPU latency
 (ORT_ENABLE_ALL, 2 intra-op threads, median of N runs interleaved across the variants) of the
-original, onnxsim's output, onnxslim's output and infoptc's, with ratios to the original; and
-whether each output matches the original (ONNX Runtime without graph optimizations, one
+original, onnxsim's output, onnxslim's output and infoptc's (`-O3 --target onnx
+--freeze-initializers`: the peers treat initializers listed as graph inputs as constants), with
+ratios to the original; and whether each output matches the original (ONNX Runtime without graph optimizations, one
 thread, the reassociating tolerance of infoptc.verify).
 
 Part 2: compile time on synthetic 10,000- and 100,000-node graphs (a chain of exporter-style
@@ -46,15 +47,19 @@ if str(ROOT) not in sys.path:
 
 THREADS = 2
 DIMS = {"batch": 1, "seq": 32}  # values for symbolic input dimensions
+SETTLE_S = 0.005  # pause before each timed run (see measure_latency)
 
 
 # ----------------------------------------------------------------------------- the tools
 
 
 def run_infoptc(model: onnx.ModelProto, level: str = "O3") -> onnx.ModelProto:
+    """``infoptc -O3 --target onnx --freeze-initializers``: the peers treat initializers that a
+    model also lists as graph inputs (the light models do) as constants without being asked;
+    infoptc keeps them overridable unless told, so the comparison tells it."""
     import infoptc
 
-    return infoptc.optimize(model, opt_level=level, target="onnx")
+    return infoptc.optimize(model, opt_level=level, target="onnx", freeze_initializers=True)
 
 
 def run_onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -190,23 +195,20 @@ def _session(model: onnx.ModelProto):
 
 
 def measure_latency(sessions: dict, feeds: dict, runs: int, budget_s: float) -> dict[str, float]:
-    """Median ms per session; each round runs every session once, in a rotating order."""
-    for sess in sessions.values():  # warm-up (ORT allocates and tunes on the first runs)
-        for _ in range(2):
-            sess.run(None, feeds)
+    """Median ms per session, interleaved rounds (infoptc.bench.run_interleaved, with a pause
+    before each run so the previous session's spinning workers do not steal its cores)."""
+    from infoptc.bench import run_interleaved
+
+    runners = [lambda s=sess: s.run(None, feeds) for sess in sessions.values()]
+    for run in runners:  # warm-up (ORT allocates and tunes on the first runs)
+        run()
+        run()
     start = time.perf_counter()
-    for sess in sessions.values():
-        sess.run(None, feeds)
+    run_interleaved(runners, iterations=1, settle=SETTLE_S)
     per_round = time.perf_counter() - start
     rounds = max(5, min(runs, int(budget_s / max(per_round, 1e-6))))
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    order = list(sessions)
-    for r in range(rounds):
-        for key in order[r % len(order):] + order[: r % len(order)]:
-            t = time.perf_counter()
-            sessions[key].run(None, feeds)
-            times[key].append(time.perf_counter() - t)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+    samples = run_interleaved(runners, iterations=rounds, settle=SETTLE_S)
+    return {k: 1000 * statistics.median(v) for k, v in zip(sessions, samples)}
 
 
 def benchmark_model(name: str, build: Callable[[], onnx.ModelProto], tools: list[str], runs: int,

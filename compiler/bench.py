@@ -177,13 +177,19 @@ def inputs_for(artifact: Artifact, dims: dict[str, int], seed: int = 0) -> dict[
 
 def run_interleaved(runners: Sequence[Callable[[], Any]], *, iterations: int | None = None,
                     duration: float | None = None, warmup: int = 0,
-                    on_round: Callable[[int, float], None] | None = None,
+                    on_round: Callable[[int, float], None] | None = None, settle: float = 0.0,
                     clock: Callable[[], int] = time.perf_counter_ns) -> list[list[float]]:
     """Run ``runners`` in rounds (A B A B ...), so drift in clock speed or load hits all alike.
 
     ``warmup`` untimed rounds first; then ``iterations`` timed rounds, or rounds until
     ``duration`` seconds have passed (at least one). Returns each runner's latencies in seconds.
     ``on_round(rounds_done, seconds_elapsed)`` is called after every timed round.
+
+    ``settle`` seconds of sleep before each timed run when there are several runners: runtimes
+    keep their worker threads spinning for a while after a run (ONNX Runtime and TVM both do by
+    default), and on a small machine those spinners steal the cores the next runner needs. On 2
+    cores, ORT's latency on bert went bimodal (3.2 or 5.3 ms per session) right after TVM runs
+    without a pause, and stable at 3.3 ms with one.
     """
     if (iterations is None) == (duration is None):
         raise UsageError("give either iterations or duration")
@@ -199,6 +205,8 @@ def run_interleaved(runners: Sequence[Callable[[], Any]], *, iterations: int | N
     rounds = 0
     while True:
         for i, run in enumerate(runners):
+            if settle and len(runners) > 1:
+                time.sleep(settle)
             t0 = clock()
             run()
             samples[i].append((clock() - t0) * 1e-9)
