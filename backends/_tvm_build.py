@@ -14,18 +14,25 @@ Imported only after TVM is known to be importable.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import io
+import json
 import logging
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import tvm
 from infoptc.errors import CompileError, MissingDependencyError
 from tvm import relax
@@ -39,6 +46,13 @@ log = logging.getLogger("infoptc.backends.tvm")
 # (strided, depthwise or not) is a plain load/store and inputs are broadcast scalars.
 CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
+# A tuned kernel replaces the rules' only when it is this much faster: timing noise on a shared
+# machine is a few percent, and a coin toss should keep the schedule that needs no database.
+TUNED_MARGIN = 1.03
+KERNEL_MIN_MS = 10  # each timing of a kernel repeats it for at least this long
+CHOICES_FILE = "infoptc_choices.json"  # beside MetaSchedule's files in the tuning folder
+CHOICES_FORMAT = "infoptc-schedule-choices/1"
+
 
 @dataclass
 class BuildResult:
@@ -49,7 +63,7 @@ class BuildResult:
 
 
 def cpu_schedule_pass():
-    return dl.ApplyDefaultSchedule(rules.Contraction(), dl.cpu.GEMV(), dl.cpu.Reduction(), rules.Injective())
+    return dl.ApplyDefaultSchedule(rules.Contraction(), rules.GEMV(), rules.Reduction(), rules.Injective())
 
 
 def gpu_schedule_pass():
@@ -57,8 +71,23 @@ def gpu_schedule_pass():
                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())
 
 
-def optimize(mod, target, *, cpu_layout: bool, schedules: str, tune: int = 0, tuning_db: str | None = None,
-             tune_timeout_s: float = 30.0, fast_math: bool = False) -> tuple[object, dict | None]:
+@dataclass
+class TuningBudget:
+    """What one compile may spend on MetaSchedule, and where the records live."""
+
+    db_dir: str
+    trials: int = 0  # 0: no limit on trials
+    seconds: float | None = None  # None: no limit on time
+    timeout_s: float = 30.0  # to build or to run one candidate
+    progress_to: object = None  # the terminal's stderr, for the progress bar; None: no bar
+
+    def __post_init__(self):
+        if not self.trials and not self.seconds:
+            raise ValueError("a tuning budget needs trials or seconds (or both)")
+
+
+def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBudget | None = None,
+             fast_math: bool = False) -> tuple[object, dict | None]:
     """Relax graph passes, then tuning (optional), then default schedules."""
     is_cpu = target.kind.name == "llvm"
     first = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
@@ -68,30 +97,32 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tune: int = 0, tu
         first.append(relax.transform.FastMathTransform())
     with target:
         mod = tvm.transform.Sequential([*first, relax.get_pipeline("zero")])(mod)
-    tuning = None
-    if tune > 0:
-        mod, tuning = tune_and_apply(mod, target, tune, tuning_db, tune_timeout_s)
+    facts = None
+    if tuning is not None:
+        mod, facts = tune_and_apply(mod, target, tuning, schedules)
     if schedules == "rules":
         with target:
             mod = (cpu_schedule_pass() if is_cpu else gpu_schedule_pass())(mod)
-    return mod, tuning
+    return mod, facts
 
 
 @contextlib.contextmanager
 def native_output_to_log():
     """TVM's C++ side logs warnings straight to file descriptor 2 (and MetaSchedule's worker
-    processes inherit it): send them to a temp file and from there to our debug log."""
+    processes inherit it): send them to a temp file and from there to our debug log.
+
+    Yields a stream on the real stderr (None if there is none), for the tuning progress bar."""
     try:
         sys.stdout.flush()
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):
-        yield
+        yield None
         return
-    with tempfile.TemporaryFile() as sink:
+    with tempfile.TemporaryFile() as sink, open(os.dup(saved), "w") as terminal:
         os.dup2(sink.fileno(), 2)
         try:
-            yield
+            yield terminal
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -126,49 +157,301 @@ def check_tuning_dependencies() -> None:
         raise MissingDependencyError(f"MetaSchedule tuning needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
-def tune_and_apply(mod, target, trials: int, db_dir: str | None, timeout_s: float):
-    """Tune the tasks the database has no record for, then apply the database.
+def tune_and_apply(mod, target, budget: TuningBudget, schedules: str):
+    """Tune the tasks the database has no record for, then apply the database: on llvm with the
+    rules as default schedules, only the tuned kernels that beat the rules (``choose_schedules``).
 
     A task counts as tuned once the database holds a record for it, so compiling the same
-    model again with the same database runs no trial at all.
+    model again with the same database runs no trial at all. The time budget counts from here,
+    so it covers MetaSchedule's fixed start-up cost too.
     """
     from tvm.s_tir import meta_schedule as ms
 
+    start = time.monotonic()
     check_tuning_dependencies()
-    if not db_dir:
-        raise CompileError("tune=N needs tuning_db=PATH (a folder that keeps the tuning records)")
-    work_dir = Path(db_dir)
+    work_dir = Path(budget.db_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     tasks = ms.relax_integration.extract_tasks(mod, target)
     todo = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, "main") is None]
     before = len(database)
-    if todo:
-        per_task = max(1, math.ceil(trials / len(todo)))
-        quiet = io.StringIO()
-        with _quiet_ms_logs(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                todo, work_dir=str(work_dir), num_threads=max(1, os.cpu_count() or 1))
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                max_trials_global=per_task * len(todo), max_trials_per_task=per_task,
-                num_trials_per_iter=min(64, per_task),
-                builder=ms.builder.LocalBuilder(timeout_sec=timeout_s, f_build=build_candidate),
-                runner=ms.runner.LocalRunner(timeout_sec=timeout_s),
-                database=database)
-    with target, database:
-        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    still = [t.task_name for t in tasks if database.query_tuning_record(t.dispatched[0], target, "main") is None]
     facts = {
         "database": str(work_dir.resolve()),
-        "trials_budget": trials,
+        "trials_budget": budget.trials or None,
+        "time_budget_s": budget.seconds,
         "tasks": len(tasks),
         "tasks_tuned_now": len(todo),
         "tasks_from_database": len(tasks) - len(todo),
-        "records_added": len(database) - before,
-        "tasks_without_record": still,
+        "trials_run": 0,
     }
+    with progress_bar(budget.progress_to) as bar:
+        if todo:
+            facts["trials_run"] = run_tuning(todo, target, database, budget, start, bar)
+        facts["tuning_seconds"] = round(time.monotonic() - start, 1)
+        facts["records_added"] = len(database) - before
+        facts["tasks_without_record"] = [t.task_name for t in tasks
+                                         if database.query_tuning_record(t.dispatched[0], target, "main") is None]
+        if target.kind.name == "llvm" and schedules == "rules":
+            database, choice = choose_schedules(tasks, target, database, work_dir, bar)
+            facts.update(choice)
+    with target, database:
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod, facts
+
+
+def run_tuning(tasks, target, database, budget: TuningBudget, start: float, bar) -> int:
+    """MetaSchedule over ``tasks`` until the trials or the time run out; returns the trials run.
+
+    With a time budget, batches are smaller (16 candidates, not 64): the deadline is checked
+    between batches, so smaller ones stop closer to it.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    per_task = math.ceil(budget.trials / len(tasks)) if budget.trials else None
+    batch = min(16 if budget.seconds else 64, per_task or 64)
+    deadline = start + budget.seconds if budget.seconds else math.inf
+    progress = tuning_counter(bar, budget, start)
+    quiet = io.StringIO()
+    with _quiet_ms_logs(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
+            every_second(progress.tick):
+        ms.tune.tune_tasks(
+            tasks=tune_contexts(tasks), task_weights=[t.weight for t in tasks], work_dir=budget.db_dir,
+            max_trials_global=per_task * len(tasks) if per_task else 2**31 - 1, max_trials_per_task=per_task,
+            num_trials_per_iter=batch,
+            builder=ms.builder.LocalBuilder(timeout_sec=budget.timeout_s, f_build=build_candidate),
+            runner=ms.runner.LocalRunner(timeout_sec=budget.timeout_s,
+                                         initializer=functools.partial(runner_threads, thread_count(target))),
+            database=database, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+            task_scheduler=deadline_scheduler(deadline))
+    return progress.trials
+
+
+def tune_contexts(tasks) -> list:
+    """MetaSchedule's tune contexts for ``tasks``, logging to a logger under its own, which
+    ``_quiet_ms_logs`` keeps at warnings. Its helper ``extracted_tasks_to_tune_contexts``
+    configures logging process-wide instead: a log file per task in the tuning folder, a console
+    handler on whatever stdout is at the time, and on a second call in one process an
+    AttributeError when that logger has an unnamed handler (pytest's log capture adds two)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    logger = logging.getLogger("tvm.s_tir.meta_schedule.infoptc")
+    return [ms.TuneContext(mod=t.dispatched[0], target=t.target, space_generator="post-order-apply",
+                           search_strategy="evolutionary", task_name=t.task_name, logger=logger,
+                           num_threads=max(1, os.cpu_count() or 1)).clone()
+            for t in tasks]
+
+
+def runner_threads(count: int) -> None:
+    """In each MetaSchedule runner process, before its first kernel: TVM's pool defaults to half
+    the logical CPUs on x86 (one thread on a 2-core VM), so candidates were timed on fewer
+    threads than the artifact runs with, and the search favoured schedules for the wrong machine."""
+    os.environ["TVM_NUM_THREADS"] = str(count)
+
+
+def thread_count(target) -> int:
+    """The runtime threads the kernels of ``target`` are built for (its ``num-cores``)."""
+    return int(target.attrs.get("num-cores", 0)) or os.cpu_count() or 1
+
+
+def deadline_scheduler(deadline: float):
+    """A MetaSchedule task scheduler that stops handing out tasks when the time is spent:
+    MetaSchedule itself only knows trial budgets.
+
+    A batch starts only if the batches so far say it will end by ``deadline`` (monotonic
+    seconds), so the budget holds to within the spread of batch times. Every task gets one
+    batch first, heaviest (weight x FLOP) first, so all have a record if time allows and a
+    second compile has nothing left to tune; after that, the task whose share of the batches
+    lags its share of the work most. A batch is joined before the next task is chosen (no
+    overlap on a small machine), so stopping leaves nothing running.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
+
+    @derived_object
+    class DeadlineScheduler(PyTaskScheduler):
+        def __init__(self):
+            super().__init__()
+            self.batches: dict[int, int] = {}
+            self.batch_seconds: list[float] = []
+            self.last: int | None = None
+            self.sent = 0.0
+
+        def next_task_id(self) -> int:
+            scheduler = self._outer()
+            records = scheduler.tasks_
+            if self.last is not None and records[self.last].runner_futures is not None:
+                scheduler.join_running_task(self.last)
+                self.batch_seconds.append(time.monotonic() - self.sent)
+            alive = [i for i, r in enumerate(records) if not r.is_terminated]
+            expected = statistics.mean(self.batch_seconds) if self.batch_seconds else 0.0
+            if not alive or time.monotonic() + expected > deadline:
+                self.last = None
+                return -1
+            work = {i: records[i].task_weight * records[i].flop for i in alive}
+            self.last = min(alive, key=lambda i: (self.batches.get(i, 0) / work[i], -work[i]))
+            self.batches[self.last] = self.batches.get(self.last, 0) + 1
+            self.sent = time.monotonic()
+            return self.last
+
+    return DeadlineScheduler()
+
+
+def tuning_counter(bar, budget: TuningBudget, start: float):
+    """A MetaSchedule measure callback that counts the trials and moves the progress bar: the
+    share of the budget spent, trials or time, whichever is further along."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class TuningCounter(PyMeasureCallback):
+        def __init__(self):
+            super().__init__()
+            self.trials = 0
+            self.row = bar.add_task("tuning: 0 trials", total=1.0)
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            self.trials += len(measure_candidates)
+            self.tick()
+
+        def tick(self) -> None:
+            spent = [self.trials / budget.trials] if budget.trials else []
+            if budget.seconds:
+                spent.append((time.monotonic() - start) / budget.seconds)
+            bar.update(self.row, completed=min(1.0, max(spent, default=0.0)), description=f"tuning: {self.trials} trials")
+
+    return TuningCounter()
+
+
+@contextlib.contextmanager
+def every_second(tick):
+    """Call ``tick`` every second meanwhile: MetaSchedule's start-up and each batch take many
+    seconds without a callback, and the time budget's share of the bar should move meanwhile."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(1.0):
+            tick()
+
+    thread = threading.Thread(target=loop, name="infoptc-tuning-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ----------------------------------------------------------------------------- tuned or rules
+
+
+def choose_schedules(tasks, target, database, work_dir: Path, bar):
+    """A database of the tuned schedules that beat the rules, and facts about the choice.
+
+    MetaSchedule's best after a small budget is often slower than the rules, and applying a
+    database replaces the rules for every task it has a record for. So each such task is built
+    both ways and timed here, on this CPU with the artifact's threads, and the tuned schedule is
+    kept only where it is faster by TUNED_MARGIN. The choice is saved beside the database, keyed
+    by workload and target, with the hashes of both kernels: the next compile reuses it without
+    timing anything, unless either kernel changed (a better record, other rules).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    path = work_dir / CHOICES_FILE
+    saved = load_choices(path)
+    chosen = ms.database.MemoryDatabase()
+    found = [(t, r) for t in tasks if (r := database.query_tuning_record(t.dispatched[0], target, "main")) is not None]
+    row = bar.add_task("tuned vs rules", total=len(found))
+    choices, timed = {}, 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="infoptc-timer") as timer:
+        for task, record in found:
+            workload = task.dispatched[0]
+            kernels = {"rules": rule_scheduled(workload, target), "tuned": database.query_schedule(workload, target, "main").mod}
+            stamp = {f"{name}_kernel": structural_key(kernel) for name, kernel in kernels.items()}
+            key = f"{structural_key(workload)} {target}"
+            choice = saved.get(key)
+            if choice is None or any(choice.get(k) != v for k, v in stamp.items()):
+                rules_ms, tuned_ms = timer.submit(time_kernels, list(kernels.values()), target).result()
+                choice = saved[key] = {"task": task.task_name, "rules_ms": rules_ms, "tuned_ms": tuned_ms,
+                                       "use": "tuned" if tuned_ms * TUNED_MARGIN <= rules_ms else "rules", **stamp}
+                timed += 1
+            choices[task.task_name] = choice
+            if choice["use"] == "tuned":
+                chosen.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, chosen.commit_workload(workload), record.run_secs, target, record.args_info))
+            bar.advance(row)
+    if timed:
+        save_choices(path, saved)
+    tuned = sum(c["use"] == "tuned" for c in choices.values())
+    return chosen, {
+        "tasks_using_tuned": tuned,
+        "tasks_using_rules": len(tasks) - tuned,
+        "kernels_timed_now": timed,
+        "tuned_vs_rules": {name: {"rules_ms": float(f"{c['rules_ms']:.3g}"), "tuned_ms": float(f"{c['tuned_ms']:.3g}"),
+                                  "speedup": round(c["rules_ms"] / c["tuned_ms"], 2), "use": c["use"]}
+                           for name, c in choices.items()},
+    }
+
+
+def rule_scheduled(workload, target):
+    """One task's kernel as the default rules schedule it (what runs when no record applies).
+    On a copy: dlight's ApplyDefaultSchedule updates the module it is given in place, and the
+    task's module must stay unscheduled to find its records."""
+    copy = tvm.IRModule(dict(workload.functions_items()), attrs=workload.attrs)
+    with target:
+        return cpu_schedule_pass()(copy)
+
+
+def structural_key(mod) -> str:
+    import tvm_ffi
+
+    return format(tvm_ffi.structural_hash(mod), "016x")
+
+
+def time_kernels(kernels: list, target, repeats: int = 7) -> list[float]:
+    """Median milliseconds of each kernel (TIR modules with one signature), timed in turns so a
+    neighbour's load hits all alike, on the thread count the artifact uses. Run it in a thread
+    of its own: TVM's pool belongs to the calling thread, which this resizes."""
+    from . import tvm as tvm_target
+
+    tvm_target.size_thread_pool(thread_count(target))
+    device = tvm.cpu(0)
+    built = [tvm.compile(kernel, target=target).jit() for kernel in kernels]
+    args = random_arguments(kernels[0]["main"], device)
+    timers = [module.time_evaluator("main", device, repeat=1, min_repeat_ms=KERNEL_MIN_MS) for module in built]
+    samples: list[list[float]] = [[] for _ in kernels]
+    for _ in range(repeats):
+        for evaluate, out in zip(timers, samples):
+            out.append(evaluate(*args).mean * 1e3)
+    return [float(statistics.median(s)) for s in samples]
+
+
+def random_arguments(func, device) -> list:
+    """Inputs for one kernel: normal floats, zero integers (always valid as indices)."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    rng = np.random.default_rng(0)
+    args = []
+    for info in ArgInfo.from_prim_func(func):
+        shape, dtype = [int(d) for d in info.shape], str(info.dtype)
+        data = rng.standard_normal(shape).astype(dtype) if dtype.startswith("float") else np.zeros(shape, dtype)
+        args.append(tvm.runtime.tensor(data, device))
+    return args
+
+
+def load_choices(path: Path) -> dict:
+    """The saved choices, or none if the file is missing or not ours (it is only a cache)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("choices", {}) if data.get("format") == CHOICES_FORMAT else {}
+
+
+def save_choices(path: Path, choices: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"format": CHOICES_FORMAT, "choices": choices}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def build_candidate(mod, target, _params):
@@ -181,6 +464,19 @@ def build_candidate(mod, target, _params):
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm_build(mod, target=target)
+
+
+def progress_bar(stream):
+    """Rich progress bars with an ETA on ``stream``; silent unless it is a terminal and logging is
+    not quieted (``-q`` sets the ``infoptc`` logger to errors only)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(file=stream, highlight=False) if stream is not None else None
+    quiet = not logging.getLogger("infoptc").isEnabledFor(logging.WARNING)
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                    disable=console is None or not console.is_terminal or quiet)
 
 
 @contextlib.contextmanager

@@ -1,10 +1,12 @@
-"""ONNX -> Relax for the TVM targets: static shapes, the frontend's gaps, typed errors.
+"""ONNX -> Relax for the TVM targets: symbolic or static shapes, the frontend's gaps, typed errors.
 
-TVM's Relax ONNX frontend wants static shapes for good code and stumbles on a few patterns
-that exported models are full of. Before import we therefore
+TVM's Relax ONNX frontend stumbles on a few patterns that exported models are full of. Before
+import we therefore
 
-- bind every symbolic input dimension (to 1 unless the driver already bound it) and report
-  which ones we chose, so the caller can say so;
+- either keep the symbolic input dimensions (``keep_symbolic``: each becomes a TIR variable, and
+  one executable runs for every value of it; unnamed ones get a name, and names the frontend
+  would parse as arithmetic are made identifiers), or bind every one of them (to 1 unless the
+  driver already bound it) and report which ones we chose, so the caller can say so;
 - run ONNX shape inference with data propagation and replace each ``Shape`` of a statically
   shaped tensor by a constant (the frontend cannot ``Gather`` from a Relax shape value, which
   stops GPT-style models);
@@ -12,12 +14,19 @@ that exported models are full of. Before import we therefore
   straight to TIR, which hides it from Relax's layout conversion, so every ReLU6 of a
   MobileNet would sit between two transposes.
 
+During import, ``Range`` whose limit is a symbolic dimension (GPT's position ids) becomes
+``relax.op.arange`` of that dimension: the frontend's own converter computes the length as a
+tensor, so every shape after it is unknown and the first ``Reshape`` fails.
+``symbolic_shapes_known`` tells whether an import kept every tensor's shape; where it did not,
+the caller binds the dims and imports again.
+
 Ops the frontend has no converter for raise ``UnsupportedOpError`` naming all of them at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import warnings
@@ -40,16 +49,18 @@ class Prepared:
     model: onnx.ModelProto
     defaulted_dims: dict[str, int] = field(default_factory=dict)  # "input[axis] (name)" -> value
     counters: dict[str, int] = field(default_factory=dict)
+    symbolic_dims: dict[str, str] = field(default_factory=dict)  # "input[axis]" -> dim name (kept symbolic)
 
 
-def prepare(model: onnx.ModelProto, default_dim: int = DEFAULT_DIM) -> Prepared:
+def prepare(model: onnx.ModelProto, default_dim: int = DEFAULT_DIM, keep_symbolic: bool = False) -> Prepared:
     model = _copy(model)
     check_supported(model)
-    defaulted = bind_symbolic_inputs(model, default_dim)
+    symbolic = name_symbolic_inputs(model) if keep_symbolic else {}
+    defaulted = {} if keep_symbolic else bind_symbolic_inputs(model, default_dim)
     model = _infer(model)
     counters = {"shapes_folded": fold_static_shapes(model), "clips_split": split_constant_clips(model),
                 "pows_unrolled": unroll_small_pows(model)}
-    return Prepared(model, defaulted, counters)
+    return Prepared(model, defaulted, counters, symbolic)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -115,6 +126,52 @@ def bind_symbolic_inputs(model: onnx.ModelProto, default_dim: int) -> dict[str, 
             dim.Clear()
             dim.dim_value = default_dim
     return chosen
+
+
+def symbolic_inputs(model: onnx.ModelProto) -> bool:
+    """Whether some graph input has a dimension without a value."""
+    inits = {t.name for t in model.graph.initializer}
+    return any(not (d.HasField("dim_value") and d.dim_value > 0)
+               for vi in model.graph.input if vi.name not in inits and vi.type.tensor_type.HasField("shape")
+               for d in vi.type.tensor_type.shape.dim)
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def name_symbolic_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Give every unknown input dimension a name the frontend takes as one variable, in place:
+    an unnamed one becomes ``INPUT_AXIS`` (its own variable), and a name that is not an
+    identifier (the frontend would parse ``seq-len`` as ``seq - len``) has its other characters
+    replaced by ``_``. The same name keeps one variable. Returns ``{"input[axis]": name}``."""
+    inits = {t.name for t in model.graph.initializer}
+    dims = [(vi.name, axis, dim) for vi in model.graph.input
+            if vi.name not in inits and vi.type.tensor_type.HasField("shape")
+            for axis, dim in enumerate(vi.type.tensor_type.shape.dim)
+            if not (dim.HasField("dim_value") and dim.dim_value > 0)]
+    taken = {dim.dim_param for _, _, dim in dims if _IDENTIFIER.fullmatch(dim.dim_param)}
+    renamed: dict[str, str] = {}
+    named: dict[str, str] = {}
+    for input_name, axis, dim in dims:
+        original = dim.dim_param
+        if original and _IDENTIFIER.fullmatch(original):
+            name = original
+        elif original and original in renamed:
+            name = renamed[original]
+        else:
+            base = re.sub(r"\W", "_", original or f"{input_name}_{axis}")
+            base = base if _IDENTIFIER.fullmatch(base) else f"d_{base}"
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = f"{base}_{n}"
+            taken.add(name)
+            if original:
+                renamed[original] = name
+        dim.Clear()
+        dim.dim_param = name
+        named[f"{input_name}[{axis}]"] = name
+    return named
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -236,7 +293,7 @@ def import_onnx(model: onnx.ModelProto):
 
     printed = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed), _symbolic_range():
             warnings.simplefilter("ignore")
             mod = from_onnx(model, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:
@@ -251,6 +308,88 @@ def import_onnx(model: onnx.ModelProto):
                 "compile this model with --target onnx") from None
         raise CompileError(f"TVM's ONNX frontend failed: {first[:300]}") from None
     return fix_relax(mod)
+
+
+@contextlib.contextmanager
+def _symbolic_range():
+    """The frontend's converter table, with ``Range`` replaced by ``SymbolicRange`` while we
+    import (the frontend looks the table up for every node; it has no hook for converters)."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+
+    def convert_map():
+        table = dict(original())
+        table["Range"] = _range_converter(table["Range"])
+        return table
+
+    onnx_frontend._get_convert_map = convert_map
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+@functools.cache
+def _range_converter(fallback):
+    """A ``Range`` converter: ``relax.op.arange`` when the limit is a symbolic dimension and
+    start and delta are integer constants (``Range(0, Shape(x)[1], 1)``), whose length Relax
+    knows as ``limit - start`` (delta 1) rather than as a value computed at run time."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import get_constant
+
+    class SymbolicRange(fallback):
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            values = [get_constant(x, params) for x in inputs]
+            start, limit, delta = values
+            if (tvm.ir.is_prim_expr(limit) and not isinstance(limit, tvm.ir.GenericConst)
+                    and all(_int_scalar(v) is not None for v in (start, delta)) and _int_scalar(delta) != 0
+                    and str(getattr(limit, "dtype", None) or getattr(limit, "ty", "")).startswith("int")):
+                dtype = str(start.value.numpy().dtype)
+                return relax.op.arange(_int_scalar(start), limit, _int_scalar(delta), dtype=dtype)
+            return fallback._impl_v12(bb, inputs, attr, params)
+
+    return SymbolicRange
+
+
+def _int_scalar(value) -> int | None:
+    import tvm
+
+    if not isinstance(value, tvm.ir.GenericConst):
+        return None
+    array = value.value.numpy()
+    return int(array.reshape(())) if array.size == 1 and array.dtype.kind in "iu" else None
+
+
+def symbolic_shapes_known(mod) -> str | None:
+    """None if every tensor of ``main`` has a known shape (symbolic dims included); else the
+    first binding whose shape the import lost (a shape computed from data at run time)."""
+    from tvm import relax
+
+    main = mod["main"]
+    values = [(f"input {_var_name(p)}", p) for p in main.params]
+    for block in getattr(main.body, "blocks", []):
+        values += [(_var_name(b.var), b.var) for b in block.bindings]
+    values.append(("output", main.body.body if hasattr(main.body, "body") else main.body))
+    for name, value in values:
+        for ty in _tensor_types(getattr(value, "ty", None), relax):
+            if ty.shape is None:
+                return name
+    return None
+
+
+def _var_name(var) -> str:
+    return str(getattr(var, "name", None) or getattr(var, "name_hint", "?"))
+
+
+def _tensor_types(ty, relax):
+    if isinstance(ty, relax.TensorType):
+        yield ty
+    elif type(ty).__name__ == "TupleType":
+        for field_ty in ty.fields:
+            yield from _tensor_types(field_ty, relax)
 
 
 # ----------------------------------------------------------------------------- Relax fixes

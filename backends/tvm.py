@@ -7,8 +7,10 @@
 Target options (``infoptc.compile(model, target="llvm", **options)``; the CLI passes
 ``--threads``): ``threads``, ``mcpu``, ``mattr`` (e.g. ``"+avx2,-avx512f"``), ``mtriple``
 (cross-compiling, e.g. ``aarch64-linux-gnu``), ``arch`` (cuda, e.g. ``sm_90``), ``tune`` (trials)
-with ``tuning_db`` (a folder), ``schedules`` (``rules``, the default, or ``none`` for TVM's naive
-kernels), ``cpu_layout`` (NHWC convs, default on). See docs/targets/tvm.md.
+and/or ``tune_time`` (seconds) with ``tuning_db`` (a folder), ``schedules`` (``rules``, the
+default, or ``none`` for TVM's naive kernels), ``cpu_layout`` (NHWC convs, default on),
+``dynamic_dims`` (keep unbound symbolic input dims symbolic, llvm default on). See
+docs/targets/tvm.md.
 
 The artifact file is a shared library that ``dlopen`` loads as it is, followed by a trailer:
     [library][blobs][manifest JSON][manifest length: 8 bytes little-endian][MAGIC: 16 bytes]
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -55,12 +58,15 @@ OPTIONS = {
     "mattr": "LLVM features, e.g. '+avx2,-avx512f' (default: what /proc/cpuinfo shows)",
     "mtriple": "LLVM target triple, for cross-compiling (e.g. aarch64-linux-gnu)",
     "arch": "cuda: GPU architecture, e.g. sm_90 (default: the local GPU's)",
-    "tune": "MetaSchedule trials (0: no tuning)",
+    "tune": "MetaSchedule trials (0: no tuning, or no trial limit with tune_time)",
+    "tune_time": "seconds of MetaSchedule tuning (with tune: whichever runs out first)",
     "tuning_db": "folder of the MetaSchedule database, reused across compiles",
     "tune_timeout": "seconds per build/run of one tuning candidate",
-    "schedules": "'rules' (default schedules) or 'none' (TVM's naive kernels)",
+    "schedules": "'rules' (default schedules) or 'none' (llvm: TVM's naive kernels; cuda: TVM's own default rules)",
     "cpu_layout": "llvm: run convolutions in NHWC (default true)",
     "fast_math": "polynomial exp/tanh/erf/softmax, TVM's fast_* ops (llvm default: true)",
+    "dynamic_dims": "keep unbound symbolic input dims symbolic: one library runs any value of them "
+                    "(llvm default: true; false: set them to 1)",
 }
 
 # /proc/cpuinfo flag -> LLVM feature: features an -mcpu implies but this CPU (or the VM that
@@ -118,6 +124,19 @@ def _bool_option(options: dict, key: str, default: bool) -> bool:
         raise UsageError(f"target option {key}={options[key]!r}: expected true or false") from None
 
 
+def _seconds_option(options: dict, key: str) -> float | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"target option {key}={value!r}: expected seconds") from None
+    if not seconds > 0 or math.isinf(seconds):
+        raise UsageError(f"target option {key}={value!r}: must be a positive number of seconds")
+    return seconds
+
+
 def _int_option(options: dict, key: str, default: int | None = None, minimum: int = 0) -> int | None:
     value = options.get(key)
     if value is None:
@@ -166,7 +185,8 @@ class TvmArtifact(Artifact):
                  "runtime": f"tvm {m['versions']['tvm']} (tvm-ffi {m['versions']['tvm_ffi']})",
                  "schedules": m["schedules"], "threads": m.get("threads") or "all cores",
                  "input_shapes": {s["name"]: s["shape"] for s in m["inputs"]}}
-        for key in ("relax_options", "defaulted_dims", "tuning", "cuda", "cpu_features", "compile_seconds"):
+        for key in ("relax_options", "defaulted_dims", "symbolic_dims", "symbolic_fallback", "tuning", "cuda",
+                    "cpu_features", "compile_seconds"):
             if m.get(key):
                 facts[key] = m[key]
         return facts
@@ -223,16 +243,17 @@ class TvmArtifact(Artifact):
 
         if self._specs is None:
             specs = {s.name: s for s in self.inputs}
+            symbols = [(n, axis, d) for n, s in specs.items() for axis, d in enumerate(s.shape) if isinstance(d, str)]
             self._specs = (specs, [s.name for s in self.outputs],
-                           {n: (np.dtype(s.dtype), tuple(s.shape)) for n, s in specs.items()})
-        specs, names, expected = self._specs
+                           {n: (np.dtype(s.dtype), tuple(s.shape)) for n, s in specs.items()}, symbols)
+        specs, names, expected, symbols = self._specs
         if len(inputs) != len(expected) or not all(
-                isinstance(v := inputs.get(n), np.ndarray) and v.dtype == dt and v.shape == shape
-                for n, (dt, shape) in expected.items()):
-            check_feeds(specs, inputs)  # names the problem; static shapes must match exactly
+                isinstance(v := inputs.get(n), np.ndarray) and v.dtype == dt and _fits(v.shape, shape)
+                for n, (dt, shape) in expected.items()) or (symbols and not _agree(inputs, symbols)):
+            check_feeds(specs, inputs)  # names the problem; static dims must match exactly
             raise UsageError("inputs do not match the compiled shapes: "
                              + ", ".join(f"{n}: {list(np.shape(inputs[n]))} (compiled for {list(shape)})"
-                                         for n, (_, shape) in expected.items() if np.shape(inputs[n]) != shape))
+                                         for n, (_, shape) in expected.items() if not _fits(np.shape(inputs[n]), shape)))
         vm, device = self._machine()
         self._configure_threads()
         import tvm
@@ -287,16 +308,35 @@ class TvmArtifact(Artifact):
         ident = threading.get_ident()
         if _POOL_CONFIG.get(ident) == wanted:
             return
-        import tvm_ffi
-
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        share_all_cores = -3  # threading::ThreadGroup::kSpecifyThreadShareAllCore
-        tvm_ffi.get_global_func("runtime.config_threadpool")(
-            share_all_cores, min(int(wanted), len(cpus)), [str(c) for c in cpus])
+        size_thread_pool(int(wanted))
         _POOL_CONFIG[ident] = wanted
 
 
 _POOL_CONFIG: dict[int, int] = {}
+
+
+def size_thread_pool(threads: int) -> None:
+    """Give the calling thread's TVM pool ``threads`` workers (0: TVM's choice) sharing the CPUs
+    this process may use. Also used to time kernels while tuning, with the artifact's count."""
+    import tvm_ffi
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    share_all_cores = -3  # threading::ThreadGroup::kSpecifyThreadShareAllCore
+    tvm_ffi.get_global_func("runtime.config_threadpool")(
+        share_all_cores, min(threads, len(cpus)), [str(c) for c in cpus])
+
+
+def _fits(shape: tuple, compiled: tuple) -> bool:
+    """Whether an input shape matches the compiled one (a symbolic dim, a name, takes any value)."""
+    return shape == compiled or (len(shape) == len(compiled) and all(
+        isinstance(want, str) or got == want for got, want in zip(shape, compiled)))
+
+
+def _agree(inputs: dict, symbols: list) -> bool:
+    """Whether each symbolic dim has one value across the inputs."""
+    seen: dict[str, int] = {}
+    return all(seen.setdefault(symbol, inputs[name].shape[axis]) == inputs[name].shape[axis]
+               for name, axis, symbol in symbols)
 
 
 def _aligned(array, alignment: int = 64) -> np.ndarray:
@@ -461,18 +501,26 @@ class TvmTarget(Target):
         super().__init__(**options)
         self.threads = _int_option(options, "threads", None, minimum=1)
         self.tune = _int_option(options, "tune", 0)
+        self.tune_time = _seconds_option(options, "tune_time")
         self.tune_timeout = _int_option(options, "tune_timeout", 30, minimum=1)
         self.schedules = str(options.get("schedules", "rules"))
         if self.schedules not in ("rules", "none"):
             raise UsageError(f"target option schedules={self.schedules!r}: expected 'rules' or 'none'")
         self.cpu_layout = _bool_option(options, "cpu_layout", True)
         self.fast_math = _bool_option(options, "fast_math", self.name == "llvm")
-        if self.tune and not options.get("tuning_db"):
-            raise UsageError("tune=N needs tuning_db=PATH: a folder that keeps the records for the next compile")
+        # Tuning measures kernels on concrete shapes: it binds the dims unless told otherwise.
+        self.dynamic_dims = _bool_option(options, "dynamic_dims", self.name == "llvm"
+                                         and not (self.tune or self.tune_time))
+        if self.dynamic_dims and (self.tune or self.tune_time):
+            raise UsageError("tuning needs static shapes: bind the symbolic dims with --input-shape, "
+                             "or leave out dynamic_dims=true")
+        if (self.tune or self.tune_time) and not options.get("tuning_db"):
+            raise UsageError("tune=N or tune_time=SECONDS needs tuning_db=PATH: a folder that keeps the records "
+                             "for the next compile")
 
     def check_available(self) -> None:
         import_tvm()
-        if self.tune:
+        if self.tune or self.tune_time:
             from . import _tvm_build
 
             _tvm_build.check_tuning_dependencies()
@@ -492,16 +540,30 @@ class TvmTarget(Target):
         start = time.perf_counter()
         target_dict, facts = self.tvm_target()
         target = tvm.target.Target(target_dict)
-        prepared = _tvm_prepare.prepare(model)
-        if prepared.defaulted_dims:
-            log.warning("target %s: symbolic input dims set to %d: %s (bind them with --input-shape NAME:DIMS)",
-                        self.name, _tvm_prepare.DEFAULT_DIM, ", ".join(prepared.defaulted_dims))
-        with _tvm_build.native_output_to_log():
-            mod = _tvm_prepare.import_onnx(prepared.model)
-            mod, tuning = _tvm_build.optimize(mod, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
-                                              tune=self.tune, tuning_db=self.options.get("tuning_db"),
-                                              tune_timeout_s=self.tune_timeout, fast_math=self.fast_math)
-            executable, blobs, more = self.build(mod, target)
+        dynamic = self.dynamic_dims and _tvm_prepare.symbolic_inputs(model)
+        failed = None
+        while True:
+            prepared, mod, fallback = self._import(model, dynamic)
+            fallback = fallback or failed
+            if prepared.defaulted_dims:
+                log.warning("target %s: symbolic input dims set to %d: %s (bind them with --input-shape NAME:DIMS)%s",
+                            self.name, _tvm_prepare.DEFAULT_DIM, ", ".join(prepared.defaulted_dims),
+                            f"; TVM cannot keep them symbolic here: {fallback}" if fallback else "")
+            try:
+                with _tvm_build.native_output_to_log() as terminal:
+                    budget = _tvm_build.TuningBudget(
+                        db_dir=self.options["tuning_db"], trials=self.tune, seconds=self.tune_time,
+                        timeout_s=self.tune_timeout, progress_to=terminal) if self.tune or self.tune_time else None
+                    mod, tuning = _tvm_build.optimize(mod, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
+                                                      tuning=budget, fast_math=self.fast_math)
+                    executable, blobs, more = self.build(mod, target)
+                break
+            except Exception as e:  # symbolic shapes failed in a pass: compile static shapes
+                if not prepared.symbolic_dims:
+                    raise
+                first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                failed = f"TVM failed to compile them ({first[:200]})"
+                dynamic = False
         facts.update(more)
         export_compiler = facts.pop("_export_compiler", None)
         manifest = {
@@ -514,18 +576,48 @@ class TvmTarget(Target):
             "lowered_sha256": hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest(),
             "threads": self.threads,
             "schedules": "metaschedule+rules" if tuning else self.schedules,
-            "relax_options": {"cpu_layout": self.cpu_layout and self.name == "llvm", "fast_math": self.fast_math},
+            "relax_options": {"cpu_layout": self.cpu_layout and self.name == "llvm", "fast_math": self.fast_math,
+                              "dynamic_dims": self.dynamic_dims},
             "defaulted_dims": prepared.defaulted_dims,
+            "symbolic_dims": sorted(set(prepared.symbolic_dims.values())),
+            "symbolic_fallback": fallback,
             "frontend_fixes": prepared.counters,
             "tuning": tuning,
             "compile_seconds": round(time.perf_counter() - start, 3),
             **facts,
         }
-        # The model as lowered, with the input shapes the library was built for.
+        # The model as lowered, with the input shapes the library was built for (symbolic dims
+        # named as in the manifest).
         bound = onnx.ModelProto()
         bound.CopyFrom(model)
-        _tvm_prepare.bind_symbolic_inputs(bound, _tvm_prepare.DEFAULT_DIM)
+        if prepared.symbolic_dims:
+            _tvm_prepare.name_symbolic_inputs(bound)
+        else:
+            _tvm_prepare.bind_symbolic_inputs(bound, _tvm_prepare.DEFAULT_DIM)
         return TvmArtifact(manifest, executable=executable, model=bound, blobs=blobs, export_compiler=export_compiler)
+
+    def _import(self, model: onnx.ModelProto, dynamic: bool):
+        """``(prepared, relax module, why not symbolic)``: with ``dynamic``, the model imported
+        with its symbolic input dims kept, if TVM's frontend keeps every shape known; otherwise
+        (or if it fails) imported again with the dims bound, and the reason."""
+        from . import _tvm_build, _tvm_prepare
+
+        reason = None
+        if dynamic:
+            prepared = _tvm_prepare.prepare(model, keep_symbolic=True)
+            try:
+                with _tvm_build.native_output_to_log():
+                    mod = _tvm_prepare.import_onnx(prepared.model)
+                lost = _tvm_prepare.symbolic_shapes_known(mod)
+                if lost is None:
+                    return prepared, mod, None
+                reason = f"its ONNX frontend computes the shape of {lost} at run time"
+            except CompileError as e:
+                reason = str(e).split("; compile this model")[0]
+        prepared = _tvm_prepare.prepare(model)
+        with _tvm_build.native_output_to_log():
+            mod = _tvm_prepare.import_onnx(prepared.model)
+        return prepared, mod, reason
 
     def build(self, mod, target):
         from . import _tvm_build
@@ -579,11 +671,18 @@ def _specs(mod, model: onnx.ModelProto, kind: str) -> list[dict]:
         raise CompileError(f"TVM's module has {len(types)} {kind}s, the model {len(names)}")
     out = []
     for name, sinfo in zip(names, types):
-        shape = [int(d) for d in sinfo.shape.values] if getattr(sinfo, "shape", None) is not None else None
+        shape = [_dim(d) for d in sinfo.shape.values] if getattr(sinfo, "shape", None) is not None else None
         if shape is None:
             raise CompileError(f"{kind} {name!r} has no static shape after import")
         out.append({"name": name, "dtype": str(sinfo.dtype), "shape": shape})
     return out
+
+
+def _dim(value) -> int | str:
+    """A dimension for the manifest: its value, or the name (expression) of a symbolic one."""
+    import tvm
+
+    return int(value) if isinstance(value, (int, tvm.tirx.IntImm)) else str(value)
 
 
 @register_target

@@ -94,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     tv = c.add_argument_group("TVM targets (llvm, cuda)")
     tv.add_argument("--tune", type=int, default=None, metavar="TRIALS",
                     help="MetaSchedule trial budget (default: untuned rule-based schedules)")
+    tv.add_argument("--tune-time", type=float, default=None, metavar="SECONDS",
+                    help="MetaSchedule time budget; with --tune, whichever runs out first")
     tv.add_argument("--tuning-db", default=None, metavar="DIR",
-                    help="tuning records, reused by the next compile (default with --tune: ~/.cache/infoptc/tune)")
+                    help="tuning records, reused by the next compile (default with --tune/--tune-time: "
+                         "~/.cache/infoptc/tune)")
     tv.add_argument("--arch", default=None, help="cuda: GPU architecture, e.g. sm_90")
     tv.add_argument("--mcpu", default=None, help="llvm: CPU name (default: the host's, detected)")
     tv.add_argument("--mattr", default=None, help="llvm: comma-separated CPU features, e.g. +avx2,+fma")
@@ -121,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a model or artifact and print (or save) its outputs")
     r.add_argument("artifact")
     r.add_argument("--inputs", metavar="DATA.npz", help="inputs by name (default: generated from --seed)")
+    r.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="value of a symbolic dim for generated inputs, e.g. seq=128 (default 2; repeatable)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--save-outputs", metavar="OUT.npz", help="write the outputs to an .npz file")
     _common(r)
@@ -255,14 +260,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _target_options(args: argparse.Namespace) -> dict:
     """Target options from the flags the user gave (a target rejects the ones it does not know)."""
-    options = {key: getattr(args, key) for key in ("threads", "tune", "tuning_db", "arch", "mcpu", "mattr", "mtriple")
+    options = {key: getattr(args, key) for key in ("threads", "tune", "tune_time", "tuning_db", "arch", "mcpu", "mattr",
+                                                   "mtriple")
                if getattr(args, key, None) is not None}
     for item in args.target_opt or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"bad --target-opt {item!r}; expected KEY=VALUE")
         options[key.replace("-", "_")] = value
-    if options.get("tune") and "tuning_db" not in options:
+    if (options.get("tune") or options.get("tune_time")) and "tuning_db" not in options:
         options["tuning_db"] = str(Path.home() / ".cache" / "infoptc" / "tune")
     return options
 
@@ -435,7 +441,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.inputs:
         feeds = load_npz(args.inputs)
     else:
-        feeds = random_inputs(getattr(artifact, "model", None) or _model_from_specs(artifact.inputs), seed=args.seed)
+        from .bench import parse_dims
+
+        feeds = random_inputs(getattr(artifact, "model", None) or _model_from_specs(artifact.inputs), seed=args.seed,
+                              dims=parse_dims(args.dim))
     outputs = artifact.run(feeds)
     if args.save_outputs:
         _save_npz(args.save_outputs, outputs)

@@ -21,7 +21,7 @@ from .errors import UsageError
 KEYS = {
     "target": str, "opt-level": str, "passes": str, "input-shape": list, "external-data": bool,
     "freeze-initializers": bool, "time-passes": bool, "stats": bool, "print-after": list, "verify-each": bool,
-    "opt-bisect-limit": int, "threads": int, "load-plugin": list, "tune": int, "tuning-db": str,
+    "opt-bisect-limit": int, "threads": int, "load-plugin": list, "tune": int, "tune-time": float, "tuning-db": str,
     "arch": str, "mcpu": str, "mattr": str, "mtriple": str, "target-opt": list,
 }
 
@@ -56,6 +56,8 @@ def load(start: Path | None = None) -> tuple[Path | None, dict]:
         want = KEYS[key]
         if want is str and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise UsageError(f"{path}: setting {key!r} must be a {want.__name__}, got {value!r}")
         data[key] = value

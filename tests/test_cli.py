@@ -96,6 +96,17 @@ def test_run_with_npz_inputs(tmp_path, cli, model_path):
     assert code == 2 and "dtype float64" in err
 
 
+def test_run_generates_inputs_with_dims(cli, model_path):
+    code, out, err = cli("run", model_path, "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["shape"] == [2, 3]  # x: [batch, 4], the symbolic batch defaults to 2
+    code, out, err = cli("run", model_path, "--dim", "batch=5", "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["shape"] == [5, 3]
+    code, _, err = cli("run", model_path, "--dim", "batch=0")
+    assert code == 2 and "--dim" in err
+
+
 def test_targets_lists_onnx(cli):
     code, out, _ = cli("targets", "--json")
     assert "onnx" in {t["name"] for t in json.loads(out)}

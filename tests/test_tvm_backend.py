@@ -167,9 +167,10 @@ def test_unknown_option_and_bad_values(golden):
         infoptc.compile(golden("mlp"), target="llvm", threads="many")
 
 
-def test_symbolic_dims_default_to_one_and_are_reported(golden, caplog):
+def test_symbolic_dims_set_to_one_without_dynamic_dims_and_are_reported(golden, caplog):
+    """dynamic_dims=false (the default keeps them symbolic: tests/test_tvm_dynamic.py)."""
     with caplog.at_level("WARNING", logger="infoptc"):
-        artifact = infoptc.compile(golden("mlp"), target="llvm")
+        artifact = infoptc.compile(golden("mlp"), target="llvm", dynamic_dims=False)
     assert artifact.describe()["defaulted_dims"] == {"x[0] (batch)": 1}
     assert [tuple(s.shape) for s in artifact.inputs] == [(1, 64)]
     assert any("--input-shape" in r.getMessage() for r in caplog.records)
@@ -351,12 +352,14 @@ def test_tuning_writes_the_database_and_reuses_it(golden, tmp_path, request):
     tuning = first.describe()["tuning"]
     assert tuning["tasks"] > 0 and tuning["tasks_tuned_now"] == tuning["tasks"]
     assert tuning["records_added"] > 0 and tuning["tasks_without_record"] == []
+    assert tuning["kernels_timed_now"] == tuning["tasks"]  # each tuned kernel timed against the rules
     assert first.describe()["schedules"] == "metaschedule+rules"
-    records = db / "database_tuning_record.json"
-    before = records.read_bytes()
+    saved = {name: (db / name).read_bytes() for name in ("database_tuning_record.json", "infoptc_choices.json")}
     second = infoptc.compile(golden("mlp"), target="llvm", tune=6, tuning_db=str(db))
     again = second.describe()["tuning"]
     assert again["tasks_tuned_now"] == 0 and again["tasks_from_database"] == tuning["tasks"]
-    assert again["records_added"] == 0 and records.read_bytes() == before
+    assert again["records_added"] == 0 and again["kernels_timed_now"] == 0
+    assert again["tuned_vs_rules"] == tuning["tuned_vs_rules"]
+    assert {name: (db / name).read_bytes() for name in saved} == saved
     feeds = random_inputs(second.model)
     _check(OrtRunner(onnx.load(golden("mlp"))).run(feeds), second.run(feeds))
