@@ -1,19 +1,23 @@
 """Latency of the backends on the golden models, against ONNX Runtime.
 
     .venv/bin/python benchmarks/backends.py [MODELS...] [--threads 2] [--seq 128] [--rounds 50]
-                                            [--tune N --tuning-db DIR] [--json]
+                                            [--tune N] [--tune-time SECONDS] [--tuning-db DIR] [--json]
 
 For every model, batch 1 (symbolic sequence dims set by --seq), one table row per runner:
 ONNX Runtime (ORT_ENABLE_ALL) on the original model; ``--target onnx -O3``; ``--target llvm -O3``
-untuned; and with ``--tune N``, ``--target llvm -O3`` tuned with N MetaSchedule trials. Latency
+untuned; and with ``--tune N`` / ``--tune-time SECONDS`` (the issue's table: 600),
+``--target llvm -O3`` tuned with that MetaSchedule budget (kernels keep the rule schedule
+unless the tuned one measures faster; a database already holding the records is reused). Latency
 is the median of interleaved runs (one call of each runner per round, so load changes on a
 shared machine hit all runners alike); "vs ORT" is that median over ORT's. "max |err|" is the
 largest absolute difference from ORT's outputs on the same inputs.
 
-Every runtime keeps its default threading (ONNX Runtime's and TVM's workers spin for a while
-after a run). Interleaved on a small machine, one runtime's spinners would steal the cores the
-next one needs (ORT's bert went from 3.3 to 5.3 ms right after TVM runs), so every timed run
-starts after a short pause (--settle) that lets the previous runner's threads go idle.
+ONNX Runtime's and TVM's worker threads spin for a while after a run; interleaved on a small
+machine, the spinners of one runtime steal the cores the next one needs (ORT's bert went from
+3.3 to 5.3 ms right after TVM runs; TVM's resnet from 1.2 to 30 ms right after ORT's). So ORT
+sessions here have intra-op spinning off (its latency alone does not change), and every timed
+turn of a runner starts after a pause (--settle) in which TVM's pool goes idle, then one
+untimed run that wakes the runner's own threads, then --block timed runs.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from golden_models import BUILDERS, MODEL_NAMES
 
 
 class OrtSession:
-    """ORT_ENABLE_ALL, ``threads`` intra-op threads."""
+    """ORT_ENABLE_ALL, ``threads`` intra-op threads, no spinning (see the module docstring)."""
 
     def __init__(self, model: onnx.ModelProto, threads: int):
         import onnxruntime as ort
@@ -49,6 +53,7 @@ class OrtSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
@@ -88,10 +93,13 @@ def bench_model(name: str, args) -> list[dict]:
 
     runners: list[tuple[str, object, float | None]] = [("onnxruntime (original)", ort, None)]
     rows: list[dict] = []
+    notes: dict[str, str] = {}
     configs = [("infoptc onnx -O3", "onnx", {}), ("infoptc llvm -O3", "llvm", {})]
-    if args.tune:
-        configs.append((f"infoptc llvm -O3 tuned ({args.tune})", "llvm",
-                        {"tune": args.tune, "tuning_db": str(Path(args.tuning_db) / name)}))
+    if args.tune or args.tune_time:
+        budget = {k: v for k, v in (("tune", args.tune), ("tune_time", args.tune_time)) if v}
+        label = " ".join(f"{v:g} s" if k == "tune_time" else f"{v} trials" for k, v in budget.items())
+        configs.append((f"infoptc llvm -O3 tuned ({label})", "llvm",
+                        {**budget, "tuning_db": str(Path(args.tuning_db) / name)}))
     for label, target, options in configs:
         start = time.perf_counter()
         try:
@@ -102,13 +110,17 @@ def bench_model(name: str, args) -> list[dict]:
             continue
         seconds = time.perf_counter() - start
         runners.append((label, OrtSession(artifact.model, args.threads) if target == "onnx" else artifact, seconds))
+        tuning = artifact.describe().get("tuning") if "tune" in label else None
+        if tuning:
+            notes[label] = (f"{tuning.get('tasks_using_tuned', 0)} of {tuning.get('tasks', '?')} kernels tuned, "
+                            f"{tuning.get('trials_run', '?')} trials")
 
     outputs = {}
     for label, runner, _ in runners:  # warm-up (first-call allocation, thread pools, JIT)
         for _ in range(args.warmup):
             outputs[label] = runner.run(feeds)
     samples = run_interleaved([lambda r=runner: r.run(feeds) for _, runner, _ in runners],
-                              iterations=args.rounds, settle=args.settle)
+                              iterations=args.rounds, settle=args.settle, block=args.block)
     results = {label: times for (label, _, _), times in zip(runners, samples)}
     ort_ms = statistics.median(results[runners[0][0]]) * 1e3
     for label, _, compile_s in runners:
@@ -116,7 +128,7 @@ def bench_model(name: str, args) -> list[dict]:
         err = max(float(np.max(np.abs(reference[k].astype(np.float64) - outputs[label][k].astype(np.float64))))
                   if reference[k].size else 0.0 for k in reference)
         rows.append({"model": name, "runner": label, "ms": ms, "vs_ort": ms / ort_ms,
-                     "compile_s": compile_s, "max_abs_err": err})
+                     "compile_s": compile_s, "max_abs_err": err, "note": notes.get(label, "")})
     order = [label for label, _, _ in runners]
     rows.sort(key=lambda r: order.index(r["runner"]) if r["runner"] in order else len(order))
     return rows
@@ -127,11 +139,14 @@ def main(argv=None) -> int:
     parser.add_argument("models", nargs="*", default=list(MODEL_NAMES), metavar="MODEL")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128, help="value of symbolic sequence dims (default 128)")
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=20, help="turns per runner (default 20: 100 timed runs)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--settle", type=float, default=0.01,
-                        help="seconds of pause before each timed run, so the previous runner's threads go idle")
+                        help="seconds of pause before each runner's turn, so the previous runner's threads go idle")
+    parser.add_argument("--block", type=int, default=5, help="timed runs per turn (after one untimed run)")
     parser.add_argument("--tune", type=int, default=0, metavar="N", help="also benchmark llvm tuned with N trials")
+    parser.add_argument("--tune-time", type=float, default=0, metavar="SECONDS",
+                        help="also benchmark llvm tuned for SECONDS per model")
     parser.add_argument("--tuning-db", default="tuning_db", help="folder for the tuning databases (one per model)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -140,24 +155,28 @@ def main(argv=None) -> int:
         parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
 
     rows = []
+    if not args.json:  # rows print as each model finishes: a tuned run takes minutes per model
+        print(f"threads {args.threads}, batch 1, seq {args.seq}, median of {args.rounds} interleaved runs")
+        header = f"{'model':<13} {'runner':<34} {'ms':>9} {'vs ORT':>7} {'compile s':>9} {'max |err|':>10}"
+        print(header)
+        print("-" * len(header), flush=True)
     for name in args.models:
-        rows.extend(bench_model(name, args))
+        model_rows = bench_model(name, args)
+        rows.extend(model_rows)
+        if not args.json:
+            for r in model_rows:
+                print(format_row(r), flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    print(f"threads {args.threads}, batch 1, seq {args.seq}, median of {args.rounds} interleaved runs")
-    header = f"{'model':<13} {'runner':<30} {'ms':>9} {'vs ORT':>7} {'compile s':>9} {'max |err|':>10}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:<13} {r['runner']:<30} {'-':>9} {'-':>7} {'-':>9} {'-':>10}  {r['error'][:90]}")
-            continue
-        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
-        print(f"{r['model']:<13} {r['runner']:<30} {r['ms']:>9.3f} {r['vs_ort']:>6.2f}x {compile_s:>9} "
-              f"{r['max_abs_err']:>10.2e}")
     return 0
 
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['model']:<13} {r['runner']:<34} {'-':>9} {'-':>7} {'-':>9} {'-':>10}  {r['error'][:90]}"
+    compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+    return (f"{r['model']:<13} {r['runner']:<34} {r['ms']:>9.3f} {r['vs_ort']:>6.2f}x {compile_s:>9} "
+            f"{r['max_abs_err']:>10.2e}  {r['note']}")
 
 if __name__ == "__main__":
     sys.exit(main())

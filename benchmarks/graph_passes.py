@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 THREADS = 2
 DIMS = {"batch": 1, "seq": 32}  # values for symbolic input dimensions
-SETTLE_S = 0.005  # pause before each timed run (see measure_latency)
+SETTLE_S, BLOCK = 0.005, 5  # pause before each session's turn, timed runs per turn (see measure_latency)
 
 
 # ----------------------------------------------------------------------------- the tools
@@ -190,13 +190,16 @@ def _session(model: onnx.ModelProto):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see measure_latency
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def measure_latency(sessions: dict, feeds: dict, runs: int, budget_s: float) -> dict[str, float]:
-    """Median ms per session, interleaved rounds (infoptc.bench.run_interleaved, with a pause
-    before each run so the previous session's spinning workers do not steal its cores)."""
+    """Median ms per session, interleaved rounds (infoptc.bench.run_interleaved). Sessions do
+    not spin, and each session's turn starts after a short pause and one untimed run, so the
+    previous session's workers do not steal the cores of the next one (with ORT's default
+    spinning they do, on 2 cores) and the timed runs find their own threads awake."""
     from infoptc.bench import run_interleaved
 
     runners = [lambda s=sess: s.run(None, feeds) for sess in sessions.values()]
@@ -204,10 +207,10 @@ def measure_latency(sessions: dict, feeds: dict, runs: int, budget_s: float) -> 
         run()
         run()
     start = time.perf_counter()
-    run_interleaved(runners, iterations=1, settle=SETTLE_S)
+    run_interleaved(runners, iterations=1, settle=SETTLE_S, block=BLOCK)
     per_round = time.perf_counter() - start
     rounds = max(5, min(runs, int(budget_s / max(per_round, 1e-6))))
-    samples = run_interleaved(runners, iterations=rounds, settle=SETTLE_S)
+    samples = run_interleaved(runners, iterations=rounds, settle=SETTLE_S, block=BLOCK)
     return {k: 1000 * statistics.median(v) for k, v in zip(sessions, samples)}
 
 

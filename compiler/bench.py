@@ -178,18 +178,19 @@ def inputs_for(artifact: Artifact, dims: dict[str, int], seed: int = 0) -> dict[
 def run_interleaved(runners: Sequence[Callable[[], Any]], *, iterations: int | None = None,
                     duration: float | None = None, warmup: int = 0,
                     on_round: Callable[[int, float], None] | None = None, settle: float = 0.0,
-                    clock: Callable[[], int] = time.perf_counter_ns) -> list[list[float]]:
+                    block: int = 1, clock: Callable[[], int] = time.perf_counter_ns) -> list[list[float]]:
     """Run ``runners`` in rounds (A B A B ...), so drift in clock speed or load hits all alike.
 
     ``warmup`` untimed rounds first; then ``iterations`` timed rounds, or rounds until
     ``duration`` seconds have passed (at least one). Returns each runner's latencies in seconds.
     ``on_round(rounds_done, seconds_elapsed)`` is called after every timed round.
 
-    ``settle`` seconds of sleep before each timed run when there are several runners: runtimes
-    keep their worker threads spinning for a while after a run (ONNX Runtime and TVM both do by
-    default), and on a small machine those spinners steal the cores the next runner needs. On 2
-    cores, ORT's latency on bert went bimodal (3.2 or 5.3 ms per session) right after TVM runs
-    without a pause, and stable at 3.3 ms with one.
+    ``settle`` > 0 separates the runners: each turn starts with that many seconds of sleep and
+    one untimed run, then ``block`` timed runs. Runtimes keep their worker threads spinning for a
+    while after a run (ONNX Runtime and TVM both do by default), and on a small machine those
+    spinners steal the cores the next runner needs: on 2 cores ORT's bert went bimodal (3.2 or
+    5.3 ms per session) right after TVM runs. The untimed run wakes the runner's own threads
+    after the sleep, so the timed runs measure it warm, as a loop of calls would.
     """
     if (iterations is None) == (duration is None):
         raise UsageError("give either iterations or duration")
@@ -200,16 +201,19 @@ def run_interleaved(runners: Sequence[Callable[[], Any]], *, iterations: int | N
     for _ in range(warmup):
         for run in runners:
             run()
+    separate = settle > 0 and len(runners) > 1
     samples: list[list[float]] = [[] for _ in runners]
     begin = clock()
     rounds = 0
     while True:
         for i, run in enumerate(runners):
-            if settle and len(runners) > 1:
+            if separate:
                 time.sleep(settle)
-            t0 = clock()
-            run()
-            samples[i].append((clock() - t0) * 1e-9)
+                run()
+            for _ in range(block if separate else 1):
+                t0 = clock()
+                run()
+                samples[i].append((clock() - t0) * 1e-9)
         rounds += 1
         elapsed = (clock() - begin) * 1e-9
         if on_round:

@@ -133,6 +133,21 @@ def test_run_interleaved_alternates_and_counts():
     assert [len(s) for s in samples] == [3, 3]
 
 
+def test_run_interleaved_separates_runners_with_a_pause_and_a_wake_up_run(monkeypatch):
+    import infoptc.bench as bench
+
+    calls: list[str] = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: calls.append(f"sleep {s}"))
+    runners = [lambda: calls.append("a"), lambda: calls.append("b")]
+    samples = run_interleaved(runners, iterations=2, settle=0.01, block=3)
+    assert [len(s) for s in samples] == [6, 6]  # block timed runs per turn; the wake-up run is untimed
+    turn = lambda name: ["sleep 0.01", name, name, name, name]  # noqa: E731
+    assert calls == turn("a") + turn("b") + turn("a") + turn("b")
+    calls.clear()  # one runner: nothing to separate it from
+    assert [len(s) for s in run_interleaved(runners[:1], iterations=2, settle=0.01, block=3)] == [2]
+    assert calls == ["a", "a"]
+
+
 def test_run_interleaved_duration_with_a_fake_clock():
     ticks = iter(range(0, 10**12, 10**8))  # every clock read advances 0.1 s
     samples = run_interleaved([lambda: None], duration=1.0, clock=lambda: next(ticks))
