@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 THREADS = 2
 DIMS = {"batch": 1, "seq": 32}  # values for symbolic input dimensions
-SETTLE_S, BLOCK = 0.005, 5  # pause before each session's turn, timed runs per turn (see measure_latency)
+SETTLE_S, TURN_S = 0.05, 0.1  # each session's turn: a pause, then about this long of runs
 
 
 # ----------------------------------------------------------------------------- the tools
@@ -190,27 +190,28 @@ def _session(model: onnx.ModelProto):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see measure_latency
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def measure_latency(sessions: dict, feeds: dict, runs: int, budget_s: float) -> dict[str, float]:
-    """Median ms per session, interleaved rounds (infoptc.bench.run_interleaved). Sessions do
-    not spin, and each session's turn starts after a short pause and one untimed run, so the
-    previous session's workers do not steal the cores of the next one (with ORT's default
-    spinning they do, on 2 cores) and the timed runs find their own threads awake."""
+    """Median ms per session, in turns (infoptc.bench.run_interleaved): each starts after a
+    pause and a few untimed runs, so the previous session's spinning workers do not steal the
+    cores of the next one and the timed runs find their own threads awake. A turn lasts about
+    TURN_S (30 runs of a small model, 3 of VGG-19), and ``runs`` caps the timed runs."""
     from infoptc.bench import run_interleaved
 
     runners = [lambda s=sess: s.run(None, feeds) for sess in sessions.values()]
+    start = time.perf_counter()
     for run in runners:  # warm-up (ORT allocates and tunes on the first runs)
         run()
         run()
-    start = time.perf_counter()
-    run_interleaved(runners, iterations=1, settle=SETTLE_S, block=BLOCK)
-    per_round = time.perf_counter() - start
-    rounds = max(5, min(runs, int(budget_s / max(per_round, 1e-6))))
-    samples = run_interleaved(runners, iterations=rounds, settle=SETTLE_S, block=BLOCK)
+    per_run = (time.perf_counter() - start) / (2 * len(runners))
+    block = max(3, min(30, int(TURN_S / max(per_run, 1e-6))))
+    wake = max(1, block // 6)
+    per_round = len(runners) * (SETTLE_S + (wake + block) * per_run)
+    rounds = max(3, min(max(1, runs // block), int(budget_s / per_round)))
+    samples = run_interleaved(runners, iterations=rounds, settle=SETTLE_S, wake=wake, block=block)
     return {k: 1000 * statistics.median(v) for k, v in zip(sessions, samples)}
 
 
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-light", action="store_true", help="skip ONNX's light model-zoo models")
     parser.add_argument("--no-models", action="store_true", help="skip part 1")
     parser.add_argument("--no-scaling", action="store_true", help="skip part 2")
-    parser.add_argument("--runs", type=int, default=200, help="most interleaved latency rounds per model (default 200)")
+    parser.add_argument("--runs", type=int, default=200, help="most timed runs per model and variant (default 200)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of latency rounds per model (default 10)")
     parser.add_argument("--sizes", default="10000,100000", help="synthetic graph sizes (default 10000,100000)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per compile in part 2 (default 600)")
