@@ -75,8 +75,24 @@ def numpy_dtype(t: gs.Tensor) -> np.dtype | None:
     """The tensor's dtype when numpy represents it exactly (not bfloat16, float8, strings...)."""
     try:
         declared = t.export_dtype if isinstance(t, gs.Constant) else t.dtype
-        if declared is None:
-            return None
+    except (TypeError, KeyError, ValueError):
+        return None
+    try:
+        return _NUMPY_DTYPES[declared]
+    except KeyError:
+        found = _NUMPY_DTYPES[declared] = _as_numpy_dtype(declared)
+        return found
+    except TypeError:  # an unhashable dtype
+        return _as_numpy_dtype(declared)
+
+
+_NUMPY_DTYPES: dict = {}  # declared dtype -> numpy_dtype: passes ask for tensor after tensor
+
+
+def _as_numpy_dtype(declared) -> np.dtype | None:
+    if declared is None:
+        return None
+    try:
         # graphsurgeon holds either a numpy dtype or an ONNX TensorProto enum
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(declared) if isinstance(declared, int) else declared)
     except (TypeError, KeyError, ValueError):
@@ -274,6 +290,22 @@ def _local_names(graph: gs.Graph) -> set[str]:
     return names
 
 
+def _foreign_names(graph: gs.Graph, nested: bool) -> set[str]:
+    """Names whose producers graphsurgeon's walks do not follow in ``graph``: the names it reads
+    that are not local (``_local_names``), i.e. values of enclosing graphs, and the empty name
+    unless a graph input has it. The main graph only needs the empty name listed: any other name
+    there is local, or names a value with no producer in the graph (nothing to follow) or with
+    one outside it (which the walks hand over to graphsurgeon, ``_Fallback``). That spares
+    collecting the local names, a look at every node."""
+    if not nested:
+        return set() if any(t.name == "" for t in graph.inputs) else {""}
+    read = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        read.update(t.name for t in _reads(node))
+    read.add("")
+    return read - _local_names(graph)
+
+
 def _reads(node: gs.Node) -> list[gs.Tensor]:
     """The node's inputs, and the outer values its subgraphs read (graphsurgeon's order)."""
     if not node.attrs:
@@ -298,7 +330,7 @@ def cleanup(graph: gs.Graph) -> int:
         return before - _node_total(graph)
     gone: list = []  # removed nodes and the tensors only they used
     keep: set[int] = set()  # every graph's inputs and outputs
-    removed = _cleanup(graph, gone, keep)
+    removed = _cleanup(graph, gone, keep, nested=False)
     _release(gone, keep)
     return removed
 
@@ -307,24 +339,26 @@ def _node_total(graph: gs.Graph) -> int:
     return sum(len(g.nodes) for g in all_graphs(graph))
 
 
-def _cleanup(graph: gs.Graph, gone: list, keep: set[int]) -> int:
+def _cleanup(graph: gs.Graph, gone: list, keep: set[int], nested: bool) -> int:
     removed = 0
     keep.update(id(t) for t in graph.inputs)
     keep.update(id(t) for t in graph.outputs)
     for node in graph.nodes:
         if node.attrs:
             for sub in node_subgraphs(node):
-                removed += _cleanup(sub, gone, keep)
+                removed += _cleanup(sub, gone, keep, nested=True)
     for t in graph.inputs:
         if t.inputs:  # a graph input has no producer; graphsurgeon unhooks any
             t.inputs.clear()
     try:
-        used = _used_nodes(graph)
+        used = _used_nodes(graph, nested)
     except _Fallback:
         before = _node_total(graph)
         graph.cleanup(remove_unused_graph_inputs=False, recurse_functions=False)
         return removed + before - _node_total(graph)
     nodes = graph.nodes
+    if len(used) == len(nodes):  # every node is used (and listed once)
+        return removed
     dead = [n for n in nodes if id(n) not in used]
     if dead:
         gone += dead
@@ -354,28 +388,29 @@ def _release_one(obj) -> None:
         vars(synced).pop("parent_obj", None)
 
 
-def _used_nodes(graph: gs.Graph) -> set[int]:
+def _used_nodes(graph: gs.Graph, nested: bool) -> set[int]:
     """Ids of the nodes the graph outputs depend on: graphsurgeon's walk, tensor by tensor
     from the outputs (each local name once, unnamed tensors always, outer values never)."""
-    unseen = _local_names(graph)  # local names not reached yet
+    seen = _foreign_names(graph, nested)  # names not to follow (again)
     used: set[int] = set()
     queue: list[gs.Tensor] = []
     for t in graph.outputs:
         if t.name == "":
             queue.append(t)
-        elif t.name in unseen:
-            unseen.discard(t.name)
+        elif t.name not in seen:
+            seen.add(t.name)
             queue.append(t)
+    append, see, use = queue.append, seen.add, used.add
     for t in queue:  # grows while it is read
         for node in t.inputs:
-            used.add(id(node))
+            use(id(node))
             for r in (_reads(node) if node.attrs else node.inputs):
                 name = r.name
                 if name == "":
-                    queue.append(r)
-                elif name in unseen:
-                    unseen.discard(name)
-                    queue.append(r)
+                    append(r)
+                elif name not in seen:
+                    see(name)
+                    append(r)
     if not used.issubset(map(id, graph.nodes)):
         raise _Fallback  # a producer outside the graph
     return used
@@ -486,7 +521,7 @@ def _toposort(graph: gs.Graph, full: bool) -> None:
                 has_subgraphs = True
                 _toposort(sub, full=False)
     try:
-        graph.nodes = _sorted_nodes(graph)
+        graph.nodes = _sorted_nodes(graph, nested=not full)
     except _Fallback:
         if full:
             graph.toposort()
@@ -497,8 +532,8 @@ def _toposort(graph: gs.Graph, full: bool) -> None:
         graph._merge_subgraph_functions()  # graphsurgeon's full mode shares the function list
 
 
-def _sorted_nodes(graph: gs.Graph) -> list[gs.Node]:
-    local = _local_names(graph)
+def _sorted_nodes(graph: gs.Graph, nested: bool) -> list[gs.Node]:
+    foreign = _foreign_names(graph, nested)
     in_graph: set[int] = set()  # taken when the walk first needs it (a sorted list never does)
 
     def producers(node: gs.Node) -> list[gs.Node]:
@@ -506,7 +541,7 @@ def _sorted_nodes(graph: gs.Graph) -> list[gs.Node]:
             in_graph.update(map(id, graph.nodes))
         found: dict[int, gs.Node] = {}
         for t in _reads(node):
-            if t.name in local:
+            if t.name not in foreign:
                 for p in t.inputs:
                     if id(p) not in in_graph:
                         raise _Fallback
@@ -525,7 +560,7 @@ def _sorted_nodes(graph: gs.Graph) -> list[gs.Node]:
         if not root.attrs or not node_subgraphs(root):
             deepest, ready = -1, True
             for t in root.inputs:
-                if t.name in local:
+                if t.name not in foreign:
                     for p in t.inputs:
                         level = levels.get(id(p))
                         if level is None:

@@ -78,6 +78,14 @@ def check(ctx, x):
     return {"form": form}
 
 
+def check_tanh(ctx, x):
+    """``check``; ONNX Runtime's FastGelu also refuses a scalar (rank 0) input at run time."""
+    found = check(ctx, x)
+    if isinstance(found, dict) and found["form"] == "contrib" and not ctx.rank(x):
+        return f"com.microsoft FastGelu needs an input of known rank 1 or more, not {ctx.shape(x)}"
+    return found
+
+
 def erf_gelu(op, x, form):
     return op.Gelu(x) if form == "standard" else op.Gelu(x, _domain="com.microsoft")
 
@@ -88,7 +96,8 @@ def tanh_gelu(op, x, form):
 
 RULES = [
     Rule("erf_gelu", [_erf_pattern(o, s) for o in ORDERS for s in ("div", "mul")], erf_gelu, check),
-    Rule("tanh_gelu", [_tanh_pattern(o, c) for o in ORDERS for c in ("pow", "x_xx", "xx_x")], tanh_gelu, check),
+    Rule("tanh_gelu", [_tanh_pattern(o, c) for o in ORDERS for c in ("pow", "x_xx", "xx_x")], tanh_gelu,
+         check_tanh),
 ]
 
 FuseGelu = rewrite_pass(
