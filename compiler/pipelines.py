@@ -28,15 +28,19 @@ OPT_LEVELS: dict[str, str] = {
           "fixpoint(eliminate-noops,fold-shapes,fold-constants{exact-only=true},cse,dedup-initializers),"
           "toposort",
     # O1 plus full constant folding (fp evaluated by the reference evaluator: reassociating),
-    # x+0.0 removal, and the standard fusions.
+    # x+0.0 removal, and the standard fusions. conv-bn folds batch norms into the weights inside
+    # the fixpoint, before cse: cse merges convs that read equal weights, and a merged conv
+    # feeding several batch norms could no longer absorb any of them.
     "O2": "dce,"
-          "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,cse,dedup-initializers),"
-          "fuse-conv-bn,fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
+          "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,fuse-conv-bn,cse,"
+          "dedup-initializers),"
+          "fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
           "toposort",
     # O2 plus target-specific fusions and layout-sensitive rewrites.
     "O3": "dce,"
-          "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,cse,dedup-initializers),"
-          "fuse-conv-bn,fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
+          "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,fuse-conv-bn,cse,"
+          "dedup-initializers),"
+          "fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
           "fuse-rms-norm,fuse-attention,fuse-activation,"
           "toposort",
     # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node, weights

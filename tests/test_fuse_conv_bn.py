@@ -81,6 +81,22 @@ def test_shared_conv_output_is_not_folded():
     assert counters["fused"] == 0 and counters["rejected"] == 1
 
 
+@pytest.mark.parametrize("level", ["2", "3"])
+def test_equal_convs_with_their_own_batch_norms_fold_before_cse_merges_them(level):
+    # Two branches whose convs read equal weights (ONNX's light models: every weight is 0.02):
+    # cse + dedup-initializers would merge the convs into one feeding both batch norms, which
+    # could then absorb neither. The -O levels fold batch norms first, inside the fixpoint.
+    w, b = conv_params()
+    copies = [const("w2", numpy_helper.to_array(w)), const("b2", numpy_helper.to_array(b))]
+    nodes = [conv(out="c"), helper.make_node("Conv", ["x", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             bn(), helper.make_node("BatchNormalization", ["c2", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"], ["y2"],
+                                    epsilon=1e-3)]
+    model = make(nodes, [w, b, *copies, *bn_params(), *bn_params("bn2")], outputs=("y", "y2"))
+    out = infoptc.optimize(model, opt_level=level)
+    assert op_histogram(out) == {"Conv": 2}
+    check_equivalent(model, out, Contract.REASSOCIATING, samples=2)
+
+
 def test_non_constant_statistics_are_not_folded():
     model = make([conv(), bn(mean="m_in")], conv_params() + bn_params(), extra_inputs=[vi("m_in", [4])])
     out, _ = fuse(model)
