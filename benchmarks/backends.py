@@ -155,7 +155,8 @@ def main(argv=None) -> int:
 
     rows = []
     if not args.json:  # rows print as each model finishes: a tuned run takes minutes per model
-        print(f"threads {args.threads}, batch 1, seq {args.seq}, median of {args.rounds} interleaved runs")
+        print(f"threads {args.threads}, batch 1, seq {args.seq}, median of {args.rounds * args.block} runs "
+              f"({args.rounds} turns per runner)")
         header = f"{'model':<13} {'runner':<34} {'ms':>9} {'vs ORT':>7} {'compile s':>9} {'max |err|':>10}"
         print(header)
         print("-" * len(header), flush=True)

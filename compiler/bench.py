@@ -400,8 +400,10 @@ class BenchResult:
 def benchmark(subjects: Sequence[Subject], *, iterations: int | None = None, duration: float | None = None,
               warmup: int = 10, batch: int | None = None, dims: dict[str, int] | None = None,
               inputs: dict[str, np.ndarray] | None = None, seed: int = 0,
-              on_round: Callable[[int, float], None] | None = None) -> tuple[list[BenchResult], int]:
-    """Measure ``subjects`` interleaved; returns the results and the batch size used."""
+              on_round: Callable[[int, float], None] | None = None, settle: float = 0.0,
+              block: int = 1) -> tuple[list[BenchResult], int]:
+    """Measure ``subjects`` interleaved (in turns of ``block`` runs after a ``settle`` pause when
+    settle > 0, see run_interleaved); returns the results and the batch size used."""
     from . import analysis
     from .verify import check_feeds
 
@@ -435,7 +437,8 @@ def benchmark(subjects: Sequence[Subject], *, iterations: int | None = None, dur
     if len(batches) > 1:
         raise UsageError(f"the subjects run different batch sizes ({sorted(batches)}); give --batch")
     runners = [(lambda a=s.artifact, f=f: a.run(f)) for s, f in zip(subjects, feeds_per)]
-    samples = run_interleaved(runners, iterations=iterations, duration=duration, warmup=warmup, on_round=on_round)
+    samples = run_interleaved(runners, iterations=iterations, duration=duration, warmup=warmup, on_round=on_round,
+                              settle=settle, block=block, wake=5)
     n = batches.pop()
     results = [BenchResult(s, LatencyStats.of(smp, n), smp, first, flops, rss,
                            {k: list(np.shape(v)) for k, v in f.items()})
@@ -509,6 +512,10 @@ def add_parser(subparsers, common) -> dict:
     n.add_argument("--iterations", type=int, default=None, metavar="N", help="timed rounds (default 100)")
     n.add_argument("--duration", type=float, default=None, metavar="S", help="time rounds for S seconds instead")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed rounds first (default 10)")
+    p.add_argument("--settle", type=float, default=0.0, metavar="S",
+                   help="take turns: S seconds of pause and 5 untimed runs before each subject's --block timed "
+                        "runs (use 0.05 to compare runtimes whose idle threads spin, e.g. ORT vs a TVM .so)")
+    p.add_argument("--block", type=int, default=30, metavar="N", help="timed runs per turn with --settle (default 30)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads (default: the runtime's)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="bind the leading symbolic dim (default 1)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="bind a symbolic dim, e.g. seq=128")
@@ -543,9 +550,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         on_round = (lambda r, t: progress.update(task, completed=t if args.duration is not None else r))
         results, batch = benchmark(subjects, iterations=iterations if args.duration is None else None,
                                    duration=args.duration, warmup=args.warmup, batch=args.batch, dims=dims,
-                                   inputs=inputs, seed=args.seed, on_round=on_round)
+                                   inputs=inputs, seed=args.seed, on_round=on_round, settle=args.settle,
+                                   block=args.block)
     settings = {"iterations": iterations if args.duration is None else None, "duration_s": args.duration,
                 "warmup": args.warmup, "batch": batch, "dims": dims, "seed": args.seed,
+                "settle_s": args.settle, "block": args.block if args.settle else 1,
                 "inputs": args.inputs or "generated"}
     data = report(results, cpu_info(), threads=args.threads, settings=settings)
     if args.plot:

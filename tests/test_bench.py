@@ -168,6 +168,12 @@ def test_cli_runs_several_artifacts_interleaved(cli, fake_files):
     assert code == 0, err
     assert [r["label"] for r in json.loads(out)["results"]] == ["a.fakebench", "b.fakebench"]
     assert CALLS == ["a", "b", "a", "b"]
+    CALLS.clear()  # --settle: turns of 5 untimed + --block timed runs each
+    code, out, err = cli("bench", a, b, "--iterations", "2", "--warmup", "0", "--settle", "0.001", "--block", "3",
+                         "--json")
+    assert code == 0, err
+    assert [r["runs"] for r in json.loads(out)["results"]] == [6, 6]
+    assert CALLS == ["a", "b"] + (["a"] * 8 + ["b"] * 8) * 2
 
 
 # ----------------------------------------------------------------------------- real models
