@@ -16,6 +16,8 @@ import onnx
 import pytest
 
 tvm = pytest.importorskip("tvm")
+for _module in ("psutil", "cloudpickle", "xgboost"):  # MetaSchedule's own needs: pip install -e ".[tvm-tune]"
+    pytest.importorskip(_module)
 
 import infoptc
 from infoptc.backends import _tvm_build
