@@ -216,7 +216,7 @@ def measure_latency(sessions: dict, feeds: dict, runs: int, budget_s: float) -> 
 
 
 def benchmark_model(name: str, build: Callable[[], onnx.ModelProto], tools: list[str], runs: int,
-                    budget_s: float, progress: Callable[[str], None]) -> ModelRow:
+                    budget_s: float, progress: Callable[[str], None], repeat: int = 1) -> ModelRow:
     from infoptc.pass_manager import Contract
     from infoptc.verify import OrtRunner, compare_outputs, random_inputs
 
@@ -260,8 +260,10 @@ def benchmark_model(name: str, build: Callable[[], onnx.ModelProto], tools: list
             sessions[key] = _session(variant.model)
         except Exception as e:
             variant.note = variant.note or f"ORT cannot load it: {str(e).splitlines()[0][:120]}"
-    for key, ms in measure_latency(sessions, feeds, runs, budget_s).items():
-        row.variants[key].latency_ms = ms
+    # --repeat N: N measurements, each variant's median of them (one noisy stretch moves one)
+    repeats = [measure_latency(sessions, feeds, runs, budget_s) for _ in range(repeat)]
+    for key in sessions:
+        row.variants[key].latency_ms = statistics.median(r[key] for r in repeats)
     return row
 
 
@@ -424,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-models", action="store_true", help="skip part 1")
     parser.add_argument("--no-scaling", action="store_true", help="skip part 2")
     parser.add_argument("--runs", type=int, default=200, help="most timed runs per model and variant (default 200)")
+    parser.add_argument("--repeat", type=int, default=1, help="latency measurements per model; the median is shown")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of latency rounds per model (default 10)")
     parser.add_argument("--sizes", default="10000,100000", help="synthetic graph sizes (default 10000,100000)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per compile in part 2 (default 600)")
@@ -448,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         models = {**golden_models(names), **({} if args.no_light else light_models(names))}
         with err.status("") as status:
             for name, build in models.items():
-                rows.append(benchmark_model(name, build, tools, args.runs, args.budget, lambda s: status.update(s)))
+                rows.append(benchmark_model(name, build, tools, args.runs, args.budget, lambda s: status.update(s),
+                                            repeat=args.repeat))
         console.print(models_table(rows, tools))
         for line in notes(rows):
             console.print(f"  note: {line}", markup=False)
