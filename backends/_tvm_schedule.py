@@ -462,17 +462,19 @@ class Reduction(dl_cpu.Reduction):
 
     @staticmethod
     def _vectorize_inner(sch, block_rv, vec_lanes):
-        loops = sch.get_loops(block_rv)
-        if len(loops) > 1 and _extent(sch, loops[-1]) is None:
-            return
-        dl_cpu.Reduction._vectorize_inner(sch, block_rv, vec_lanes)
+        if _static_row(sch, block_rv):
+            dl_cpu.Reduction._vectorize_inner(sch, block_rv, vec_lanes)
 
     @staticmethod
     def _unroll_reduction_inner(sch, block_rv, vec_lanes):
-        loops = sch.get_loops(block_rv)
-        if len(loops) > 1 and _extent(sch, loops[-1]) is None:
-            return
-        dl_cpu.Reduction._unroll_reduction_inner(sch, block_rv, vec_lanes)
+        if _static_row(sch, block_rv):
+            dl_cpu.Reduction._unroll_reduction_inner(sch, block_rv, vec_lanes)
+
+
+def _static_row(sch: s_tir.Schedule, block_rv) -> bool:
+    """Whether a reduction block's innermost (row) loop has a static extent (see Reduction)."""
+    loops = sch.get_loops(block_rv)
+    return len(loops) <= 1 or _extent(sch, loops[-1]) is not None
 
 
 class GEMV(dl_cpu.GEMV):
