@@ -448,10 +448,9 @@ def load_choices(path: Path) -> dict:
 
 
 def save_choices(path: Path, choices: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": CHOICES_FORMAT, "choices": choices}, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    from infoptc.ir import write_atomic
+
+    write_atomic(path, json.dumps({"format": CHOICES_FORMAT, "choices": choices}, indent=1, sort_keys=True).encode())
 
 
 def build_candidate(mod, target, _params):

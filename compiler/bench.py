@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import MissingDependencyError, UsageError
+from .ir import write_atomic
 from .targets import Artifact, TensorSpec
 
 log = logging.getLogger("infoptc")
@@ -566,7 +567,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _emit_json(data)
         return 0
     if args.json:
-        _write_atomic(Path(args.json), _dumps(data).encode())
+        write_atomic(Path(args.json), _dumps(data).encode())
         _note(args, f"wrote {args.json}")
     print_wide(out, table(data))
     return 0
@@ -598,19 +599,6 @@ def _dumps(data: Any) -> str:
     import json
 
     return json.dumps(data, indent=2, default=str) + "\n"
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress(console, disable: bool):
@@ -724,5 +712,5 @@ def plot_latencies(results: Sequence[BenchResult], path: str | os.PathLike) -> P
             raise UsageError(f"--plot {target}: {str(e).splitlines()[0]}") from None
     finally:
         plt.close(fig)
-    _write_atomic(target, buf.getvalue())
+    write_atomic(target, buf.getvalue())
     return target

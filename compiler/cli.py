@@ -487,17 +487,16 @@ def load_npz(path: str) -> dict:
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    import tempfile
+    import io
 
     import numpy as np
 
     target = Path(path)
     if not target.parent.is_dir():
         raise UsageError(f"cannot write {target}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npz", dir=target.parent)
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, target)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    ir.write_atomic(target, buf.getvalue())
 
 
 if __name__ == "__main__":

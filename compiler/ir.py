@@ -834,6 +834,20 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return _without_raw_data(model).ByteSize() + initializer_bytes(model)
 
 
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place, so a reader
+    never sees half a file and a failure leaves no partial output."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
     """Write ``model`` atomically: into a temporary folder beside ``path``, then rename into place.
 

@@ -225,7 +225,8 @@ def add_parser(subparsers, common) -> dict:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .bench import _note, _write_atomic, bind_dims, inputs_for, parse_dims, print_wide
+    from .bench import _note, bind_dims, inputs_for, parse_dims, print_wide
+    from .ir import write_atomic
     from .cli import _emit_json, err, load_npz, out
     from .targets import load
 
@@ -250,7 +251,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     breakdown["cold_run_total"] = sum(breakdown.get(k, 0.0) for k in (
         "model_load", "session_creation", "input_preparation", "first_inference", "first_output_fetch"))
     if args.trace:
-        _write_atomic(Path(args.trace), run.raw_trace or json.dumps(run.events).encode())
+        write_atomic(Path(args.trace), run.raw_trace or json.dumps(run.events).encode())
         _note(args, f"wrote {args.trace}")
     data = {"subject": args.subject, "target": artifact.target, "iterations": args.iterations, "warmup": args.warmup,
             "input_shapes": {k: list(np.shape(v)) for k, v in feeds.items()},
