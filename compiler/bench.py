@@ -176,6 +176,10 @@ def inputs_for(artifact: Artifact, dims: dict[str, int], seed: int = 0) -> dict[
 # ----------------------------------------------------------------------------- measuring
 
 
+# Pause before each turn when subjects run on different runtimes (see run_interleaved).
+MIXED_RUNTIMES_SETTLE = 0.05
+
+
 def run_interleaved(runners: Sequence[Callable[[], Any]], *, iterations: int | None = None,
                     duration: float | None = None, warmup: int = 0,
                     on_round: Callable[[int, float], None] | None = None, settle: float = 0.0,
@@ -510,12 +514,15 @@ def add_parser(subparsers, common) -> dict:
     p.add_argument("-O", dest="opt_level", action="append", default=[], choices=["0", "1", "2", "3", "s"],
                    metavar="LEVEL", help="compile each model at this level first (repeatable: -O 0 -O 2)")
     n = p.add_mutually_exclusive_group()
-    n.add_argument("--iterations", type=int, default=None, metavar="N", help="timed rounds (default 100)")
+    n.add_argument("--iterations", type=int, default=None, metavar="N",
+                   help="timed runs per subject (default 100; with turns, rounded up to whole --block)")
     n.add_argument("--duration", type=float, default=None, metavar="S", help="time rounds for S seconds instead")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed rounds first (default 10)")
-    p.add_argument("--settle", type=float, default=0.0, metavar="S",
+    p.add_argument("--settle", type=float, default=None, metavar="S",
                    help="take turns: S seconds of pause and 5 untimed runs before each subject's --block timed "
-                        "runs (use 0.05 to compare runtimes whose idle threads spin, e.g. ORT vs a TVM .so)")
+                        f"runs, so one runtime's spinning threads do not slow the next (default: "
+                        f"{MIXED_RUNTIMES_SETTLE:g} when the subjects run on different runtimes, e.g. ORT and a "
+                        "TVM .so; else 0, run by run)")
     p.add_argument("--block", type=int, default=30, metavar="N", help="timed runs per turn with --settle (default 30)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads (default: the runtime's)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="bind the leading symbolic dim (default 1)")
@@ -543,19 +550,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dims = parse_dims(args.dim)
     inputs = load_npz(args.inputs) if args.inputs else None
     subjects = open_subjects(args.subjects, args.target, args.opt_level, args.threads)
+    settle = args.settle
+    if settle is None:  # different runtimes spin after runs and steal each other's cores
+        settle = MIXED_RUNTIMES_SETTLE if len({type(s.artifact) for s in subjects}) > 1 else 0.0
+        if settle:
+            _note(args, f"subjects run on different runtimes: taking turns of {args.block} runs after a "
+                        f"{settle:g} s pause (--settle 0 to interleave run by run)")
+    block = args.block if settle else 1
+    rounds = -(-iterations // block) if iterations is not None else None  # --iterations: timed runs per subject
 
     progress = _progress(err, disable=args.quiet)
     with progress:
-        total = args.duration if args.duration is not None else iterations
+        total = args.duration if args.duration is not None else rounds
         task = progress.add_task("bench", total=total)
         on_round = (lambda r, t: progress.update(task, completed=t if args.duration is not None else r))
-        results, batch = benchmark(subjects, iterations=iterations if args.duration is None else None,
+        results, batch = benchmark(subjects, iterations=rounds if args.duration is None else None,
                                    duration=args.duration, warmup=args.warmup, batch=args.batch, dims=dims,
-                                   inputs=inputs, seed=args.seed, on_round=on_round, settle=args.settle,
-                                   block=args.block)
+                                   inputs=inputs, seed=args.seed, on_round=on_round, settle=settle,
+                                   block=block)
     settings = {"iterations": iterations if args.duration is None else None, "duration_s": args.duration,
                 "warmup": args.warmup, "batch": batch, "dims": dims, "seed": args.seed,
-                "settle_s": args.settle, "block": args.block if args.settle else 1,
+                "settle_s": settle, "block": block,
                 "inputs": args.inputs or "generated"}
     data = report(results, cpu_info(), threads=args.threads, settings=settings)
     if args.plot:

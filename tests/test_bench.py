@@ -168,12 +168,32 @@ def test_cli_runs_several_artifacts_interleaved(cli, fake_files):
     assert code == 0, err
     assert [r["label"] for r in json.loads(out)["results"]] == ["a.fakebench", "b.fakebench"]
     assert CALLS == ["a", "b", "a", "b"]
-    CALLS.clear()  # --settle: turns of 5 untimed + --block timed runs each
-    code, out, err = cli("bench", a, b, "--iterations", "2", "--warmup", "0", "--settle", "0.001", "--block", "3",
+    CALLS.clear()  # --settle: turns of 5 untimed + --block timed runs each; --iterations counts runs
+    code, out, err = cli("bench", a, b, "--iterations", "6", "--warmup", "0", "--settle", "0.001", "--block", "3",
                          "--json")
     assert code == 0, err
     assert [r["runs"] for r in json.loads(out)["results"]] == [6, 6]
     assert CALLS == ["a", "b"] + (["a"] * 8 + ["b"] * 8) * 2
+
+
+class OtherRuntimeArtifact(FakeArtifact):
+    """Stands for an artifact of another runtime (a TVM .so beside an ONNX model)."""
+
+
+def test_cli_takes_turns_when_the_subjects_run_on_different_runtimes(cli, fake_files, monkeypatch):
+    a, b, c = fake_files
+    monkeypatch.setattr(FakeTarget, "load", classmethod(
+        lambda cls, path: (OtherRuntimeArtifact if path.stem == "c" else FakeArtifact)(path.stem)))
+    code, out, err = cli("bench", a, c, "--iterations", "20", "--warmup", "0", "--block", "10", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["settings"]["settle_s"] == 0.05 and "different runtimes" in err
+    assert [r["runs"] for r in data["results"]] == [20, 20]
+    assert CALLS == ["a", "c"] + (["a"] * 15 + ["c"] * 15) * 2
+    CALLS.clear()  # one runtime: run by run, unless asked
+    code, out, err = cli("bench", a, b, "--iterations", "2", "--warmup", "0", "--json")
+    assert code == 0 and json.loads(out)["settings"]["settle_s"] == 0.0
+    assert CALLS == ["a", "b"] * 3
 
 
 # ----------------------------------------------------------------------------- real models
