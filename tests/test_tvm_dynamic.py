@@ -20,16 +20,9 @@ tvm = pytest.importorskip("tvm")
 
 import infoptc
 from infoptc.errors import UsageError
-from infoptc.verify import OrtRunner, Tolerance, compare_outputs, random_inputs
+from infoptc.verify import OrtRunner, random_inputs
 from onnx import TensorProto, helper, numpy_helper
-
-TOL = Tolerance(atol=1e-4, rtol=1e-4)
-
-
-def _check(expected: dict, actual: dict) -> None:
-    diffs = compare_outputs(expected, actual, tolerances={k: TOL for k in expected})
-    bad = [d.describe() for d in diffs if not d.ok]
-    assert not bad, bad
+from test_tvm_backend import _check
 
 
 @pytest.fixture(scope="module")
