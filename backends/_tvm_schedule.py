@@ -233,6 +233,17 @@ def _parallelize_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
         if work >= PARALLEL_MIN_WORK and _extent(sch, outer) != 1:
             sch.parallel(outer)
         return
+    if n_spatial == len(loops) and len(loops) >= 2 and None not in extents and _has_if_then_else(sch.get(block)):
+        # A pad (a copy under a condition on its indices): whole rows per parallel iteration, the
+        # row's last axis in vectors when they fit it exactly, else plain loops for LLVM. A vector
+        # split of the fused loops would straddle rows and gather each lane (NCHW 3x224x224 padded
+        # by 3: 443 us; by rows: 8 us; NHWC 56x56x16 padded by 1: 4.6 -> 2.7 us).
+        outer = sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0]
+        if work >= PARALLEL_MIN_WORK and _extent(sch, outer) != 1:
+            sch.parallel(outer)
+        if extents[-1] % lanes == 0:
+            sch.vectorize(sch.split(loops[-1], factors=[None, lanes])[1])
+        return
     vec = None
     if n_spatial < len(loops) or None not in extents:
         fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
@@ -384,8 +395,26 @@ class Contraction(CPUScheduleRule):
                     continue
                 except Exception:  # noqa: BLE001
                     pass
+            if conditional and fused is not None and self._pad_per_tile(sch, info.block_rv, fused, lanes):
+                continue
             _parallelize_vectorize(sch, info.block_rv, lanes)
         return serial_when_small(sch, [total_work])
+
+    @staticmethod
+    def _pad_per_tile(sch: s_tir.Schedule, block, loop, lanes: int) -> bool:
+        """Compute a pad (a prologue under a condition) per output tile, inside the parallel
+        ``loop``, when its rows are whole vectors: the tile's patch is copied while it is in
+        cache and the kernel runs one parallel loop instead of two. The patch overlaps its
+        neighbours' (3x3: three input rows per output row), which costs less than a pass over
+        the whole input (ResNet's 3x3 convs on 32 and 64 channels: 2-4% faster, 16 channels
+        even; a 3-channel stem cannot use vectors and keeps its own pass). False: not done."""
+        extent = _extent(sch, sch.get_loops(block)[-1])
+        if extent is None or extent % lanes:
+            return False
+        sch.compute_at(block, loop, preserve_unit_loops=True)
+        inner = sch.get_loops(block)[-1]
+        sch.vectorize(sch.split(inner, factors=[None, lanes])[1])
+        return True
 
     @staticmethod
     def _register_tile(sch: s_tir.Schedule, main, target: Target) -> tuple[int, int, int, int | None]:

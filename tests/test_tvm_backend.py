@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 tvm = pytest.importorskip("tvm")
 
@@ -283,6 +285,67 @@ def test_default_schedules_parallelize_and_vectorize(golden):
         text = kernels[name].script()
         assert "T.parallel" in text and "T.vectorized" in text, name
         assert "conv2d_nhwc" in text, name  # channels innermost (ConvertLayout)
+
+
+def test_narrow_input_conv_reads_nchw_in_place(golden):
+    """ResNet's 3-channel stem conv reads the NCHW input where it is (no transpose kernel) and
+    pads it by rows; the other convs and the pads computed per tile keep NHWC."""
+    from infoptc.backends import _tvm_build, _tvm_prepare
+    from tvm import tirx
+
+    prepared = _tvm_prepare.prepare(infoptc.optimize(golden("resnet")))
+    mod = _tvm_prepare.import_onnx(prepared.model)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules")
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    assert not [name for name in kernels if name.startswith("transpose")]
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    shapes = {name: [[int(d) for d in a.shape] for a in ArgInfo.from_prim_func(f)] for name, f in kernels.items()}
+    stem = [name for name, s in shapes.items() if s[0] == [1, 3, 224, 224]]
+    assert len(stem) == 1 and "conv2d" in stem[0] and shapes[stem[0]][-1] == [1, 112, 112, 16]
+
+
+@given(channels=st.integers(1, 4), kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), batch=st.integers(1, 2), size=st.integers(9, 17))
+@settings(max_examples=6, deadline=None, derandomize=True, database=None)
+def test_narrow_input_conv_matches_ort(channels, kernel, stride, dilation, pads, batch, size, tmp_path_factory):
+    """The NCHW-in, NHWC-out conv (inputs with fewer channels than a vector holds) against ORT:
+    strides, dilations, asymmetric pads, batches, followed by a ReLU that fuses into it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    pads = [min(p, (kernel - 1) * dilation) for p in pads]  # ONNX allows more; keep outputs non-empty
+    span = (kernel - 1) * dilation + 1
+    out_h, out_w = (size + pads[0] + pads[2] - span) // stride + 1, (size + pads[1] + pads[3] - span) // stride + 1
+    rng = np.random.default_rng(channels * 1000 + kernel * 100 + stride * 10 + dilation)
+    weight = numpy_helper.from_array(rng.standard_normal((8, channels, kernel, kernel)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[kernel, kernel], strides=[stride, stride],
+                              dilations=[dilation, dilation], pads=pads),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, out_h, out_w])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path_factory.mktemp("conv") / "conv.onnx"
+    onnx.save(model, path)
+    feeds = random_inputs(model)
+    artifact = infoptc.compile(path, target="llvm")
+    _check(OrtRunner(model).run(feeds), artifact.run(feeds))
+
+
+def test_misaligned_inputs_are_staged_and_fresh_each_call(compiled):
+    """A misaligned input is copied into a kept aligned buffer; changing the caller's array in
+    place between calls must change the result (the buffer is refilled every call)."""
+    artifact, path = compiled("mlp")
+    feeds = random_inputs(artifact.model)
+    name = next(iter(feeds))
+    raw = np.empty(feeds[name].nbytes + 64, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + 4
+    misaligned = raw[start:start + feeds[name].nbytes].view(feeds[name].dtype).reshape(feeds[name].shape)
+    reference = OrtRunner(onnx.load(path))
+    for scale in (1.0, -2.0):
+        misaligned[...] = feeds[name] * scale
+        assert misaligned.ctypes.data % 64 == 4
+        _check(reference.run({name: misaligned.copy()}), artifact.run({name: misaligned}))
 
 
 def test_untuned_rules_match_tvms_naive_kernels(golden):
