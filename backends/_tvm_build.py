@@ -92,10 +92,11 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
     is_cpu = target.kind.name == "llvm"
     first = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     if is_cpu and cpu_layout:
-        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(rules.vector_lanes(target)),
-                  relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d})]
-    if fast_math:
+        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(rules.vector_lanes(target))]
+    if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
+    if is_cpu and cpu_layout:  # the zero pipeline's LegalizeOps, with our NCHW-in, NHWC-out conv
+        first.append(relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}))
     with target:
         mod = tvm.transform.Sequential([*first, relax.get_pipeline("zero")])(mod)
     facts = None

@@ -407,9 +407,10 @@ class Contraction(CPUScheduleRule):
         cache and the kernel runs one parallel loop instead of two. The patch overlaps its
         neighbours' (3x3: three input rows per output row), which costs less than a pass over
         the whole input (ResNet's 3x3 convs on 32 and 64 channels: 2-4% faster, 16 channels
-        even; a 3-channel stem cannot use vectors and keeps its own pass). False: not done."""
-        extent = _extent(sch, sch.get_loops(block)[-1])
-        if extent is None or extent % lanes:
+        even; a 3-channel stem cannot use vectors and keeps its own pass). Static extents only: the
+        pad of a symbolic matmul (``pad_einsum``) is read by every column tile. False: not done."""
+        extents = [_extent(sch, loop) for loop in sch.get_loops(block)]
+        if None in extents or extents[-1] % lanes:
             return False
         sch.compute_at(block, loop, preserve_unit_loops=True)
         inner = sch.get_loops(block)[-1]

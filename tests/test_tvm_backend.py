@@ -306,6 +306,22 @@ def test_narrow_input_conv_reads_nchw_in_place(golden):
     assert len(stem) == 1 and "conv2d" in stem[0] and shapes[stem[0]][-1] == [1, 112, 112, 16]
 
 
+def test_fast_math_rewrites_before_legalization(golden):
+    """fast_math replaces Relax's exp/erf before LegalizeOps turns them into TIR: run after it,
+    FastMathTransform finds nothing to rewrite (BERT: 2.6 -> 3.6 ms, exact erf and exp)."""
+    from infoptc.backends import _tvm_build, _tvm_prepare
+    from tvm import tirx
+
+    prepared = _tvm_prepare.prepare(onnx.load(golden("bert")))
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    names = {}
+    for fast in (False, True):
+        mod = _tvm_prepare.import_onnx(prepared.model)
+        mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="none", fast_math=fast)
+        names[fast] = " ".join(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+    assert "fast_" not in names[False] and "fast_" in names[True], names
+
+
 @given(channels=st.integers(1, 4), kernel=st.integers(1, 5), stride=st.integers(1, 3), dilation=st.integers(1, 2),
        pads=st.lists(st.integers(0, 3), min_size=4, max_size=4), batch=st.integers(1, 2), size=st.integers(9, 17))
 @settings(max_examples=6, deadline=None, derandomize=True, database=None)
