@@ -37,10 +37,11 @@ from tvm.target.codegen import llvm_cpu_has_features, llvm_get_vector_width
 # Work (loop iterations) below which a kernel stays on one thread: the thread pool's
 # fork/join costs a few microseconds, more than a small kernel takes.
 PARALLEL_MIN_WORK = 1 << 14
-# Reductions this short (depthwise 3x3: 9, a 3-channel stem: 27) are memory bound: reading the
-# padded input through a condition beats copying it first. Longer ones are compute bound and the
-# condition in the inner loop costs more (ResNet's 3x3 convs: 2.3x slower inlined).
-INLINE_PAD_MAX_REDUCTION = 32
+# Reductions this short (depthwise 3x3: 9) are memory bound: reading the padded input through a
+# condition beats copying it first (MobileNet's 112x112x16 depthwise: 54 us, 66 us copied).
+# Longer ones are compute bound and the condition in the inner loop costs more (ResNet's 3x3
+# convs: 2.3x slower inlined; MobileNet's 3-channel 3x3 stem, 27: 127 us inlined, 96 us copied).
+INLINE_PAD_MAX_REDUCTION = 16
 # A symbolic extent (a dimension known only at run time: batch, sequence length) counts as this
 # many iterations when a rule weighs the work of a kernel against the thread pool's fork/join.
 SYMBOLIC_EXTENT_GUESS = 64
@@ -154,18 +155,19 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 def vector_tile(extent: int, lanes: int) -> int:
     """Width of the register tile along the contiguous axis: whole vectors when the extent
-    allows (a predicated vector tail costs more than narrower vectors), else the widest divisor
-    that is a multiple of 4, else the widest divisor. Measured on a 128x256x1000 matmul (Zen 5):
-    width 8 (divides 1000) 0.84 ms, 16 with a predicated tail 1.5 ms, 20: 4 ms, 25: 6.2 ms,
-    32 with a predicated tail 12 ms."""
+    allows (a predicated vector tail costs more than narrower vectors), else the widest power
+    of two from 4 up that divides it, else the widest divisor. LLVM splits an odd-sized vector
+    (24 floats: 16 + 8 lanes) badly. Measured on a 128x256x1000 matmul (Zen 5): width 8
+    (divides 1000) 0.84 ms, 16 with a predicated tail 1.5 ms, 20: 4 ms, 25: 6.2 ms, 32 with a
+    predicated tail 12 ms; MobileNet's 1x1 convs to 24 channels (Zen 4): width 24 109 and
+    161 us, width 8 17 and 22 us."""
     for width in (2 * lanes, lanes):
         if extent % width == 0:
             return width
     divisors = [d for d in range(min(extent, 2 * lanes), 0, -1) if extent % d == 0]
-    for multiple in (max(lanes // 2, 4), 4):  # half vectors, then quarter ones
-        for d in divisors:
-            if d % multiple == 0:
-                return d
+    for d in divisors:
+        if d >= 4 and d & (d - 1) == 0:  # a power of two: whole narrower vectors (ymm, xmm)
+            return d
     return divisors[0]
 
 

@@ -364,6 +364,16 @@ def test_misaligned_inputs_are_staged_and_fresh_each_call(compiled):
         _check(reference.run({name: misaligned.copy()}), artifact.run({name: misaligned}))
 
 
+def test_register_tile_width_is_whole_vectors_or_a_power_of_two():
+    """The contiguous width of a register tile: two or one whole vectors, else the widest power of
+    two that divides the extent (an odd-sized vector such as 24 floats ran 6x slower), else the
+    widest divisor (3 channels, 25)."""
+    from infoptc.backends._tvm_schedule import vector_tile
+
+    cases = {(64, 16): 32, (48, 16): 16, (24, 16): 8, (1000, 16): 8, (20, 8): 4, (96, 16): 32, (3, 16): 3, (25, 16): 25}
+    assert {key: vector_tile(*key) for key in cases} == cases
+
+
 def test_untuned_rules_match_tvms_naive_kernels(golden):
     plain = infoptc.compile(golden("digits_cnn"), target="llvm", schedules="none", input_shapes={"input": (5, 1, 8, 8)})
     ruled = infoptc.compile(golden("digits_cnn"), target="llvm", input_shapes={"input": (5, 1, 8, 8)})
