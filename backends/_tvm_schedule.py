@@ -42,6 +42,10 @@ PARALLEL_MIN_WORK = 1 << 14
 # Longer ones are compute bound and the condition in the inner loop costs more (ResNet's 3x3
 # convs: 2.3x slower inlined; MobileNet's 3-channel 3x3 stem, 27: 127 us inlined, 96 us copied).
 INLINE_PAD_MAX_REDUCTION = 16
+# Reduction loops this short (a 3x3 window), inside the outermost one, are unrolled: MobileNet's
+# depthwise convs 59 -> 40 us and 56 -> 42 us, ResNet's max pool 15 -> 12 us. Unrolling a
+# 7x7 window too made ResNet's stem slower (287 -> 388 us).
+UNROLL_WINDOW_MAX = 3
 # A symbolic extent (a dimension known only at run time: batch, sequence length) counts as this
 # many iterations when a rule weighs the work of a kernel against the thread pool's fork/join.
 SYMBOLIC_EXTENT_GUESS = 64
@@ -353,9 +357,23 @@ class Contraction(CPUScheduleRule):
         sch.reorder(*outer, *[it.loop_rv for it in r_iters], *inner_loops)
 
         work = _work(_static(d) for d in main.dom())
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0] if outer else None
-        if fused is not None and work >= PARALLEL_MIN_WORK and _extent(sch, fused) != 1:
-            sch.parallel(fused)
+        reduction = _work(_static(it.dom) for it in r_iters)
+        # A pad copied first whose rows are not whole vectors (a 3-channel NCHW input) is computed
+        # per row of tiles: the parallel loop runs over rows, each row's tiles in turn. A separate
+        # pass over a 600 KB input read 95 or 178 us (MobileNet's stem, varying between
+        # processes); per row, 66-69 us, and ResNet's 7x7 stem 301 -> 291 us.
+        row_pads = [info for info in prologue if self._pads_by_rows(sch, info.block_rv, lanes, reduction)] \
+            if len(outer) >= 2 else []
+        rows_loop = None
+        if row_pads:
+            rows_loop = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
+            if work >= PARALLEL_MIN_WORK and _extent(sch, rows_loop) != 1:
+                sch.parallel(rows_loop)
+            fused = outer[-1]
+        else:
+            fused = sch.fuse(*outer) if len(outer) > 1 else outer[0] if outer else None
+            if fused is not None and work >= PARALLEL_MIN_WORK and _extent(sch, fused) != 1:
+                sch.parallel(fused)
 
         # Accumulate the register block in a local buffer: LLVM keeps it in registers.
         local = sch.cache_write(main.block_rv, 0, "local")
@@ -365,6 +383,9 @@ class Contraction(CPUScheduleRule):
             sch.vectorize(inner_loops[-1])
         if len(inner_loops) == 2:
             sch.unroll(inner_loops[0])
+        for it in r_iters[1:]:  # a 3-wide window (depthwise, pooling, 3x3 stem): no loop control
+            if _static(it.dom) is not None and _static(it.dom) <= UNROLL_WINDOW_MAX:
+                sch.unroll(it.loop_rv)
         init = sch.decompose_reduction(main.block_rv, r_iters[0].loop_rv)
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
@@ -388,8 +409,10 @@ class Contraction(CPUScheduleRule):
             if not done:
                 _parallelize_vectorize(sch, info.block_rv, lanes)
         self._vectorize_tail(sch, local, lanes)
-        reduction = _work(_static(it.dom) for it in r_iters)
         for info in reversed(prologue):
+            if any(info is pad for pad in row_pads):
+                sch.compute_at(info.block_rv, rows_loop, preserve_unit_loops=True)
+                continue
             conditional = _has_if_then_else(sch.get(info.block_rv))
             if not conditional or reduction <= INLINE_PAD_MAX_REDUCTION:  # a plain copy always goes
                 try:
@@ -401,6 +424,16 @@ class Contraction(CPUScheduleRule):
                 continue
             _parallelize_vectorize(sch, info.block_rv, lanes)
         return serial_when_small(sch, [total_work])
+
+    @staticmethod
+    def _pads_by_rows(sch: s_tir.Schedule, block, lanes: int, reduction: int) -> bool:
+        """Whether a prologue is a pad to compute per row of output tiles: copied first (the
+        reduction is long), but its rows are not whole vectors, so a per-tile copy would be
+        scalar."""
+        if reduction <= INLINE_PAD_MAX_REDUCTION or not _has_if_then_else(sch.get(block)):
+            return False
+        extents = [_extent(sch, loop) for loop in sch.get_loops(block)]
+        return None not in extents and extents[-1] % lanes != 0
 
     @staticmethod
     def _pad_per_tile(sch: s_tir.Schedule, block, loop, lanes: int) -> bool:
