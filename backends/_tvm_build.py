@@ -39,6 +39,8 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from . import _tvm_schedule as rules
+from ._tvm_prepare import relax_pass
+from . import _tvm_winograd as winograd
 
 log = logging.getLogger("infoptc.backends.tvm")
 
@@ -63,7 +65,8 @@ class BuildResult:
 
 
 def cpu_schedule_pass():
-    return dl.ApplyDefaultSchedule(rules.Contraction(), rules.GEMV(), rules.Reduction(), rules.Injective())
+    return dl.ApplyDefaultSchedule(winograd.Transform(), rules.Contraction(), rules.GEMV(), rules.Reduction(),
+                                   rules.Injective())
 
 
 def gpu_schedule_pass():
@@ -92,7 +95,8 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
     is_cpu = target.kind.name == "llvm"
     first = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     if is_cpu and cpu_layout:
-        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(rules.vector_lanes(target))]
+        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(rules.vector_lanes(target)),
+                  winograd.rewrite_pass()]
     if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
     if is_cpu and cpu_layout:  # the zero pipeline's LegalizeOps, with our NCHW-in, NHWC-out conv
@@ -135,15 +139,7 @@ def read_narrow_inputs_in_place(lanes: int):
             return relax.op.nn.conv2d(source.args[0], call.args[1], attrs.strides, attrs.padding, attrs.dilation,
                                       1, "NCHW", "HWIO", "NHWC", attrs.out_dtype)
 
-    @tvm.transform.module_pass(opt_level=0, name="ReadNarrowInputsInPlace")
-    def transform(mod, _ctx):
-        mutator = InPlace(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
-
-    return transform
+    return relax_pass("ReadNarrowInputsInPlace", InPlace)
 
 
 def legalize_conv2d(bb, call):

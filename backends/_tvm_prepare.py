@@ -437,9 +437,23 @@ def fix_relax(mod):
                         return pairwise[name](parts[0], parts[1])
             return call
 
-    fixer = Fixer(mod)
+    return rewrite_functions(Fixer, mod)
+
+
+def rewrite_functions(mutator_class, mod):
+    """Every Relax function of ``mod`` through a ``PyExprMutator``, then dead-code elimination
+    (the rewritten-away bindings)."""
+    from tvm import relax
+
+    mutator = mutator_class(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            fixer.builder_.update_func(gv, fixer.visit_expr(func))
-    mod = fixer.builder_.get()
-    return relax.transform.DeadCodeElimination()(mod)
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+
+def relax_pass(name: str, mutator_class):
+    """``rewrite_functions`` as a module pass, for a pass list."""
+    import tvm
+
+    return tvm.transform.module_pass(lambda mod, _ctx: rewrite_functions(mutator_class, mod), opt_level=0, name=name)

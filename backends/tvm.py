@@ -323,7 +323,7 @@ def size_thread_pool(threads: int) -> None:
     import tvm_ffi
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    share_all_cores = -3  # threading::ThreadGroup::kSpecifyThreadShareAllCore
+    share_all_cores = int(os.environ.get("TVM_MODE", -3))  # threading::ThreadGroup::kSpecifyThreadShareAllCore
     tvm_ffi.get_global_func("runtime.config_threadpool")(
         share_all_cores, min(threads, len(cpus)), [str(c) for c in cpus])
 

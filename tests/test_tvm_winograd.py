@@ -1,0 +1,118 @@
+"""Winograd F(2x2, 3x3) convolutions on the llvm target (backends/_tvm_winograd.py).
+
+Numerical checks against ONNX Runtime on the original model with the TVM tests' fp32 tolerance
+(atol = rtol = 1e-4, see test_tvm_backend.py): the transforms multiply by 0, +-1 and +-1/2 only,
+so the results differ from a direct conv by rounding (~1e-7 relative on ResNet's convs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+import infoptc
+from infoptc.verify import OrtRunner, Tolerance, compare_outputs, random_inputs
+
+TOL = Tolerance(atol=1e-4, rtol=1e-4)
+
+
+def _conv_model(batch, channels, features, height, width, *, stride=1, pads=(1, 1, 1, 1), kernel=3, residual=False):
+    rng = np.random.default_rng(channels * 7 + features * 3 + height)
+    weight = (rng.standard_normal((features, channels, kernel, kernel)) / np.sqrt(9 * channels)).astype(np.float32)
+    bias = rng.standard_normal(features).astype(np.float32)
+    out_h = (height + pads[0] + pads[2] - kernel) // stride + 1
+    out_w = (width + pads[1] + pads[3] - kernel) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[kernel, kernel], strides=[stride, stride],
+                              pads=list(pads)),
+             helper.make_node("Relu", ["c"], ["r"])]
+    out = "r"
+    if residual and (features, out_h, out_w) == (channels, height, width):
+        nodes.append(helper.make_node("Add", ["r", "x"], ["y"]))
+        out = "y"
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, height, width])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, features, out_h, out_w])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _check_against_ort(model, tmp_path):
+    path = tmp_path / "conv.onnx"
+    onnx.save(model, path)
+    feeds = random_inputs(model)
+    artifact = infoptc.compile(path, target="llvm")
+    diffs = compare_outputs(OrtRunner(model).run(feeds), artifact.run(feeds), tolerances={"y": TOL, "r": TOL})
+    assert all(d.ok for d in diffs), [d.describe() for d in diffs if not d.ok]
+    return artifact
+
+
+def _kernel_names(model, **options):
+    from infoptc.backends import _tvm_build, _tvm_prepare
+    from tvm import tirx
+
+    prepared = _tvm_prepare.prepare(model)
+    mod = _tvm_prepare.import_onnx(prepared.model)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules", **options)
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("shape,stride,pads,expected", [
+    ((1, 32, 14, 14), 1, (1, 1, 1, 1), True),
+    ((2, 64, 8, 6), 1, (1, 1, 1, 1), True),
+    ((1, 32, 14, 14), 2, (1, 1, 1, 1), False),   # strided
+    ((1, 32, 13, 14), 1, (1, 1, 1, 1), False),   # odd height
+    ((1, 16, 14, 14), 1, (1, 1, 1, 1), False),   # too few channels for the transforms to pay
+    ((1, 32, 14, 14), 1, (0, 0, 0, 0), False),   # no padding
+])
+def test_which_convs_use_winograd(shape, stride, pads, expected):
+    batch, channels, height, width = shape
+    kernels = _kernel_names(_conv_model(batch, channels, channels, height, width, stride=stride, pads=pads))
+    used = "winograd_input" in kernels and any("winograd_output" in name for name in kernels)
+    assert used == expected, sorted(kernels)
+    if expected:  # the epilogue fused into the output transform; every kernel scheduled
+        assert not [name for name in kernels if "conv2d" in name]
+        for name, func in kernels.items():
+            assert func.attrs.get("tirx.is_scheduled"), name
+            if "transpose" not in name:  # the graph's NHWC -> NCHW output: a small transpose
+                assert "T.parallel" in func.script() and "T.vectorized" in func.script(), name
+
+
+def test_weight_transform_matches_the_definition():
+    from infoptc.backends._tvm_winograd import transform_weights
+
+    g = np.random.default_rng(0).standard_normal((3, 3, 2, 5)).astype(np.float32)
+    u = transform_weights(g).reshape(4, 4, 2, 5)
+    G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    for ci in range(2):
+        for co in range(5):
+            np.testing.assert_allclose(u[:, :, ci, co], G @ g[:, :, ci, co] @ G.T, rtol=1e-6, atol=1e-6)
+
+
+@given(channels=st.sampled_from([32, 48]), features=st.sampled_from([32, 64, 24]), height=st.integers(1, 7),
+       width=st.integers(1, 7), batch=st.integers(1, 2), residual=st.booleans())
+@settings(max_examples=10, deadline=None, derandomize=True, database=None)
+def test_winograd_convs_match_ort(channels, features, height, width, batch, residual, tmp_path_factory):
+    """Even sizes (2..14) take the Winograd path, with bias, ReLU and a residual add fused into the
+    output transform; 24 output channels keep the direct conv. Both must match ORT."""
+    model = _conv_model(batch, channels, features, 2 * height, 2 * width, residual=residual)
+    _check_against_ort(model, tmp_path_factory.mktemp("wino"))
+
+
+def test_resnet_convs_use_winograd(golden):
+    """ResNet's 3x3 stride-1 convs on 32 and 64 channels (6 of them): input transform, batched
+    matmul, output transform with the fused epilogue (bias, residual add, ReLU), each scheduled
+    by the Transform rule, not the generic Injective one."""
+    kernels = _kernel_names(infoptc.optimize(golden("resnet")))
+    assert len([name for name in kernels if name.startswith("winograd_input")]) == 2  # one per distinct shape
+    outputs = [name for name in kernels if "winograd_output" in name]
+    assert len(outputs) >= 4
+    for name in outputs:  # the Transform rule's schedule: 2x2 blocks unrolled, channels in vectors
+        text = kernels[name].script()
+        assert text.count("T.unroll") == 2 and "T.parallel" in text and "T.vectorized" in text, name
