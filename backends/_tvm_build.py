@@ -4,6 +4,8 @@ the CUDA kernels compiled by nvcc.
     relax (from the ONNX frontend)
       -> DecomposeOpsForInference, CanonicalizeBindings     batch norm as arithmetic
       -> ConvertLayout(conv2d: NHWC/HWIO)                    llvm only: channels innermost
+      -> ReadNarrowInputsInPlace, WinogradConv2d             llvm only
+      -> FastMathTransform                                   when fast_math (llvm default)
       -> zero pipeline: LegalizeOps, FoldConstant, FuseOps, FuseTIR
       -> [MetaSchedule: tune the tasks the database lacks, apply the database]
       -> default schedules for what is still unscheduled    dlight rules (ours for CPU)
@@ -493,6 +495,31 @@ def time_kernels(kernels: list, target, repeats: int = 7) -> list[float]:
         for evaluate, out in zip(timers, samples):
             out.append(evaluate(*args).mean * 1e3)
     return [float(statistics.median(s)) for s in samples]
+
+
+def time_models(executables: list, specs: list[dict], threads: int, rounds: int = 7) -> list[float]:
+    """Median milliseconds of a whole-model run of each executable (same random inputs), in
+    turns of about 50 ms each after a few untimed runs. Run it in a thread of its own, as
+    ``time_kernels``."""
+    from infoptc.bench import run_interleaved
+
+    from . import tvm as tvm_target
+
+    tvm_target.size_thread_pool(threads)
+    device = tvm.cpu(0)
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(spec["shape"]).astype(spec["dtype"])
+                               if spec["dtype"].startswith("float") else np.zeros(spec["shape"], spec["dtype"]), device)
+            for spec in specs]
+    machines = [relax.VirtualMachine(executable, device)["main"] for executable in executables]
+    runners = [functools.partial(machine, *args) for machine in machines]
+    for run in runners:
+        run()
+    once = time.perf_counter()
+    runners[0]()
+    block = max(1, min(200, int(0.05 / max(time.perf_counter() - once, 1e-6))))
+    samples = run_interleaved(runners, iterations=rounds, settle=0.01, wake=3, block=block)
+    return [float(statistics.median(s)) * 1e3 for s in samples]
 
 
 def random_arguments(func, device) -> list:

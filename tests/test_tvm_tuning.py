@@ -132,6 +132,30 @@ def test_a_changed_kernel_is_timed_again(golden, tmp_path, monkeypatch, fake_tun
     assert timed == [1] and tuning["kernels_timed_now"] == 1
 
 
+def test_whole_model_check_keeps_the_faster_build(golden, tmp_path, monkeypatch, fake_tuning):
+    """Kernels timed "faster" one by one can still make the model slower: both builds then run the
+    whole model in turns, and the faster one is kept. Here every kernel claims a 2x win (a forged
+    kernel timer) but the tuned ones are the scalar loop nests, so the real model timing picks the
+    rules, and the artifact says so."""
+    monkeypatch.setattr(_tvm_build, "time_kernels", lambda kernels, target: [1.0, 0.5])
+    artifact = _compile(golden, tmp_path / "db")
+    tuning = artifact.describe()
+    check = tuning["tuning"]["model_check"]
+    assert tuning["tuning"]["tasks_using_tuned"] == 3
+    assert check["use"] == "rules" and check["tuned_ms"] > check["rules_ms"], check
+    assert tuning["schedules"] == "rules"
+    _check_against_ort(artifact, golden("mlp"))
+
+
+def test_whole_model_check_follows_its_timer(golden, tmp_path, monkeypatch, fake_tuning):
+    monkeypatch.setattr(_tvm_build, "time_kernels", lambda kernels, target: [1.0, 0.5])
+    monkeypatch.setattr(_tvm_build, "time_models", lambda executables, specs, threads: [0.5, 1.0])
+    artifact = _compile(golden, tmp_path / "db")
+    assert artifact.describe()["tuning"]["model_check"]["use"] == "tuned"
+    assert artifact.describe()["schedules"] == "metaschedule+rules"
+    _check_against_ort(artifact, golden("mlp"))
+
+
 def test_tune_time_option_and_flag(golden, tmp_path, monkeypatch, fake_tuning):
     from infoptc.cli import _target_options, build_parser
 
