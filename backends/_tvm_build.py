@@ -27,7 +27,7 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
+
 import tempfile
 import threading
 import time
@@ -41,6 +41,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from . import _tvm_schedule as rules
+from .tvm import native_output_to_log  # noqa: F401 - used here and by callers as _tvm_build.native_output_to_log
 from ._tvm_prepare import relax_pass
 from . import _tvm_winograd as winograd
 
@@ -176,32 +177,6 @@ def conv2d_nchw_to_nhwc(data, kernel, strides, padding, dilation, out_dtype):
         lambda n, y, x, f: te.sum(padded[n, c, y * sh + ky * dh, x * sw + kx * dw].astype(out_dtype)
                                   * kernel[ky, kx, c, f].astype(out_dtype), axis=[c, ky, kx]),
         name="conv2d_nhwc")
-
-
-@contextlib.contextmanager
-def native_output_to_log():
-    """TVM's C++ side logs warnings straight to file descriptor 2 (and MetaSchedule's worker
-    processes inherit it): send them to a temp file and from there to our debug log.
-
-    Yields a stream on the real stderr (None if there is none), for the tuning progress bar."""
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield None
-        return
-    with tempfile.TemporaryFile() as sink, open(os.dup(saved), "w") as terminal:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield terminal
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            for line in sink.read().decode(errors="replace").splitlines():
-                if line.strip():
-                    log.debug("tvm: %s", line.strip())
 
 
 # ----------------------------------------------------------------------------- tuning

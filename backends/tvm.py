@@ -23,6 +23,7 @@ TVM is imported lazily: this module is imported whenever targets are listed.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import os
 import platform
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -292,7 +294,9 @@ class TvmArtifact(Artifact):
             else:
                 if self.target == "cuda":
                     _register_prebuilt_kernels(self.blobs)
-                module = _load_library(self.path)
+                # TVM logs "Scope Loaded" once per kernel of a tuned library as it loads: debug log
+                with native_output_to_log():
+                    module = _load_library(self.path)
             try:
                 self._vm = relax.VirtualMachine(module, self._device)
             except Exception as e:  # noqa: BLE001
@@ -316,6 +320,32 @@ class TvmArtifact(Artifact):
 
 
 _POOL_CONFIG: dict[int, int] = {}
+
+
+@contextlib.contextmanager
+def native_output_to_log():
+    """TVM's C++ side logs warnings straight to file descriptor 2 (and MetaSchedule's worker
+    processes inherit it): send them to a temp file and from there to our debug log.
+
+    Yields a stream on the real stderr (None if there is none), for the tuning progress bar."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield None
+        return
+    with tempfile.TemporaryFile() as sink, open(os.dup(saved), "w") as terminal:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log.debug("tvm: %s", line.strip())
 
 
 def size_thread_pool(threads: int) -> None:

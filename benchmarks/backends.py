@@ -111,8 +111,11 @@ def bench_model(name: str, args) -> list[dict]:
         runners.append((label, OrtSession(artifact.model, args.threads) if target == "onnx" else artifact, seconds))
         tuning = artifact.describe().get("tuning") if "tune" in label else None
         if tuning:
+            check = tuning.get("model_check")
             notes[label] = (f"{tuning.get('tasks_using_tuned', 0)} of {tuning.get('tasks', '?')} kernels tuned, "
-                            f"{tuning.get('trials_run', '?')} trials")
+                            f"{tuning.get('trials_run', '?')} trials"
+                            + (f"; whole model {check['tuned_ms']:.3f} vs rules {check['rules_ms']:.3f} ms: "
+                               f"{check['use']} kept" if check else ""))
 
     outputs = {}
     for label, runner, _ in runners:  # warm-up (first-call allocation, thread pools, JIT)

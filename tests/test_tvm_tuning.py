@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -154,6 +156,12 @@ def test_whole_model_check_follows_its_timer(golden, tmp_path, monkeypatch, fake
     assert artifact.describe()["tuning"]["model_check"]["use"] == "tuned"
     assert artifact.describe()["schedules"] == "metaschedule+rules"
     _check_against_ort(artifact, golden("mlp"))
+    # A tuned library loads without TVM's per-kernel "Scope Loaded" lines on stderr.
+    path = tmp_path / "mlp.so"
+    artifact.save(path)
+    code = "import infoptc, numpy as np; a = infoptc.load(%r); a.run({'x': np.zeros((8, 64), np.float32)})" % str(path)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr[-500:]
 
 
 def test_tune_time_option_and_flag(golden, tmp_path, monkeypatch, fake_tuning):
