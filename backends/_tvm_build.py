@@ -27,7 +27,6 @@ import os
 import shutil
 import statistics
 import subprocess
-
 import tempfile
 import threading
 import time
