@@ -309,6 +309,7 @@ def test_narrow_input_conv_reads_nchw_in_place(golden):
     writes NHWC; the other convs keep NHWC in and out."""
     from infoptc.backends import _tvm_build, _tvm_prepare
     from tvm import tirx
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     prepared = _tvm_prepare.prepare(infoptc.optimize(golden("resnet")))
     mod = _tvm_prepare.import_onnx(prepared.model)
@@ -316,8 +317,6 @@ def test_narrow_input_conv_reads_nchw_in_place(golden):
     mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules")
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
     assert not [name for name in kernels if name.startswith("transpose")]
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
     shapes = {name: [[int(d) for d in a.shape] for a in ArgInfo.from_prim_func(f)] for name, f in kernels.items()}
     stem = [name for name, s in shapes.items() if s[0] == [1, 3, 224, 224]]
     assert len(stem) == 1 and "conv2d" in stem[0] and shapes[stem[0]][-1] == [1, 112, 112, 16]
