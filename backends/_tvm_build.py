@@ -40,7 +40,6 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from . import _tvm_schedule as rules
-from .tvm import native_output_to_log  # noqa: F401 - used here and by callers as _tvm_build.native_output_to_log
 from ._tvm_prepare import relax_pass
 from . import _tvm_winograd as winograd
 

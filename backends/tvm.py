@@ -226,15 +226,13 @@ class TvmArtifact(Artifact):
         return [path]
 
     def _export(self, tmp: Path) -> int:
-        from . import _tvm_build
-
         kwargs = {}
         if self.export_compiler:
             from tvm.support import cc
 
             kwargs["fcompile"] = cc.cross_compiler(self.export_compiler)
         try:
-            with _tvm_build.native_output_to_log():
+            with native_output_to_log():
                 self.executable.export_library(str(tmp), **kwargs)
         except Exception as e:  # noqa: BLE001 - linker missing or failing
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
@@ -591,7 +589,7 @@ class TvmTarget(Target):
                             self.name, _tvm_prepare.DEFAULT_DIM, ", ".join(prepared.defaulted_dims),
                             f"; TVM cannot keep them symbolic here: {fallback}" if fallback else "")
             try:
-                with _tvm_build.native_output_to_log() as terminal:
+                with native_output_to_log() as terminal:
                     budget = _tvm_build.TuningBudget(
                         db_dir=self.options["tuning_db"], trials=self.tune, seconds=self.tune_time,
                         timeout_s=self.tune_timeout, progress_to=terminal) if self.tune or self.tune_time else None
@@ -666,13 +664,13 @@ class TvmTarget(Target):
         """``(prepared, relax module, why not symbolic)``: with ``dynamic``, the model imported
         with its symbolic input dims kept, if TVM's frontend keeps every shape known; otherwise
         (or if it fails) imported again with the dims bound, and the reason."""
-        from . import _tvm_build, _tvm_prepare
+        from . import _tvm_prepare
 
         reason = None
         if dynamic:
             prepared = _tvm_prepare.prepare(model, keep_symbolic=True)
             try:
-                with _tvm_build.native_output_to_log():
+                with native_output_to_log():
                     mod = _tvm_prepare.import_onnx(prepared.model)
                 lost = _tvm_prepare.symbolic_shapes_known(mod)
                 if lost is None:
@@ -681,7 +679,7 @@ class TvmTarget(Target):
             except CompileError as e:
                 reason = str(e).split("; compile this model")[0]
         prepared = _tvm_prepare.prepare(model)
-        with _tvm_build.native_output_to_log():
+        with native_output_to_log():
             mod = _tvm_prepare.import_onnx(prepared.model)
         return prepared, mod, reason
 
