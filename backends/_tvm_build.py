@@ -40,7 +40,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from . import _tvm_schedule as rules
-from ._tvm_prepare import relax_pass
+from ._tvm_prepare import bound_value, op_name, relax_pass, tensor_dims
 from . import _tvm_winograd as winograd
 
 log = logging.getLogger("infoptc.backends.tvm")
@@ -123,19 +123,17 @@ def read_narrow_inputs_in_place(lanes: int):
     class InPlace(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+            if op_name(call) != "relax.nn.conv2d":
                 return call
             attrs = call.attrs
-            source = self.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else None
-            if not (isinstance(source, relax.Call) and isinstance(source.op, tvm.ir.Op)
-                    and source.op.name == "relax.permute_dims" and source.attrs.axes is not None
-                    and [int(a) for a in source.attrs.axes] == [0, 2, 3, 1]):
+            source = bound_value(self, call.args[0])
+            if op_name(source) != "relax.permute_dims" or source.attrs.axes is None \
+                    or [int(a) for a in source.attrs.axes] != [0, 2, 3, 1]:
                 return call
-            shape = getattr(getattr(source.args[0], "ty", None), "shape", None)
-            dims = list(shape.values) if shape is not None and hasattr(shape, "values") else []
-            channels = dims[1] if len(dims) == 4 else None
+            dims = tensor_dims(source.args[0])
+            channels = dims[1] if dims is not None and len(dims) == 4 else None
             if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
-                    or int(attrs.groups) != 1 or not isinstance(channels, tvm.tirx.IntImm) or int(channels) >= lanes:
+                    or int(attrs.groups) != 1 or channels is None or channels >= lanes:
                 return call
             return relax.op.nn.conv2d(source.args[0], call.args[1], attrs.strides, attrs.padding, attrs.dilation,
                                       1, "NCHW", "HWIO", "NHWC", attrs.out_dtype)

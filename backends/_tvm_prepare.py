@@ -403,37 +403,27 @@ def fix_relax(mod):
     - ``take(..., mode="fast")`` (Gather) -> ``mode="wrap"``: ONNX allows negative indices, and
       fast mode reads out of bounds on them or on a bad token id where ORT reports an error.
     """
-    import tvm
     from tvm import relax
 
     pairwise = {"relax.max": relax.op.maximum, "relax.min": relax.op.minimum, "relax.sum": relax.op.add}
 
     @relax.expr_functor.mutator
     class Fixer(relax.PyExprMutator):
-        def _bound(self, expr):
-            value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-            return value if value is not None else expr
-
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
-                return call
-            name = call.op.name
+            name = op_name(call)
             if name == "relax.take" and str(call.attrs.mode) == "fast":
                 return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="wrap")
             if name in pairwise and not call.attrs.keepdims and call.attrs.axis is not None \
                     and [int(a) for a in call.attrs.axis] == [0]:
-                stacked = self._bound(call.args[0])
-                if isinstance(stacked, relax.Call) and isinstance(stacked.op, tvm.ir.Op) \
-                        and stacked.op.name == "relax.stack" and int(stacked.attrs.axis) == 0:
-                    fields = self._bound(stacked.args[0])
+                stacked = bound_value(self, call.args[0])
+                if op_name(stacked) == "relax.stack" and int(stacked.attrs.axis) == 0:
+                    fields = bound_value(self, stacked.args[0])
                     if isinstance(fields, relax.Tuple) and len(fields.fields) == 2:
                         parts = []
                         for field in fields.fields:
-                            b = self._bound(field)
-                            broadcast = isinstance(b, relax.Call) and isinstance(b.op, tvm.ir.Op) \
-                                and b.op.name == "relax.broadcast_to"
-                            parts.append(b.args[0] if broadcast else field)
+                            b = bound_value(self, field)
+                            parts.append(b.args[0] if op_name(b) == "relax.broadcast_to" else field)
                         return pairwise[name](parts[0], parts[1])
             return call
 
@@ -450,6 +440,32 @@ def rewrite_functions(mutator_class, mod):
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+
+def op_name(expr) -> str | None:
+    """The operator a Relax call applies (``relax.nn.conv2d``); None for anything else."""
+    import tvm
+    from tvm import relax
+
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
+def bound_value(mutator, expr):
+    """What the dataflow variable ``expr`` is bound to, seen from a ``PyExprMutator``; else ``expr``."""
+    from tvm import relax
+
+    value = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+    return value if value is not None else expr
+
+
+def tensor_dims(expr) -> list[int | None] | None:
+    """The dims of a Relax tensor expression (None for a symbolic one); None if its shape is unknown."""
+    import tvm
+
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    return [int(v) if isinstance(v, (int, tvm.tirx.IntImm)) else None for v in shape.values]
 
 
 def relax_pass(name: str, mutator_class):

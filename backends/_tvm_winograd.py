@@ -33,7 +33,7 @@ from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from . import _tvm_schedule as rules
-from ._tvm_prepare import relax_pass
+from ._tvm_prepare import bound_value, op_name, relax_pass, tensor_dims
 
 # Below this many channels (in or out) the transforms, memory bound, cost what the multiplies save.
 MIN_CHANNELS = 32
@@ -95,13 +95,6 @@ def output_transform(products: te.Tensor, batch: int, height: int, width: int) -
     return te.compute((batch, height, width, int(products.shape[2])), compute, name=OUTPUT_BLOCK)
 
 
-def _static_ints(shape) -> list[int] | None:
-    values = list(shape.values) if shape is not None and hasattr(shape, "values") else []
-    if not values or not all(isinstance(v, (int, tirx.IntImm)) for v in values):
-        return None
-    return [int(v) for v in values]
-
-
 def rewrite_pass():
     """A Relax pass: eligible conv2d -> input transform, batched matmul, output transform."""
 
@@ -109,12 +102,10 @@ def rewrite_pass():
     class Rewriter(relax.PyExprMutator):
         def _constant(self, expr) -> np.ndarray | None:
             """The value of a constant weight, seen through ConvertLayout's permute_dims."""
-            if isinstance(expr, relax.Var):
-                bound = self.lookup_binding(expr)
-                expr = bound if bound is not None else expr
+            expr = bound_value(self, expr)
             if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy"):
                 return expr.value.numpy()
-            if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.permute_dims":
+            if op_name(expr) == "relax.permute_dims":
                 inner = self._constant(expr.args[0])
                 axes = expr.attrs.axes
                 if inner is not None and axes is not None:
@@ -123,16 +114,16 @@ def rewrite_pass():
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+            if op_name(call) != "relax.nn.conv2d":
                 return call
             attrs = call.attrs
             if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
                     or int(attrs.groups) != 1 or [int(v) for v in attrs.strides] != [1, 1] \
                     or [int(v) for v in attrs.dilation] != [1, 1] or [int(v) for v in attrs.padding] != [1, 1, 1, 1]:
                 return call
-            shape = _static_ints(getattr(getattr(call.args[0], "ty", None), "shape", None))
+            shape = tensor_dims(call.args[0])
             weight = self._constant(call.args[1])
-            if shape is None or weight is None or weight.shape[:2] != (3, 3) or weight.dtype != np.float32:
+            if shape is None or None in shape or weight is None or weight.shape[:2] != (3, 3) or weight.dtype != np.float32:
                 return call
             batch, height, width, channels = shape
             if height % 2 or width % 2 or min(channels, weight.shape[3]) < MIN_CHANNELS:
