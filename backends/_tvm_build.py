@@ -478,10 +478,7 @@ def time_models(executables: list, specs: list[dict], threads: int, rounds: int 
 
     tvm_target.size_thread_pool(threads)
     device = tvm.cpu(0)
-    rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal(spec["shape"]).astype(spec["dtype"])
-                               if spec["dtype"].startswith("float") else np.zeros(spec["shape"], spec["dtype"]), device)
-            for spec in specs]
+    args = random_tensors([(spec["shape"], spec["dtype"]) for spec in specs], device)
     machines = [relax.VirtualMachine(executable, device)["main"] for executable in executables]
     runners = [functools.partial(machine, *args) for machine in machines]
     for run in runners:
@@ -494,16 +491,19 @@ def time_models(executables: list, specs: list[dict], threads: int, rounds: int 
 
 
 def random_arguments(func, device) -> list:
-    """Inputs for one kernel: normal floats, zero integers (always valid as indices)."""
+    """Inputs for one kernel (``random_tensors`` of its parameters)."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
+    return random_tensors([([int(d) for d in info.shape], str(info.dtype)) for info in ArgInfo.from_prim_func(func)],
+                          device)
+
+
+def random_tensors(shapes_and_dtypes, device) -> list:
+    """TVM tensors for timing: normal floats, zero integers (always valid as indices); seeded."""
     rng = np.random.default_rng(0)
-    args = []
-    for info in ArgInfo.from_prim_func(func):
-        shape, dtype = [int(d) for d in info.shape], str(info.dtype)
-        data = rng.standard_normal(shape).astype(dtype) if dtype.startswith("float") else np.zeros(shape, dtype)
-        args.append(tvm.runtime.tensor(data, device))
-    return args
+    return [tvm.runtime.tensor(rng.standard_normal(shape).astype(dtype) if dtype.startswith("float")
+                               else np.zeros(shape, dtype), device)
+            for shape, dtype in shapes_and_dtypes]
 
 
 def load_choices(path: Path) -> dict:

@@ -232,24 +232,22 @@ def _parallelize_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     spatial = loops[:n_spatial]
     extents = [_extent(sch, lp) for lp in loops]
     work = _work(extents)
-    if n_spatial == len(loops) and len(loops) >= 2 and _strided_innermost(sch, block):
-        # A transpose: TVM's vectorizer would gather every lane; LLVM's loop vectorizer turns
-        # the same scalar loops into shuffles (NCHW->NHWC of 3x224x224: 0.33 ms -> 0.007 ms).
-        outer = sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0]
-        if work >= PARALLEL_MIN_WORK and _extent(sch, outer) != 1:
-            sch.parallel(outer)
-        return
-    if n_spatial == len(loops) and len(loops) >= 2 and None not in extents and _has_if_then_else(sch.get(block)):
-        # A pad (a copy under a condition on its indices): whole rows per parallel iteration, the
-        # row's last axis in vectors when they fit it exactly, else plain loops for LLVM. A vector
-        # split of the fused loops would straddle rows and gather each lane (NCHW 3x224x224 padded
-        # by 3: 443 us; by rows: 8 us; NHWC 56x56x16 padded by 1: 4.6 -> 2.7 us).
-        outer = sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0]
-        if work >= PARALLEL_MIN_WORK and _extent(sch, outer) != 1:
-            sch.parallel(outer)
-        if extents[-1] % lanes == 0:
-            sch.vectorize(sch.split(loops[-1], factors=[None, lanes])[1])
-        return
+    if n_spatial == len(loops) and len(loops) >= 2:
+        transpose = _strided_innermost(sch, block)
+        pad = not transpose and None not in extents and _has_if_then_else(sch.get(block))
+        if transpose or pad:
+            # Whole rows per parallel iteration; the last loops stay plain loops for LLVM, whose
+            # loop vectorizer turns a transpose's scalar loops into shuffles where TVM's would
+            # gather every lane (NCHW->NHWC of 3x224x224: 0.33 ms -> 0.007 ms). A pad (a copy
+            # under a condition on its indices) has its row in vectors when they fit it exactly;
+            # a vector split of the fused loops would straddle rows and gather each lane (NCHW
+            # 3x224x224 padded by 3: 443 us; by rows: 8 us; NHWC 56x56x16 padded by 1: 4.6 -> 2.7 us).
+            outer = sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0]
+            if work >= PARALLEL_MIN_WORK and _extent(sch, outer) != 1:
+                sch.parallel(outer)
+            if pad and extents[-1] % lanes == 0:
+                sch.vectorize(sch.split(loops[-1], factors=[None, lanes])[1])
+            return
     vec = None
     if n_spatial < len(loops) or None not in extents:
         fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
