@@ -11,6 +11,7 @@ catches any real bug (a wrong layout or padding moves outputs by O(1)).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -55,13 +56,11 @@ def _check(expected: dict, actual: dict) -> None:
 @pytest.fixture(scope="module")
 def compiled(golden):
     """``compiled(name) -> (artifact, path of the original model)``, built once per module."""
-    cache = {}
 
+    @functools.cache
     def get(name: str):
-        if name not in cache:
-            path = golden(name)
-            cache[name] = (infoptc.compile(path, target="llvm", input_shapes=SUPPORTED[name]), path)
-        return cache[name]
+        path = golden(name)
+        return infoptc.compile(path, target="llvm", input_shapes=SUPPORTED[name]), path
 
     return get
 

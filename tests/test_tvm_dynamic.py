@@ -10,6 +10,7 @@ Numerical checks compare against ONNX Runtime with the tolerance of tests/test_t
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -28,13 +29,11 @@ from test_tvm_backend import _check
 @pytest.fixture(scope="module")
 def dynamic(golden):
     """``dynamic(name) -> (artifact, ORT runner of the original)``, compiled without input shapes."""
-    cache = {}
 
+    @functools.cache
     def get(name: str):
-        if name not in cache:
-            path = golden(name)
-            cache[name] = (infoptc.compile(path, target="llvm"), OrtRunner(onnx.load(path)))
-        return cache[name]
+        path = golden(name)
+        return infoptc.compile(path, target="llvm"), OrtRunner(onnx.load(path))
 
     return get
 
