@@ -265,8 +265,11 @@ class TvmArtifact(Artifact):
         else:  # zero-copy: copying into a fresh TVM tensor costs more than a small model runs
             import tvm_ffi
 
-            staging = self._staging.__dict__
-            args = [tvm_ffi.from_dlpack(_aligned(inputs[name], staging, name)) for name in specs]
+            if self.manifest.get("unaligned_inputs"):
+                args = [tvm_ffi.from_dlpack(np.ascontiguousarray(inputs[name])) for name in specs]
+            else:  # built before kernels accepted unaligned inputs: they assume 64 bytes
+                staging = self._staging.__dict__
+                args = [tvm_ffi.from_dlpack(_aligned(inputs[name], staging, name)) for name in specs]
         try:
             result = vm["main"](*args)
         except Exception as e:  # noqa: BLE001 - a runtime check failed inside TVM
@@ -617,6 +620,7 @@ class TvmTarget(Target):
             "versions": {"infoptc": _infoptc_version(), **tvm_versions()},
             "lowered_sha256": hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest(),
             "threads": self.threads,
+            "unaligned_inputs": self.name == "llvm",  # _tvm_build.accept_unaligned_inputs
             "schedules": "metaschedule+rules" if tuning and tuning.get("model_check", {}).get("use") != "rules"
                          else self.schedules,
             "relax_options": {"cpu_layout": self.cpu_layout and self.name == "llvm", "fast_math": self.fast_math,
