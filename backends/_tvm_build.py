@@ -96,8 +96,9 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
     is_cpu = target.kind.name == "llvm"
     first = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     if is_cpu and cpu_layout:
-        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(rules.vector_lanes(target)),
-                  winograd.rewrite_pass()]
+        lanes = rules.vector_lanes(target)
+        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(lanes),
+                  winograd.rewrite_pass(lanes)]
     if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
     if is_cpu and cpu_layout:  # the zero pipeline's LegalizeOps, with our NCHW-in, NHWC-out conv

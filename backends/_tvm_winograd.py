@@ -5,21 +5,25 @@ multiplies per input/output channel pair instead of 36 (Lavin and Gray, "Fast Al
 Convolutional Neural Networks", 2016):
 
     U = G g G^T        the weights, 3x3 -> 4x4, once at compile time (numpy, float64)
-    V = B^T d B        each 4x4 input patch (adds only)          -> kernel ``winograd_input``
-    M[e] = V[e] @ U[e]  16 independent matmuls over channels      -> our Contraction rule
-    Y = A^T M A        each 2x2 output block (adds only)         -> kernel ``winograd_output``
+    V = B^T d B        each 4x4 input patch (adds only)          block ``winograd_input``
+    M[e] = V[e] @ U[e]  16 independent matmuls over channels      block ``winograd_matmul``
+    Y = A^T M A        each 2x2 output block (adds only)         block ``winograd_output``
 
-The bias, ReLU and residual add that follow fuse into the output transform (FuseOps sees an
-injective op). The transforms multiply by 0, +-1 and +-1/2 only, so the result differs from the
-direct conv by rounding: relative error ~1e-7 on ResNet's convs, inside the 1e-4 the TVM tests use.
+All three are one kernel (``winograd_conv2d``), and the bias, ReLU and residual add that follow
+fuse into it as into a direct conv (FuseOps sees an out-elementwise-fusable op). The Transform
+rule computes V and M per row of 2x2 blocks inside the parallel loop over output rows, so the
+transformed patches and products of a row (28 KB for a 56-wide, 16-channel conv) stay in the L1
+and L2 caches between the stages. The transforms multiply by 0, +-1 and +-1/2 only, so the
+result differs from the direct conv by rounding: relative error ~1e-7 on ResNet's convs.
 
-Measured on ResNet's 3x3 convs (Zen 4, 2 threads, each kernel alone): 14x14x64 67 -> 39 us,
-28x28x32 70 -> 45 us, 56x56x16 73 -> 57 us. Inside the whole model the 16-channel ones gained
-nothing (their 800 KB of transformed patches and products leave the L2 cache between kernels;
-whole ResNet 1.04 ms either way), hence ``MIN_CHANNELS``; the model went 1.10 -> 1.02 ms.
+Measured on ResNet's 3x3 convs (Zen 4, 2 threads, each kernel alone, with bias and ReLU), direct
+-> three kernels (session 3) -> one: 56x56x16 73 -> 57 -> 41 us, 28x28x32 70 -> 48 -> 34 us,
+14x14x64 67 -> 40 -> 35 us. As three kernels the 16-channel convs gained nothing inside the whole
+model (800 KB of patches and products left the L2 cache between kernels); as one they do.
 
 Applies to: NHWC/HWIO conv2d, 3x3, stride 1, dilation 1, padding 1, one group, constant
-weights, static even height and width, at least ``MIN_CHANNELS`` in and out. Everything else
+weights, static even height and width, at least ``MIN_CHANNELS`` out and a vector's worth (and
+``MIN_CHANNELS``) in. Everything else
 keeps the direct conv. Imported only after TVM is known to be importable.
 """
 
@@ -35,10 +39,13 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from . import _tvm_schedule as rules
 from ._tvm_prepare import bound_value, op_name, relax_pass, tensor_dims
 
-# Below this many channels (in or out) the transforms, memory bound, cost what the multiplies save.
-MIN_CHANNELS = 32
-INPUT_BLOCK, OUTPUT_BLOCK = "winograd_input", "winograd_output"
-OPAQUE = 8  # relay/relax OpPatternKind::kOpaque
+# Fewer output channels than this: untested. Fewer input channels than a vector holds: the
+# transforms run on part-vectors and lose (8 -> 8 on AVX-512: 132 us against 24 direct).
+MIN_CHANNELS = 8
+KERNEL = "winograd_conv2d"
+INPUT_BLOCK, MATMUL_BLOCK, OUTPUT_BLOCK = "winograd_input", "winograd_matmul", "winograd_output"
+OUT_ELEMWISE_FUSABLE = 4  # relax OpPatternKind::kOutEWiseFusable, as conv2d: the epilogue fuses in
+ROW_TILE_MAX = 8  # 2x2 blocks per register tile of the matmul (times one vector of channels)
 
 # F(2x2, 3x3): weights G (4x3), input B^T (4x4), output A^T (2x4).
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
@@ -95,8 +102,19 @@ def output_transform(products: te.Tensor, batch: int, height: int, width: int) -
     return te.compute((batch, height, width, int(products.shape[2])), compute, name=OUTPUT_BLOCK)
 
 
-def rewrite_pass():
-    """A Relax pass: eligible conv2d -> input transform, batched matmul, output transform."""
+def conv2d(data: te.Tensor, weights: te.Tensor) -> te.Tensor:
+    """NHWC ``data`` and transformed weights ``U[e, ci, co]`` -> NHWC output, as three stages."""
+    batch, height, width, channels = (int(d) for d in data.shape)
+    patches = input_transform(data)
+    ci = te.reduce_axis((0, channels), name="ci")
+    products = te.compute((16, int(patches.shape[1]), int(weights.shape[2])),
+                          lambda e, p, co: te.sum(patches[e, p, ci] * weights[e, ci, co], axis=ci),
+                          name=MATMUL_BLOCK)
+    return output_transform(products, batch, height, width)
+
+
+def rewrite_pass(lanes: int):
+    """A Relax pass: eligible conv2d -> one ``winograd_conv2d`` kernel (see ``conv2d``)."""
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
@@ -126,18 +144,13 @@ def rewrite_pass():
             if shape is None or None in shape or weight is None or weight.shape[:2] != (3, 3) or weight.dtype != np.float32:
                 return call
             batch, height, width, channels = shape
-            if height % 2 or width % 2 or min(channels, weight.shape[3]) < MIN_CHANNELS:
+            if height % 2 or width % 2 or channels < max(MIN_CHANNELS, lanes) or weight.shape[3] < MIN_CHANNELS:
                 return call
             if str(attrs.out_dtype) not in ("", "None", "void", "float32"):
                 return call
-            # Opaque to FuseOps: fused behind the previous kernel's epilogue, one loop nest would
-            # have two outputs of different shapes, which no rule schedules well.
-            patches = self.builder_.emit(self.builder_.call_te(input_transform, call.args[0],
-                                                               primfunc_name_hint=INPUT_BLOCK,
-                                                               primfunc_attrs={"op_pattern": OPAQUE}))
-            products = self.builder_.emit(relax.op.matmul(patches, relax.const(transform_weights(weight))))
-            return self.builder_.call_te(output_transform, products, batch, height, width,
-                                         primfunc_name_hint=OUTPUT_BLOCK)
+            return self.builder_.call_te(conv2d, call.args[0], relax.const(transform_weights(weight)),
+                                         primfunc_name_hint=KERNEL,
+                                         primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
     return relax_pass("WinogradConv2d", Rewriter)
 
@@ -147,9 +160,11 @@ def _written_shape(sch: s_tir.Schedule, block) -> list:
 
 
 class Transform(CPUScheduleRule):
-    """The two transform kernels (the output one with its fused epilogue): one loop per input or
-    output channel vector, the 16 (or 2x2) transform elements unrolled inside it, so that their
-    index selects fold to constants and the patch loads are shared between them."""
+    """A ``winograd_conv2d`` kernel with its fused epilogue: parallel over rows of 2x2 output
+    blocks; per row, the input transform (one loop per channel vector, the 16 transform elements
+    unrolled so that their index selects fold to constants and the patch loads are shared), the
+    16 matmuls (register tiles of up to ``ROW_TILE_MAX`` blocks times one channel vector), then
+    the output transform and epilogue (2x2 unrolled, channels in vectors)."""
 
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -158,19 +173,13 @@ class Transform(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if not infos:
             return None
-        names = {sch.get(info.block_rv).name_hint for info in infos}
+        stages = {INPUT_BLOCK, MATMUL_BLOCK, OUTPUT_BLOCK}
+        if not stages <= {sch.get(info.block_rv).name_hint for info in infos}:
+            return None
         try:
-            if INPUT_BLOCK in names and len(infos) == 1:
-                return self._input(sch, infos[0].block_rv, target)
-            if OUTPUT_BLOCK in names:
-                shape = _written_shape(sch, sch.get_sblock(OUTPUT_BLOCK))
-                remaining = try_inline(sch, infos)
-                # one loop nest over the output's own NHWC shape (not a transpose of it)
-                if len(remaining) == 1 and _written_shape(sch, remaining[0].block_rv) == shape:
-                    return self._output(sch, remaining[0].block_rv, target)
+            return self._schedule(sch, infos, target)
         except Exception:  # noqa: BLE001 - an unexpected loop nest: the other rules try
             return None
-        return None
 
     @staticmethod
     def _channel_split(sch, loop, target):
@@ -179,17 +188,16 @@ class Transform(CPUScheduleRule):
         width = lanes if extent % lanes == 0 else rules.vector_tile(extent, lanes)
         return sch.split(loop, factors=[None, width])
 
-    def _input(self, sch, block, target):
-        e, p, c = sch.get_loops(block)
-        c_outer, c_inner = self._channel_split(sch, c, target)
-        sch.reorder(p, c_outer, e, c_inner)
-        sch.parallel(p)
-        sch.unroll(e)
-        sch.vectorize(c_inner)
-        return sch
-
-    def _output(self, sch, block, target):
-        loops = sch.get_loops(block)  # [n,] h, w, o: a batch of 1 has no loop of its own
+    def _schedule(self, sch, infos, target):
+        patches, products = sch.get_sblock(INPUT_BLOCK), sch.get_sblock(MATMUL_BLOCK)
+        shape = _written_shape(sch, sch.get_sblock(OUTPUT_BLOCK))
+        epilogue = [info for info in infos if sch.get(info.block_rv).name_hint not in (INPUT_BLOCK, MATMUL_BLOCK)]
+        remaining = try_inline(sch, epilogue)
+        # one loop nest over the output's own NHWC shape (not a transpose of it)
+        if len(remaining) != 1 or _written_shape(sch, remaining[0].block_rv) != shape:
+            return None
+        out = remaining[0].block_rv
+        loops = sch.get_loops(out)  # [n,] h, w, o: a batch of 1 has no loop of its own
         if len(loops) not in (3, 4):
             return None
         batch, (h, w, o) = loops[:-3], loops[-3:]
@@ -197,8 +205,28 @@ class Transform(CPUScheduleRule):
         w_outer, w_inner = sch.split(w, factors=[None, 2])
         o_outer, o_inner = self._channel_split(sch, o, target)
         sch.reorder(*batch, h_outer, w_outer, o_outer, h_inner, w_inner, o_inner)
-        sch.parallel(sch.fuse(*batch, h_outer) if batch else h_outer)
+        row = sch.fuse(*batch, h_outer) if batch else h_outer
+        sch.compute_at(products, row)
+        sch.compute_at(patches, row)
+        sch.parallel(row)
         sch.unroll(h_inner)
         sch.unroll(w_inner)
         sch.vectorize(o_inner)
+
+        e, p, co, ci = sch.get_loops(products)[-4:]
+        blocks = rules._extent(sch, p)
+        tile = max(d for d in range(1, min(blocks, ROW_TILE_MAX) + 1) if blocks % d == 0)
+        p_outer, p_inner = sch.split(p, factors=[None, tile])
+        co_outer, co_inner = self._channel_split(sch, co, target)
+        sch.reorder(e, p_outer, co_outer, ci, p_inner, co_inner)
+        sch.unroll(p_inner)
+        sch.vectorize(co_inner)
+        init = sch.decompose_reduction(products, ci)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+        e, p, c = sch.get_loops(patches)[-3:]
+        c_outer, c_inner = self._channel_split(sch, c, target)
+        sch.reorder(p, c_outer, e, c_inner)
+        sch.unroll(e)
+        sch.vectorize(c_inner)
         return sch

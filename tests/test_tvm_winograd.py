@@ -52,32 +52,48 @@ def _check_against_ort(model, tmp_path):
     return artifact
 
 
-def _kernel_names(model, **options):
+def _optimized(model, **options):
+    """The Relax module for AVX-512 (16 lanes), scheduled by the rules."""
     from infoptc.backends import _tvm_build, _tvm_prepare
-    from tvm import tirx
 
     prepared = _tvm_prepare.prepare(model)
     mod = _tvm_prepare.import_onnx(prepared.model)
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
     mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules", **options)
-    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    return mod
 
 
-@pytest.mark.parametrize("shape,stride,pads,expected", [
-    ((1, 32, 14, 14), 1, (1, 1, 1, 1), True),
-    ((2, 64, 8, 6), 1, (1, 1, 1, 1), True),
-    ((1, 32, 14, 14), 2, (1, 1, 1, 1), False),   # strided
-    ((1, 32, 13, 14), 1, (1, 1, 1, 1), False),   # odd height
-    ((1, 16, 14, 14), 1, (1, 1, 1, 1), False),   # too few channels for the transforms to pay
-    ((1, 32, 14, 14), 1, (0, 0, 0, 0), False),   # no padding
+def _kernel_names(model, **options):
+    from tvm import tirx
+
+    return {gv.name_hint: f for gv, f in _optimized(model, **options).functions_items() if isinstance(f, tirx.PrimFunc)}
+
+
+def _calls(mod) -> list[str]:
+    """The kernels ``main`` calls, once per call."""
+    import re
+
+    return re.findall(r"R\.call_tir\((\w+),", mod["main"].script())
+
+
+@pytest.mark.parametrize("shape,features,stride,pads,expected", [
+    ((1, 32, 14, 14), 32, 1, (1, 1, 1, 1), True),
+    ((2, 64, 8, 6), 64, 1, (1, 1, 1, 1), True),
+    ((1, 16, 56, 56), 16, 1, (1, 1, 1, 1), True),    # ResNet's layer1: one vector of channels
+    ((1, 16, 14, 14), 8, 1, (1, 1, 1, 1), True),     # 8 output channels: a part-vector
+    ((1, 32, 14, 14), 32, 2, (1, 1, 1, 1), False),   # strided
+    ((1, 32, 13, 14), 32, 1, (1, 1, 1, 1), False),   # odd height
+    ((1, 8, 14, 14), 8, 1, (1, 1, 1, 1), False),     # fewer input channels than a 16-lane vector
+    ((1, 16, 14, 14), 4, 1, (1, 1, 1, 1), False),    # fewer output channels than MIN_CHANNELS
+    ((1, 32, 14, 14), 32, 1, (0, 0, 0, 0), False),   # no padding
 ])
-def test_which_convs_use_winograd(shape, stride, pads, expected):
+def test_which_convs_use_winograd(shape, features, stride, pads, expected):
     batch, channels, height, width = shape
-    kernels = _kernel_names(_conv_model(batch, channels, channels, height, width, stride=stride, pads=pads))
-    used = "winograd_input" in kernels and any("winograd_output" in name for name in kernels)
-    assert used == expected, sorted(kernels)
-    if expected:  # the epilogue fused into the output transform; every kernel scheduled
-        assert not [name for name in kernels if "conv2d" in name]
+    kernels = _kernel_names(_conv_model(batch, channels, features, height, width, stride=stride, pads=pads))
+    used = [name for name in kernels if "winograd_conv2d" in name]
+    assert bool(used) == expected, sorted(kernels)
+    if expected:  # bias and ReLU fused into the one kernel; every kernel scheduled
+        assert len(used) == 1 and "relu" in used[0] and not [n for n in kernels if "conv2d" in n and n not in used]
         for name, func in kernels.items():
             assert func.attrs.get("tirx.is_scheduled"), name
             if "transpose" not in name:  # the graph's NHWC -> NCHW output: a small transpose
@@ -95,24 +111,28 @@ def test_weight_transform_matches_the_definition():
             np.testing.assert_allclose(u[:, :, ci, co], G @ g[:, :, ci, co] @ G.T, rtol=1e-6, atol=1e-6)
 
 
-@given(channels=st.sampled_from([32, 48]), features=st.sampled_from([32, 64, 24]), height=st.integers(1, 7),
+@given(channels=st.sampled_from([16, 32, 48]), features=st.sampled_from([8, 24, 32, 64]), height=st.integers(1, 7),
        width=st.integers(1, 7), batch=st.integers(1, 2), residual=st.booleans())
 @settings(max_examples=10, deadline=None, derandomize=True, database=None)
 def test_winograd_convs_match_ort(channels, features, height, width, batch, residual, tmp_path_factory):
     """Even sizes (2..14) take the Winograd path, with bias, ReLU and a residual add fused into the
-    output transform; 24 output channels keep the direct conv. Both must match ORT."""
+    kernel, on whole and part vectors of channels (8, 24, 48). All must match ORT."""
     model = _conv_model(batch, channels, features, 2 * height, 2 * width, residual=residual)
     _check_against_ort(model, tmp_path_factory.mktemp("wino"))
 
 
 def test_resnet_convs_use_winograd(golden):
-    """ResNet's 3x3 stride-1 convs on 32 and 64 channels (6 of them): input transform, batched
-    matmul, output transform with the fused epilogue (bias, residual add, ReLU), each scheduled
-    by the Transform rule, not the generic Injective one."""
-    kernels = _kernel_names(infoptc.optimize(golden("resnet")))
-    assert len([name for name in kernels if name.startswith("winograd_input")]) == 2  # one per distinct shape
-    outputs = [name for name in kernels if "winograd_output" in name]
-    assert len(outputs) >= 4
-    for name in outputs:  # the Transform rule's schedule: 2x2 blocks unrolled, channels in vectors
-        text = kernels[name].script()
-        assert text.count("T.unroll") == 2 and "T.parallel" in text and "T.vectorized" in text, name
+    """ResNet's 3x3 stride-1 convs (4 on 16 channels, 3 on 32, 3 on 64) each run as one Winograd
+    kernel with the fused epilogue (bias, residual add, ReLU), scheduled by the Transform rule;
+    the stem, the two strided 3x3 convs and the two 1x1 downsamples stay direct."""
+    mod = _optimized(infoptc.optimize(golden("resnet")))
+    calls = _calls(mod)
+    winograd = [name for name in calls if "winograd_conv2d" in name]
+    assert len(winograd) == 10, calls
+    assert len([name for name in calls if "conv2d" in name and "winograd" not in name]) == 5, calls
+    for name in set(winograd):  # per row of 2x2 blocks, in one parallel loop: both transforms
+        text = mod[name].script()  # and the matmul (their 4x4, 2x2 and register tiles unrolled)
+        stages = [text.index(f'T.sblock("{stage}') for stage in ("winograd_input", "winograd_matmul")]
+        assert text.count("T.parallel") == 1 and text.index("T.parallel") < min(stages), name
+        assert text.count("T.unroll") >= 4 and "T.vectorized" in text, name
+        assert "relu" in name, name
