@@ -611,11 +611,11 @@ def accept_unaligned_inputs(mod):
                                 mark(value.op, index)
                         continue
                     else:
-                        used = _relax_operands(value)
+                        used = _relax_leaves(value)
                     if not any(v in inputs for v in used):
                         continue
                     inputs.add(binding.var)  # a reshape view, a cast binding, a tuple of inputs...
-                    for gv in _relax_globals(value) & kernels:  # a kernel called some other way
+                    for gv in set(used) & kernels:  # a kernel called some other way: every parameter
                         for index in range(len(mod[gv].params)):
                             mark(gv, index)
 
@@ -636,32 +636,13 @@ def accept_unaligned_inputs(mod):
     return mod
 
 
-def _relax_operands(value) -> list:
-    """The variables a binding's value reads, looking into tuples."""
+def _relax_leaves(value) -> list:
+    """The variables and global functions a binding's value names, looking into calls and tuples."""
     found = []
 
     def walk(expr):
-        if isinstance(expr, relax.Var):
+        if isinstance(expr, (relax.Var, tvm.ir.GlobalVar)):
             found.append(expr)
-        elif isinstance(expr, relax.Call):
-            for arg in expr.args:
-                walk(arg)
-        elif isinstance(expr, relax.Tuple):
-            for field_ in expr.fields:
-                walk(field_)
-        elif isinstance(expr, relax.TupleGetItem):
-            walk(expr.tuple_value)
-
-    walk(value)
-    return found
-
-
-def _relax_globals(value) -> set:
-    found = set()
-
-    def walk(expr):
-        if isinstance(expr, tvm.ir.GlobalVar):
-            found.add(expr)
         elif isinstance(expr, relax.Call):
             walk(expr.op)
             for arg in expr.args:
@@ -669,6 +650,8 @@ def _relax_globals(value) -> set:
         elif isinstance(expr, relax.Tuple):
             for field_ in expr.fields:
                 walk(field_)
+        elif isinstance(expr, relax.TupleGetItem):
+            walk(expr.tuple_value)
 
     walk(value)
     return found
