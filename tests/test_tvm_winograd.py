@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -100,6 +100,14 @@ def test_which_convs_use_winograd(shape, features, stride, pads, expected):
                 assert "T.parallel" in func.script() and "T.vectorized" in func.script(), name
 
 
+def test_row_tile_is_the_row_a_divisor_or_the_widest_with_a_tail():
+    from infoptc.backends._tvm_winograd import ROW_TILE_MAX, row_tile
+
+    assert [row_tile(b) for b in (1, 3, 7, 8)] == [1, 3, 7, 8]  # the whole row
+    assert [row_tile(b) for b in (28, 12, 10, 16)] == [7, 6, 5, 8]  # widest divisor from 4 up
+    assert [row_tile(b) for b in (13, 11, 17)] == [ROW_TILE_MAX] * 3  # a shorter last tile
+
+
 def test_weight_transform_matches_the_definition():
     from infoptc.backends._tvm_winograd import transform_weights
 
@@ -112,11 +120,13 @@ def test_weight_transform_matches_the_definition():
 
 
 @given(channels=st.sampled_from([16, 32, 48]), features=st.sampled_from([8, 24, 32, 64]), height=st.integers(1, 7),
-       width=st.integers(1, 7), batch=st.integers(1, 2), residual=st.booleans())
+       width=st.integers(1, 13), batch=st.integers(1, 2), residual=st.booleans())
+@example(channels=32, features=24, height=3, width=13, batch=1, residual=False)  # 13 blocks: tiles 8 + 5
 @settings(max_examples=10, deadline=None, derandomize=True, database=None)
 def test_winograd_convs_match_ort(channels, features, height, width, batch, residual, tmp_path_factory):
-    """Even sizes (2..14) take the Winograd path, with bias, ReLU and a residual add fused into the
-    kernel, on whole and part vectors of channels (8, 24, 48). All must match ORT."""
+    """Even sizes (2..14 high, 2..26 wide) take the Winograd path, with bias, ReLU and a residual
+    add fused into the kernel, on whole and part vectors of channels (8, 24, 48) and rows of
+    blocks that end in a shorter register tile (9 to 13 blocks). All must match ORT."""
     model = _conv_model(batch, channels, features, 2 * height, 2 * width, residual=residual)
     _check_against_ort(model, tmp_path_factory.mktemp("wino"))
 
