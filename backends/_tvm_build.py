@@ -9,6 +9,7 @@ the CUDA kernels compiled by nvcc.
       -> zero pipeline: LegalizeOps, FoldConstant, FuseOps, FuseTIR
       -> [MetaSchedule: tune the tasks the database lacks, apply the database]
       -> default schedules for what is still unscheduled    dlight rules (ours for CPU)
+      -> Relax build pipeline, accept_unaligned_inputs       llvm: kernels read inputs in place
       -> tvm.compile(target)                                 VM bytecode + kernels
 
 Imported only after TVM is known to be importable.
