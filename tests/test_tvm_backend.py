@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 tvm = pytest.importorskip("tvm")
 
 import infoptc
+from _tvm import kernels_by_name, lowered
 from infoptc.errors import MissingDependencyError, UnsupportedOpError, UsageError
 from infoptc.verify import OrtRunner, Tolerance, compare_outputs, random_inputs
 
@@ -284,14 +285,7 @@ def test_relax_fixes_make_clip_layout_friendly_and_gather_safe():
 def test_default_schedules_parallelize_and_vectorize(golden):
     """Without tuning, every ResNet kernel gets a schedule from the rules; the convolutions run
     their outer tiles in parallel and their channel axis in vector registers."""
-    from infoptc.backends import _tvm_build, _tvm_prepare
-    from tvm import tirx
-
-    prepared = _tvm_prepare.prepare(infoptc.optimize(golden("resnet")))
-    mod = _tvm_prepare.import_onnx(prepared.model)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
-    mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules")
-    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    kernels = kernels_by_name(lowered(infoptc.optimize(golden("resnet")), "haswell"))
     convs = [name for name in kernels if "conv2d" in name and "winograd" not in name]
     winograd = [name for name in kernels if "winograd" in name]
     assert len(convs) >= 4 and len(winograd) >= 3  # 3x3 stride-1: one kernel per shape and epilogue
@@ -306,15 +300,9 @@ def test_default_schedules_parallelize_and_vectorize(golden):
 def test_narrow_input_conv_reads_nchw_in_place(golden):
     """ResNet's 3-channel stem conv reads the NCHW input where it is (no transpose kernel) and
     writes NHWC; the other convs keep NHWC in and out."""
-    from infoptc.backends import _tvm_build, _tvm_prepare
-    from tvm import tirx
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-    prepared = _tvm_prepare.prepare(infoptc.optimize(golden("resnet")))
-    mod = _tvm_prepare.import_onnx(prepared.model)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-    mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules")
-    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+    kernels = kernels_by_name(lowered(infoptc.optimize(golden("resnet"))))
     assert not [name for name in kernels if name.startswith("transpose")]
     shapes = {name: [[int(d) for d in a.shape] for a in ArgInfo.from_prim_func(f)] for name, f in kernels.items()}
     stem = [name for name, s in shapes.items() if s[0] == [1, 3, 224, 224]]
@@ -326,16 +314,9 @@ def test_narrow_input_conv_reads_nchw_in_place(golden):
 def test_fast_math_rewrites_before_legalization(golden):
     """fast_math replaces Relax's exp/erf before LegalizeOps turns them into TIR: run after it,
     FastMathTransform finds nothing to rewrite (BERT: 2.6 -> 3.6 ms, exact erf and exp)."""
-    from infoptc.backends import _tvm_build, _tvm_prepare
-    from tvm import tirx
-
-    prepared = _tvm_prepare.prepare(onnx.load(golden("bert")))
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-    names = {}
-    for fast in (False, True):
-        mod = _tvm_prepare.import_onnx(prepared.model)
-        mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="none", fast_math=fast)
-        names[fast] = " ".join(gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+    model = onnx.load(golden("bert"))
+    names = {fast: " ".join(kernels_by_name(lowered(model, schedules="none", fast_math=fast)))
+             for fast in (False, True)}
     assert "fast_" not in names[False] and "fast_" in names[True], names
 
 

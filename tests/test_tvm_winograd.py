@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 tvm = pytest.importorskip("tvm")
 
 import infoptc
+from _tvm import kernels_by_name, lowered
 from infoptc.verify import OrtRunner, Tolerance, compare_outputs, random_inputs
 
 TOL = Tolerance(atol=1e-4, rtol=1e-4)
@@ -52,23 +53,6 @@ def _check_against_ort(model, tmp_path):
     return artifact
 
 
-def _optimized(model, **options):
-    """The Relax module for AVX-512 (16 lanes), scheduled by the rules."""
-    from infoptc.backends import _tvm_build, _tvm_prepare
-
-    prepared = _tvm_prepare.prepare(model)
-    mod = _tvm_prepare.import_onnx(prepared.model)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-    mod, _ = _tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules", **options)
-    return mod
-
-
-def _kernel_names(model, **options):
-    from tvm import tirx
-
-    return {gv.name_hint: f for gv, f in _optimized(model, **options).functions_items() if isinstance(f, tirx.PrimFunc)}
-
-
 def _calls(mod) -> list[str]:
     """The kernels ``main`` calls, once per call."""
     import re
@@ -89,7 +73,7 @@ def _calls(mod) -> list[str]:
 ])
 def test_which_convs_use_winograd(shape, features, stride, pads, expected):
     batch, channels, height, width = shape
-    kernels = _kernel_names(_conv_model(batch, channels, features, height, width, stride=stride, pads=pads))
+    kernels = kernels_by_name(lowered(_conv_model(batch, channels, features, height, width, stride=stride, pads=pads)))
     used = [name for name in kernels if "winograd_conv2d" in name]
     assert bool(used) == expected, sorted(kernels)
     if expected:  # bias and ReLU fused into the one kernel; every kernel scheduled
@@ -135,7 +119,7 @@ def test_resnet_convs_use_winograd(golden):
     """ResNet's 3x3 stride-1 convs (4 on 16 channels, 3 on 32, 3 on 64) each run as one Winograd
     kernel with the fused epilogue (bias, residual add, ReLU), scheduled by the Transform rule;
     the stem, the two strided 3x3 convs and the two 1x1 downsamples stay direct."""
-    mod = _optimized(infoptc.optimize(golden("resnet")))
+    mod = lowered(infoptc.optimize(golden("resnet")))
     calls = _calls(mod)
     winograd = [name for name in calls if "winograd_conv2d" in name]
     assert len(winograd) == 10, calls
