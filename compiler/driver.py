@@ -11,7 +11,7 @@ from . import ir, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
-from .pipelines import pipeline_for_level
+from .pipelines import pipeline_for_level, quantize_pipeline
 from .targets import Artifact, get_target
 
 
@@ -27,6 +27,9 @@ def compile(
     verify_each: bool = False,
     opt_bisect_limit: int | None = None,
     load_plugins: Sequence[str] = (),
+    quantize: str | None = None,
+    calibration: Any = None,
+    quantize_options: dict[str, Any] | None = None,
     **target_options: Any,
 ) -> Artifact:
     """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
@@ -35,7 +38,11 @@ def compile(
     ``freeze_initializers`` treats initializers that are also listed as graph inputs (old
     exporters list every weight that way) as constants, as onnxsim does: the passes may then fold
     and fuse them, and the optimized model stops accepting them as inputs.
-    The artifact also carries ``source`` (the loaded input model) and ``pass_records``.
+    ``quantize`` (``"int8"`` or ``"int8-dynamic"``) appends the quantizer to the -O level's
+    pipeline (see ``pipelines.quantize_pipeline``); ``calibration`` is its data (a path, or an
+    iterable of feed dicts) and ``quantize_options`` the quantizer pass's options.
+    The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
+    ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
     """
     for path in load_plugins:
         plugins.load_plugin_file(path)
@@ -53,13 +60,23 @@ def compile(
                                           else source))
         if opt_bisect_limit is not None:
             instruments.append(BisectLimit(opt_bisect_limit))
-        manager = PassManager(passes if passes is not None else pipeline_for_level(opt_level), instruments)
-        records = manager.run(graph, PassContext(opset=graph.opset, target=target,
-                                                 input_shapes=dict(input_shapes or {})))
-        artifact = backend.lower(ir.from_graph(graph, source))
+        if quantize is not None:
+            pipeline = quantize_pipeline(passes if passes is not None else opt_level, quantize, quantize_options)
+        else:
+            pipeline = passes if passes is not None else pipeline_for_level(opt_level)
+        manager = PassManager(pipeline, instruments)
+        ctx = PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {}),
+                          options={"calibration": calibration} if calibration is not None else {})
+        records = manager.run(graph, ctx)
+        optimized = ir.from_graph(graph, source)
+        for key, value in sorted(ctx.metadata.items()):
+            entry = next((m for m in optimized.metadata_props if m.key == key), None) or optimized.metadata_props.add()
+            entry.key, entry.value = key, value
+        artifact = backend.lower(optimized)
     artifact.source = source
     artifact.pass_records = records
     artifact.pipeline = str(manager)
+    artifact.reports = ctx.reports
     return artifact
 
 

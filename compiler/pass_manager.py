@@ -122,6 +122,10 @@ class PassContext:
     input_shapes: dict[str, tuple] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     analyses: dict[str, Any] = field(default_factory=dict)
+    # What passes leave for the user: reports by pass name (the quantizer's per-tensor table),
+    # and key/value pairs the driver writes into the model's metadata_props.
+    reports: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def analysis(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self.analyses:

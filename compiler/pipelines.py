@@ -52,6 +52,25 @@ OPT_LEVELS: dict[str, str] = {
 }
 
 
+# The quantizers and the fusions they must run before or instead of. A quantized pipeline is the
+# level's own minus the fusions into ONNX-Runtime-only fp32 kernels (FusedConv, Attention would
+# hide the Conv/MatMuls from the quantizer), then the quantizer, then a final sort.
+QUANTIZERS = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic"}
+_HIDES_FROM_QUANTIZER = ("fuse-attention", "fuse-activation")
+
+
+def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | None = None) -> list:
+    """The pipeline (pass instances) of an -O level, or of pipeline text, with the ``mode``
+    quantizer (``int8`` or ``int8-dynamic``) appended with ``options``."""
+    if mode not in QUANTIZERS:
+        raise UsageError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZERS)}")
+    text = str(level_or_pipeline)
+    if re.fullmatch(r"-?O?[0-3s]", text):
+        text = pipeline_for_level(text)
+    items = [p for p in parse_pipeline(text) if getattr(p, "name", None) not in _HIDES_FROM_QUANTIZER + ("toposort",)]
+    return items + [get_pass(QUANTIZERS[mode])(**(options or {})), get_pass("toposort")()]
+
+
 def opt_level_name(level: int | str) -> str:
     key = str(level).lstrip("-")
     key = key if key.startswith("O") else f"O{key}"

@@ -1,0 +1,404 @@
+"""quantize-int8: calibrated static int8 in the QDQ form ONNX Runtime fuses into int8 kernels.
+
+    Conv(x, w, b)       ->  DQ(Q(x)) -> Conv(DQ(w_s8, s_w), DQ(b_s32, s_x*s_w)) -> Q -> DQ
+    Relu(Conv(...))     ->  the Relu is dropped: the Q after the Conv, whose range starts at 0, clips
+    MaxPool / Reshape / Flatten / Transpose on an int8 tensor stay int8 with the same scale
+
+Activations are uint8 with a calibrated asymmetric range, weights int8 symmetric per output
+channel, biases int32 (ONNX Runtime's x86 kernels: QLinearConv, QLinearMatMul, QGemm,
+QLinearAdd, QLinearGlobalAveragePool). Ops without an int8 kernel stay fp32 between a DQ and a Q.
+Ranges come from running the model over the calibration data (``calibration.py``).
+The pass records a per-tensor report (scale, zero point, SQNR against fp32 on the calibration
+data, worst first) in ``ctx.reports["quantize-int8"]`` and its choices in the model's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from infoptc.errors import UsageError
+from infoptc.ir import from_graph
+from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
+
+from . import calibration
+from .observers import METHODS, quant_params
+from .recipe import ISAS, recipe_for
+
+log = logging.getLogger("infoptc")
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                 "ConvInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QGemm", "QLinearAdd",
+                 "MatMulNBits", "QAttention", "MatMulIntegerToFloat"}
+# Ops that move int8 values without arithmetic: ONNX Runtime runs them on the integers when
+# their input and output share scale and zero point.
+PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+# Ops with int8 kernels of their own output range.
+ELEMENTWISE = {"Add"}
+POOLS = {"GlobalAveragePool", "AveragePool"}
+FOLDABLE = {"Relu", "Clip"}
+
+
+def already_quantized(graph: gs.Graph) -> list[str]:
+    return sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+
+
+def _float_var(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Variable) and (t.dtype is None or np.dtype(t.dtype) == np.float32)
+
+
+def _const(t: gs.Tensor) -> np.ndarray | None:
+    if isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32:
+        return np.asarray(t.values)
+    return None
+
+
+@dataclass
+class Plan:
+    """What to quantize: compute nodes with the axis of their weight's channels, tensors to carry
+    as int8 (``own``: a range of their own; ``shared``: the range of another tensor), folds."""
+
+    weights: dict[int, tuple[gs.Node, int, int]] = field(default_factory=dict)  # id -> (node, input index, axis)
+    nodes: list[gs.Node] = field(default_factory=list)
+    own: list[str] = field(default_factory=list)
+    shared: dict[str, str] = field(default_factory=dict)
+    clip: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor -> bounds of a folded Relu/Clip
+    folds: list[tuple[gs.Node, gs.Node]] = field(default_factory=list)  # (producer, activation)
+    skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stays fp32
+
+    def quantized(self, name: str) -> bool:
+        return name in self.shared or name in self._own
+
+    def __post_init__(self):
+        self._own: set[str] = set()
+
+    def add_own(self, name: str) -> None:
+        if name not in self._own and name not in self.shared:
+            self._own.add(name)
+            self.own.append(name)
+
+    def root(self, name: str) -> str:
+        while name in self.shared:
+            name = self.shared[name]
+        return name
+
+
+def _weight_axis(node: gs.Node) -> tuple[int, int] | None:
+    """(input index, channel axis) of a compute node's constant weight, None if it has none we take."""
+    if node.op == "Conv" and len(node.inputs) >= 2:
+        w = _const(node.inputs[1])
+        if w is not None and w.ndim in (3, 4) and (len(node.inputs) < 3 or _const(node.inputs[2]) is not None):
+            return 1, 0
+    if node.op == "Gemm" and len(node.inputs) >= 2:
+        w = _const(node.inputs[1])
+        ok = (w is not None and w.ndim == 2 and not node.attrs.get("transA", 0)
+              and float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0
+              and (len(node.inputs) < 3 or not node.inputs[2].name or _const(node.inputs[2]) is not None))
+        if ok:
+            return 1, 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul" and len(node.inputs) == 2:
+        w = _const(node.inputs[1])
+        if w is not None and w.ndim == 2:
+            return 1, 1
+    return None
+
+
+def _excluded(node: gs.Node, exclude: set[str]) -> bool:
+    return node.name in exclude or node.op in exclude
+
+
+def _single_consumer(t: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    if t.name in graph_outputs or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
+
+
+def _fold_bounds(act: gs.Node) -> tuple[float, float] | None:
+    """The [lo, hi] an activation clips to, when it is a Relu or a Clip with lo >= 0 constant bounds."""
+    if act.op == "Relu":
+        return 0.0, np.inf
+    if act.op == "Clip":
+        bounds = []
+        for i, default in ((1, -np.inf), (2, np.inf)):
+            t = act.inputs[i] if len(act.inputs) > i and act.inputs[i].name else None
+            if t is None:
+                bounds.append(default)
+                continue
+            v = _const(t)
+            if v is None or v.size != 1:
+                return None
+            bounds.append(float(v.reshape(-1)[0]))
+        if "min" in act.attrs or "max" in act.attrs:  # opset < 11
+            bounds = [float(act.attrs.get("min", -np.inf)), float(act.attrs.get("max", np.inf))]
+        if bounds[0] < 0:
+            return None
+        return bounds[0], bounds[1]
+    return None
+
+
+def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = True) -> Plan:
+    plan = Plan()
+    outputs = {t.name for t in graph.outputs}
+
+    def take_output(node: gs.Node) -> None:
+        """Quantize the node's output, folding a sole Relu/Clip consumer into its range."""
+        out = node.outputs[0]
+        act = _single_consumer(out, outputs)
+        bounds = _fold_bounds(act) if act is not None and act.op in FOLDABLE and not _excluded(act, exclude) else None
+        if bounds is not None and _float_var(act.outputs[0]):
+            plan.folds.append((node, act))
+            out = act.outputs[0]
+            plan.clip[out.name] = bounds
+        plan.add_own(out.name)
+
+    for node in graph.nodes:
+        if _excluded(node, exclude) or not node.outputs or not _float_var(node.outputs[0]):
+            continue
+        weight = _weight_axis(node)
+        x = node.inputs[0] if node.inputs else None
+        if weight is not None and x is not None and _float_var(x):
+            plan.weights[id(node)] = (node, *weight)
+            plan.nodes.append(node)
+            plan.add_own(x.name)
+            take_output(node)
+        elif node.op == "MatMul" and matmul_activations and len(node.inputs) == 2 and all(map(_float_var, node.inputs)):
+            plan.nodes.append(node)
+            for t in node.inputs:
+                plan.add_own(t.name)
+            take_output(node)
+        elif node.op in PASS_THROUGH and x is not None and plan.quantized(x.name) and len(node.outputs) == 1:
+            plan.nodes.append(node)
+            plan.shared[node.outputs[0].name] = x.name
+        elif node.op in POOLS and x is not None and plan.quantized(x.name):
+            plan.nodes.append(node)
+            take_output(node)
+        elif node.op in ELEMENTWISE and len(node.inputs) == 2 and all(map(_float_var, node.inputs)) \
+                and any(plan.quantized(t.name) for t in node.inputs) \
+                and node.inputs[0].shape == node.inputs[1].shape:
+            plan.nodes.append(node)
+            for t in node.inputs:
+                plan.add_own(t.name)
+            take_output(node)
+        elif node.op in ("Conv", "Gemm", "MatMul"):
+            plan.skipped[node.name] = "weights not constant fp32 or attributes without an int8 kernel"
+    return plan
+
+
+def _fold(graph: gs.Graph, producer: gs.Node, act: gs.Node) -> None:
+    """Drop ``act``: ``producer`` writes ``act``'s output tensor directly."""
+    out = act.outputs[0]
+    act.outputs.clear()
+    act.inputs.clear()
+    producer.outputs[0] = out
+
+
+def _quantize_weight(w: np.ndarray, axis: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8: (values, scale per channel along ``axis``)."""
+    moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
+    bound = np.abs(moved).max(axis=1)
+    scale = np.where(bound > 0, bound / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape).astype(np.float64)), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+class _Builder:
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.used = {t.name for t in graph.tensors().values()} | {n.name for n in graph.nodes}
+
+    def name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+    def const(self, base: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.name(base), np.array(values, copy=True, order="C"))  # keeps 0-d arrays 0-d
+
+    def node(self, op: str, base: str, inputs: list, out: gs.Variable, attrs: dict | None = None) -> gs.Node:
+        node = gs.Node(op, self.name(base), attrs or {}, inputs, [out])
+        self.graph.nodes.append(node)
+        return node
+
+
+def _insert_qdq(b: _Builder, t: gs.Variable, scale: np.float32, zp: int, graph: gs.Graph) -> None:
+    """Route ``t`` through one QuantizeLinear and a DequantizeLinear per consumer (ONNX Runtime
+    groups a DQ with one consumer only: a DQ shared by a Conv and an Add leaves the Add in fp32).
+    The first DQ's output keeps the name ``t`` (graph outputs and the report find it there), except
+    for graph inputs, which keep theirs."""
+    s = b.const(f"{t.name}_scale", np.array(scale, dtype=np.float32))
+    z = b.const(f"{t.name}_zero_point", np.array(zp, dtype=np.uint8))
+    q = gs.Variable(b.name(f"{t.name}_quantized"), dtype=np.uint8, shape=t.shape)
+    consumers = list(t.outputs)
+    is_output = any(o is t for o in graph.outputs)
+    if any(i is t for i in graph.inputs):
+        b.node("QuantizeLinear", f"{t.name}_QuantizeLinear", [t, s, z], q)
+        firsts: list[gs.Variable] = []
+    else:  # the producer writes a new fp32 tensor; ``t`` becomes a DQ output
+        raw = gs.Variable(b.name(f"{t.name}_fp32"), dtype=np.float32, shape=t.shape)
+        producer = t.inputs[0]
+        producer.outputs[producer.outputs.index(t)] = raw
+        b.node("QuantizeLinear", f"{t.name}_QuantizeLinear", [raw, s, z], q)
+        b.node("DequantizeLinear", f"{t.name}_DequantizeLinear", [q, s, z], t)
+        firsts = [t]
+    for k, consumer in enumerate(consumers):
+        if firsts and k == 0 and not is_output:
+            continue  # the first consumer reads ``t`` itself
+        dq = gs.Variable(b.name(f"{t.name}_dequantized"), dtype=np.float32, shape=t.shape)
+        b.node("DequantizeLinear", f"{t.name}_DequantizeLinear", [q, s, z], dq)
+        for i, inp in enumerate(consumer.inputs):
+            if inp is t:
+                consumer.inputs[i] = dq
+
+
+def _dq_weight(b: _Builder, node: gs.Node, index: int, axis: int, qmax: int, x_scale: np.float32) -> int:
+    """Replace the node's weight (and bias) by int8 (int32) constants behind DequantizeLinear.
+    Returns the fp32 bytes replaced."""
+    w = np.asarray(node.inputs[index].values)
+    q, scale = _quantize_weight(w, axis, qmax)
+    wq = b.const(f"{node.inputs[index].name}_quantized", q)
+    ws = b.const(f"{node.inputs[index].name}_scale", scale)
+    wz = b.const(f"{node.inputs[index].name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+    wdq = gs.Variable(b.name(f"{node.inputs[index].name}_dequantized"), dtype=np.float32, shape=list(w.shape))
+    b.node("DequantizeLinear", f"{node.name}_weight_DequantizeLinear", [wq, ws, wz], wdq, {"axis": axis})
+    replaced = w.nbytes
+    node.inputs[index] = wdq
+    bias_index = 2
+    if node.op in ("Conv", "Gemm") and len(node.inputs) > bias_index and node.inputs[bias_index].name:
+        bias = np.asarray(node.inputs[bias_index].values, dtype=np.float64)
+        if bias.ndim == 1 and bias.shape[0] == scale.shape[0]:
+            bscale = (np.float64(x_scale) * scale.astype(np.float64)).astype(np.float32)
+            bq = np.clip(np.round(bias / bscale.astype(np.float64)), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+            name = node.inputs[bias_index].name
+            bdq = gs.Variable(b.name(f"{name}_dequantized"), dtype=np.float32, shape=[bias.shape[0]])
+            b.node("DequantizeLinear", f"{node.name}_bias_DequantizeLinear",
+                   [b.const(f"{name}_quantized", bq), b.const(f"{name}_scale", bscale),
+                    b.const(f"{name}_zero_point", np.zeros(bscale.shape, dtype=np.int32))], bdq, {"axis": 0})
+            replaced += bias.astype(np.float32).nbytes
+            node.inputs[bias_index] = bdq
+    return replaced
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    ref = np.asarray(ref, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(max(signal, 1e-30) / noise)
+
+
+def layer_report(fp32, quant, tensors: list[str], params: dict[str, tuple], producers: dict[str, str],
+                 data, samples: int) -> list[dict]:
+    """Per quantized tensor: its op, scale, zero point and SQNR (dB) of the quantized model's value
+    against the fp32 model's, over the first ``samples`` calibration samples. Worst first."""
+    names = [t for t in tensors if t in {o for n in fp32.graph.node for o in n.output}]
+    ref_session = calibration.ort_session(calibration.with_outputs(fp32, names))
+    q_session = calibration.ort_session(calibration.with_outputs(quant, names))
+    refs: dict[str, list] = {n: [] for n in names}
+    tests: dict[str, list] = {n: [] for n in names}
+    for i, feed in enumerate(data):
+        if i >= samples:
+            break
+        for n, r, q in zip(names, ref_session.run(names, feed), q_session.run(names, feed)):
+            refs[n].append(r.ravel())
+            tests[n].append(q.ravel())
+    rows = []
+    for n in names:
+        scale, zp = params[n]
+        rows.append({"tensor": n, "op": producers.get(n, "input"), "scale": float(scale), "zero_point": int(zp),
+                     "sqnr_db": round(sqnr_db(np.concatenate(refs[n]), np.concatenate(tests[n])), 2)})
+    rows.sort(key=lambda r: (r["sqnr_db"], r["tensor"]))
+    return rows
+
+
+@register_pass
+class QuantizeInt8(Pass):
+    name = "quantize-int8"
+    summary = "calibrated static int8 (uint8 activations, int8 per-channel weights) as QDQ for ONNX Runtime's int8 kernels"
+    contract = Contract.LOSSY
+    reports_changes = True
+    options = {
+        "calibration": Option("", "calibration data: an .npz of stacked samples or a folder of .npz files"),
+        "method": Option("minmax", "how activation ranges are chosen", choices=METHODS),
+        "percentile": Option(99.999, "the percentile kept by method=percentile"),
+        "samples": Option(0, "calibration samples to use (0: all)"),
+        "cache": Option("", "file that keeps observed ranges, keyed by model and data hashes"),
+        "exclude": Option("", "node names or op types left fp32, separated by ';'"),
+        "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),
+        "matmul-activations": Option(True, "also quantize MatMuls of two activations (attention)"),
+        "requantize": Option(False, "quantize a model that already holds quantized ops"),
+        "report-samples": Option(4, "calibration samples the per-tensor SQNR report runs (0: no report)"),
+    }
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        present = already_quantized(graph)
+        if present and not self.opts["requantize"]:
+            raise UsageError(f"the model is already quantized ({', '.join(present)} present); "
+                             "pass requantize=true (--requantize) to quantize it again")
+        recipe = recipe_for(self.opts["isa"])
+        exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
+        plan = plan_static(graph, exclude, self.opts["matmul-activations"])
+        if not plan.weights:
+            log.warning("quantize-int8: nothing worth quantizing (no Conv, Gemm or MatMul with constant "
+                        "fp32 weights); the model stays fp32")
+            return PassResult(False, {"quantized": 0})
+        source = ctx.options.get("calibration") or self.opts["calibration"]
+        if source is None or source == "":
+            raise UsageError("quantize-int8 needs calibration data (--calibration FILE.npz or a folder of .npz)")
+        if graph.opset < 13:
+            raise UsageError(f"quantize-int8 needs opset 13 or newer (per-channel QuantizeLinear); the model "
+                             f"imports opset {graph.opset}")
+        fp32 = from_graph(graph)
+        data = calibration.CalibrationData(source, calibration.model_inputs(fp32), self.opts["samples"])
+        observed = plan.own
+        observers, hit = calibration.cached_observers(fp32, observed, data, self.opts["cache"] or None)
+
+        params: dict[str, tuple[np.float32, int]] = {}
+        for name in observed:
+            lo, hi = observers[name].range(self.opts["method"], self.opts["percentile"])
+            clip_lo, clip_hi = plan.clip.get(name, (-np.inf, np.inf))
+            params[name] = quant_params(max(lo, clip_lo), min(hi, clip_hi))
+        for name in plan.shared:
+            params[name] = params[plan.root(name)]
+
+        producers = {}
+        for node in graph.nodes:
+            for o in node.outputs:
+                producers[o.name] = node.op
+        for producer, act in plan.folds:
+            _fold(graph, producer, act)
+        b = _Builder(graph)
+        tensors = graph.tensors()
+        for name, (scale, zp) in params.items():
+            _insert_qdq(b, tensors[name], scale, zp, graph)
+        weight_bytes = 0
+        for node, index, axis in plan.weights.values():
+            weight_bytes += _dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node))
+        counters = {"quantized": len(plan.nodes), "weights": len(plan.weights), "tensors": len(params),
+                    "relu_folded": len(plan.folds), "fp32_compute_left": len(plan.skipped),
+                    "calibration_cached": int(hit)}
+        ctx.metadata["infoptc.quantization"] = json.dumps(
+            {"pass": self.name, "recipe": recipe.as_dict(), "method": self.opts["method"],
+             "samples": self.opts["samples"] or "all"}, sort_keys=True)
+        if self.opts["report-samples"]:
+            graph.cleanup().toposort()
+            quant = from_graph(graph)
+            ctx.reports[self.name] = {
+                "recipe": recipe.as_dict(), "skipped": plan.skipped,
+                "tensors": layer_report(fp32, quant, list(params), params, producers, data,
+                                        self.opts["report-samples"])}
+        return PassResult(True, counters)
+
+    @staticmethod
+    def _input_scale(node: gs.Node) -> np.float32:
+        """The scale of the DequantizeLinear that now feeds the node's activation input."""
+        dq = node.inputs[0].inputs[0]
+        return np.float32(dq.inputs[1].values)

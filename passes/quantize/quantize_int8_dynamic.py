@@ -1,0 +1,123 @@
+"""quantize-int8-dynamic: int8 weights, activations quantized at run time (no calibration).
+
+    MatMul(x, w)            ->  DynamicQuantizeMatMul(x, w_s8, s_w)          com.microsoft
+    Add(MatMul(x, w), b)    ->  DynamicQuantizeMatMul(x, w_s8, s_w, , b)     (b constant, one per column)
+    Gemm(x, w, c)           ->  DynamicQuantizeMatMul(x, w_s8 (transposed if transB), s_w, , c)
+
+Weights are int8, symmetric, one scale per output column; ONNX Runtime quantizes ``x`` to uint8
+per call from its own range, multiplies in int32 and scales back to fp32 in one kernel. This is
+the kernel ONNX Runtime's ``quantize_dynamic`` output fuses into at load time, emitted directly.
+Weights smaller than ``min-weight-elements`` stay fp32: quantizing the activation costs a pass
+over it, which a small product does not win back. Only for the onnx target (ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from infoptc.errors import UsageError
+from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
+
+from .quantize_int8 import _Builder, _const, _excluded, _float_var, _quantize_weight, already_quantized
+from .recipe import ISAS, recipe_for
+
+log = logging.getLogger("infoptc")
+
+
+def _dynamic_weight(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The node's weight as [K, N] and its bias [N] (or None), when the node can be replaced."""
+    if node.op == "MatMul" and len(node.inputs) == 2:
+        w = _const(node.inputs[1])
+        return (w, None) if w is not None and w.ndim == 2 else None
+    if node.op == "Gemm" and len(node.inputs) >= 2:
+        w = _const(node.inputs[1])
+        if (w is None or w.ndim != 2 or node.attrs.get("transA", 0)
+                or float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0):
+            return None
+        w = w.T if node.attrs.get("transB", 0) else w
+        bias = None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias = _const(node.inputs[2])
+            if bias is None or bias.ndim != 1 or bias.shape[0] != w.shape[1]:
+                return None
+        return w, bias
+    return None
+
+
+def _bias_add(node: gs.Node, n: int, outputs: set[str]) -> tuple[gs.Node, np.ndarray] | None:
+    """The sole consumer Add of a MatMul's output that adds a constant [N] bias."""
+    out = node.outputs[0]
+    if out.name in outputs or len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None
+    add = out.outputs[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    bias = _const(other)
+    if bias is None or bias.size != n or bias.shape[-1:] != (n,) or any(d != 1 for d in bias.shape[:-1]):
+        return None
+    if len(bias.shape) > len(out.shape or []):  # the bias would add a dimension
+        return None
+    return add, bias.reshape(n)
+
+
+@register_pass
+class QuantizeInt8Dynamic(Pass):
+    name = "quantize-int8-dynamic"
+    summary = "int8 weights with run-time activation quantization (ONNX Runtime's DynamicQuantizeMatMul)"
+    contract = Contract.LOSSY
+    reports_changes = True
+    options = {
+        "exclude": Option("", "node names or op types left fp32, separated by ';'"),
+        "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),
+        "min-weight-elements": Option(4096, "weights with fewer elements stay fp32"),
+        "requantize": Option(False, "quantize a model that already holds quantized ops"),
+    }
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        present = already_quantized(graph)
+        if present and not self.opts["requantize"]:
+            raise UsageError(f"the model is already quantized ({', '.join(present)} present); "
+                             "pass requantize=true (--requantize) to quantize it again")
+        recipe = recipe_for(self.opts["isa"])
+        exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
+        outputs = {t.name for t in graph.outputs}
+        b = _Builder(graph)
+        counters = {"quantized": 0, "bias_absorbed": 0, "too_small": 0}
+        for node in list(graph.nodes):
+            if _excluded(node, exclude) or not node.outputs or not node.inputs or not _float_var(node.inputs[0]):
+                continue
+            found = _dynamic_weight(node)
+            if found is None:
+                continue
+            w, bias = found
+            if w.size < self.opts["min-weight-elements"]:
+                counters["too_small"] += 1
+                continue
+            out = node.outputs[0]
+            if bias is None and node.op == "MatMul":
+                absorbed = _bias_add(node, w.shape[1], outputs)
+                if absorbed is not None:
+                    add, bias = absorbed
+                    out = add.outputs[0]
+                    add.outputs.clear()
+                    add.inputs.clear()
+                    counters["bias_absorbed"] += 1
+            q, scale = _quantize_weight(w, 1, recipe.weight_qmax)
+            wname = node.inputs[1].name
+            inputs = [node.inputs[0], b.const(f"{wname}_quantized", q), b.const(f"{wname}_scale", scale),
+                      b.const(f"{wname}_zero_point", np.zeros(scale.shape, dtype=np.int8))]
+            if bias is not None:
+                inputs.append(b.const(f"{wname}_bias", bias.astype(np.float32)))
+            node.outputs.clear()
+            node.inputs.clear()
+            b.node("DynamicQuantizeMatMul", f"{node.name}_quant", inputs, out).domain = "com.microsoft"
+            counters["quantized"] += 1
+        if not counters["quantized"]:
+            log.warning("quantize-int8-dynamic: nothing worth quantizing (no MatMul/Gemm with a constant fp32 "
+                        "weight of %d elements or more); the model stays fp32", self.opts["min-weight-elements"])
+            return PassResult(False, counters)
+        ctx.metadata["infoptc.quantization"] = json.dumps(
+            {"pass": self.name, "recipe": recipe.as_dict()}, sort_keys=True)
+        return PassResult(True, counters)
