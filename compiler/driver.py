@@ -30,6 +30,9 @@ def compile(
     quantize: str | None = None,
     calibration: Any = None,
     quantize_options: dict[str, Any] | None = None,
+    equalize: bool = False,
+    correct_bias: bool = False,
+    smooth_quant: float | None = None,
     **target_options: Any,
 ) -> Artifact:
     """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
@@ -40,7 +43,8 @@ def compile(
     and fuse them, and the optimized model stops accepting them as inputs.
     ``quantize`` (``"int8"`` or ``"int8-dynamic"``) appends the quantizer to the -O level's
     pipeline (see ``pipelines.quantize_pipeline``); ``calibration`` is its data (a path, or an
-    iterable of feed dicts) and ``quantize_options`` the quantizer pass's options.
+    iterable of feed dicts) and ``quantize_options`` the quantizer pass's options; ``equalize``,
+    ``correct_bias`` and ``smooth_quant`` (an alpha) add the accuracy-recovery passes before it.
     The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
     ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
     """
@@ -61,7 +65,8 @@ def compile(
         if opt_bisect_limit is not None:
             instruments.append(BisectLimit(opt_bisect_limit))
         if quantize is not None:
-            pipeline = quantize_pipeline(passes if passes is not None else opt_level, quantize, quantize_options)
+            pipeline = quantize_pipeline(passes if passes is not None else opt_level, quantize, quantize_options,
+                                         equalize=equalize, correct_bias=correct_bias, smooth_quant=smooth_quant)
         else:
             pipeline = passes if passes is not None else pipeline_for_level(opt_level)
         manager = PassManager(pipeline, instruments)

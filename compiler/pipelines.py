@@ -59,16 +59,33 @@ QUANTIZERS = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic"}
 _HIDES_FROM_QUANTIZER = ("fuse-attention", "fuse-activation")
 
 
-def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | None = None) -> list:
+def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | None = None, *,
+                      equalize: bool = False, correct_bias: bool = False,
+                      smooth_quant: float | None = None) -> list:
     """The pipeline (pass instances) of an -O level, or of pipeline text, with the ``mode``
-    quantizer (``int8`` or ``int8-dynamic``) appended with ``options``."""
+    quantizer (``int8`` or ``int8-dynamic``) appended with ``options``, preceded by the
+    accuracy-recovery passes asked for: ``equalize-cross-layer``, ``smooth-quant{alpha}``,
+    ``correct-bias`` (which computes the weights' rounding as the quantizer will: same isa)."""
     if mode not in QUANTIZERS:
         raise UsageError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZERS)}")
+    options = dict(options or {})
     text = str(level_or_pipeline)
     if re.fullmatch(r"-?O?[0-3s]", text):
         text = pipeline_for_level(text)
     items = [p for p in parse_pipeline(text) if getattr(p, "name", None) not in _HIDES_FROM_QUANTIZER + ("toposort",)]
-    return items + [get_pass(QUANTIZERS[mode])(**(options or {})), get_pass("toposort")()]
+    if equalize:
+        items.append(get_pass("equalize-cross-layer")())
+    if smooth_quant is not None:
+        items.append(get_pass("smooth-quant")(alpha=smooth_quant, **_shared(options, "calibration", "samples")))
+    if correct_bias:
+        if mode != "int8":
+            raise UsageError("bias correction needs the static int8 quantizer (--quantize int8)")
+        items.append(get_pass("correct-bias")(**_shared(options, "calibration", "samples", "isa", "exclude")))
+    return items + [get_pass(QUANTIZERS[mode])(**options), get_pass("toposort")()]
+
+
+def _shared(options: dict, *keys: str) -> dict:
+    return {k: options[k] for k in keys if k in options}
 
 
 def opt_level_name(level: int | str) -> str:

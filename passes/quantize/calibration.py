@@ -243,3 +243,30 @@ def _from_json(d: dict) -> Observer:
     obs.lo, obs.hi, obs.edge_lo, obs.edge_hi, obs.count = d["lo"], d["hi"], d["edge_lo"], d["edge_hi"], d["count"]
     obs.hist = None if d["hist"] is None else np.asarray(d["hist"], dtype=np.float64).reshape(BINS)
     return obs
+
+
+def channel_stats(model: onnx.ModelProto, tensors: Mapping[str, int], data: CalibrationData
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per channel of each tensor (``name -> channel axis``): (mean, max |x|) over ``data``."""
+    names = list(tensors)
+    session = ort_session(with_outputs(model, names))
+    sums: dict[str, np.ndarray] = {}
+    peaks: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in data:
+        for name, value in zip(names, session.run(names, feed)):
+            v = np.moveaxis(np.asarray(value, dtype=np.float64), tensors[name], -1)
+            v = v.reshape(-1, v.shape[-1])
+            sums[name] = sums.get(name, 0) + v.sum(axis=0)
+            peaks[name] = np.maximum(peaks.get(name, 0), np.abs(v).max(axis=0))
+            counts[name] = counts.get(name, 0) + v.shape[0]
+    return {n: (sums[n] / counts[n], peaks[n]) for n in names}
+
+
+def calibration_source(ctx_options: Mapping, opts: Mapping, pass_name: str):
+    """The calibration data a pass was given: the driver's (Python iterables included) first,
+    then the pass's own ``calibration`` option; a usage error when there is none."""
+    source = ctx_options["calibration"] if "calibration" in ctx_options else opts.get("calibration", "")
+    if isinstance(source, str) and not source:
+        raise UsageError(f"{pass_name} needs calibration data (--calibration FILE.npz or a folder of .npz)")
+    return source

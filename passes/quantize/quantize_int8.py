@@ -350,9 +350,7 @@ class QuantizeInt8(Pass):
             log.warning("quantize-int8: nothing worth quantizing (no Conv, Gemm or MatMul with constant "
                         "fp32 weights); the model stays fp32")
             return PassResult(False, {"quantized": 0})
-        source = ctx.options["calibration"] if "calibration" in ctx.options else self.opts["calibration"]
-        if isinstance(source, str) and not source:
-            raise UsageError("quantize-int8 needs calibration data (--calibration FILE.npz or a folder of .npz)")
+        source = calibration.calibration_source(ctx.options, self.opts, self.name)
         if graph.opset < 13:
             raise UsageError(f"quantize-int8 needs opset 13 or newer (per-channel QuantizeLinear); the model "
                              f"imports opset {graph.opset}")
