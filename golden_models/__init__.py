@@ -9,6 +9,13 @@ names) and ``example_inputs(...) -> dict[str, np.ndarray]``.
     build_all("out/")                       # writes out/<name>.onnx (+ digits_cnn_test.npz)
 
 ``digits_cnn`` needs scikit-learn (for the bundled ``load_digits`` data).
+
+Real-size models (``REAL_SIZE_NAMES``: resnet18, mobilenetv2, efficientnet_b0,
+vit_tiny, bert_small, gpt2_small; 14-370 MB each) are built on demand only:
+``REAL_SIZE_BUILDERS[name]()``, ``build_all(out, ["resnet18"])`` or
+``python golden_models/build.py resnet18``; ``build_all()`` with no names and
+``BUILDERS`` stay the small, fast set.  Trained models shipped in PyPI wheels,
+with real calibration / evaluation data and task metrics: ``golden_models.trained``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ import onnx
 
 MODEL_NAMES: tuple[str, ...] = (
     "resnet", "mobilenet", "bert", "gpt", "mlp", "control_flow", "digits_cnn",
+)
+# large, built on demand only (never by build_all() without names)
+REAL_SIZE_NAMES: tuple[str, ...] = (
+    "resnet18", "mobilenetv2", "efficientnet_b0", "vit_tiny", "bert_small", "gpt2_small",
 )
 
 
@@ -36,12 +47,16 @@ def _lazy_builder(name: str) -> Callable[[], onnx.ModelProto]:
 
 def module(name: str):
     """The model module ``golden_models.<name>`` (imported on first use)."""
-    if name not in MODEL_NAMES:
-        raise KeyError(f"unknown golden model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if name not in MODEL_NAMES and name not in REAL_SIZE_NAMES:
+        raise KeyError(f"unknown golden model {name!r}; known: "
+                       f"{', '.join(MODEL_NAMES + REAL_SIZE_NAMES)}")
     return importlib.import_module(f"{__name__}.{name}")
 
 
 BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {n: _lazy_builder(n) for n in MODEL_NAMES}
+REAL_SIZE_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
+    n: _lazy_builder(n) for n in REAL_SIZE_NAMES
+}
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
 
@@ -52,7 +67,9 @@ def example_inputs(name: str, **kwargs):
 
 
 def build_all(out_dir=None, names: Iterable[str] | None = None) -> list[Path]:
-    """Build the named models (default: all) and ``onnx.save`` them as ``<out_dir>/<name>.onnx``.
+    """Build the named models and ``onnx.save`` them as ``<out_dir>/<name>.onnx``.
+
+    Default: all of ``MODEL_NAMES`` (the small ones); real-size models only when named.
 
     ``digits_cnn`` also writes its held-out split as ``digits_cnn_test.npz``.
     Returns the written paths, in order.  Output bytes are identical on every run.
@@ -60,12 +77,13 @@ def build_all(out_dir=None, names: Iterable[str] | None = None) -> list[Path]:
     out = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     selected = list(MODEL_NAMES) if names is None else list(names)
+    builders = {**BUILDERS, **REAL_SIZE_BUILDERS}
     for n in selected:
-        if n not in BUILDERS:
-            raise KeyError(f"unknown golden model {n!r}; known: {', '.join(MODEL_NAMES)}")
+        if n not in builders:
+            raise KeyError(f"unknown golden model {n!r}; known: {', '.join(builders)}")
     written: list[Path] = []
     for n in selected:
-        model = BUILDERS[n]()
+        model = builders[n]()
         path = out / f"{n}.onnx"
         onnx.save(model, str(path))
         written.append(path)
@@ -74,4 +92,5 @@ def build_all(out_dir=None, names: Iterable[str] | None = None) -> list[Path]:
     return written
 
 
-__all__ = ["BUILDERS", "MODEL_NAMES", "DEFAULT_OUT_DIR", "build_all", "example_inputs", "module"]
+__all__ = ["BUILDERS", "MODEL_NAMES", "REAL_SIZE_BUILDERS", "REAL_SIZE_NAMES", "DEFAULT_OUT_DIR",
+           "build_all", "example_inputs", "module"]
