@@ -80,7 +80,7 @@ def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | N
     if correct_bias:
         if mode != "int8":
             raise UsageError("bias correction needs the static int8 quantizer (--quantize int8)")
-        items.append(get_pass("correct-bias")(**_shared(options, "calibration", "samples", "isa", "exclude")))
+        items.append(get_pass("correct-bias")(**_shared(options, "calibration", "samples", "isa", "exclude", "per-channel")))
     return items + [get_pass(QUANTIZERS[mode])(**options), get_pass("toposort")()]
 
 

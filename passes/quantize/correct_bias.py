@@ -21,21 +21,22 @@ from infoptc.rewrite import Namer
 
 from . import calibration
 from .equalize_cross_layer import set_constant
-from .quantize_int8 import _const, _excluded, _float_var, _quantize_weight, _weight_axis
+from .quantize_int8 import const_float, excluded, is_float_activation, quantize_weight, weight_axis
 from .recipe import ISAS, recipe_for
 
 
-def _dequantized(w: np.ndarray, axis: int, qmax: int) -> np.ndarray:
-    q, scale = _quantize_weight(w, axis, qmax)
+def _dequantized(w: np.ndarray, axis: int, qmax: int, per_channel: bool = True) -> np.ndarray:
+    q, scale = quantize_weight(w, axis, qmax, per_channel)
     shape = [1] * w.ndim
     shape[axis] = -1
     return q.astype(np.float64) * scale.reshape(shape).astype(np.float64)
 
 
-def bias_shift(node: gs.Node, w: np.ndarray, axis: int, qmax: int, mean_x: np.ndarray) -> np.ndarray:
+def bias_shift(node: gs.Node, w: np.ndarray, axis: int, qmax: int, mean_x: np.ndarray,
+               per_channel: bool = True) -> np.ndarray:
     """``(W - W_q) E[x]`` per output channel of a Conv (w [O, I/g, kh, kw]) or Gemm (w [K, N] or
     [N, K] with transB)."""
-    err = w.astype(np.float64) - _dequantized(w, axis, qmax)
+    err = w.astype(np.float64) - _dequantized(w, axis, qmax, per_channel)
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
         out_ch, in_per_group = err.shape[:2]
@@ -57,6 +58,7 @@ class CorrectBias(Pass):
         "samples": Option(0, "calibration samples to use (0: all)"),
         "isa": Option("auto", "the CPU the int8 kernels target; must match quantize-int8's", choices=ISAS),
         "exclude": Option("", "node names or op types left alone, separated by ';'"),
+        "per-channel": Option(True, "the weight scales quantize-int8 will use: per channel, or one per tensor"),
     }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -64,8 +66,8 @@ class CorrectBias(Pass):
         exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
         targets = []
         for node in graph.nodes:
-            found = _weight_axis(node) if node.op in ("Conv", "Gemm") else None
-            if found is None or _excluded(node, exclude) or not _float_var(node.inputs[0]):
+            found = weight_axis(node) if node.op in ("Conv", "Gemm") else None
+            if found is None or excluded(node, exclude) or not is_float_activation(node.inputs[0]):
                 continue
             targets.append((node, *found))
         if not targets:
@@ -77,9 +79,9 @@ class CorrectBias(Pass):
         stats = calibration.channel_stats(model, axes, data)
         namer = Namer([graph])
         for node, index, axis in targets:
-            w = _const(node.inputs[index])
-            shift = bias_shift(node, w, axis, qmax, stats[node.inputs[0].name][0])
+            w = const_float(node.inputs[index])
+            shift = bias_shift(node, w, axis, qmax, stats[node.inputs[0].name][0], self.opts["per-channel"])
             has_bias = len(node.inputs) > 2 and node.inputs[2].name
-            bias = _const(node.inputs[2]).astype(np.float64) if has_bias else np.zeros(shift.shape)
+            bias = const_float(node.inputs[2]).astype(np.float64) if has_bias else np.zeros(shift.shape)
             set_constant(node, 2, bias + shift, namer, "_corrected")
         return PassResult(True, {"corrected": len(targets)})

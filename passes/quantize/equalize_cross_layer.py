@@ -19,16 +19,16 @@ import onnx_graphsurgeon as gs
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 from infoptc.rewrite import Namer
 
-from .quantize_int8 import _const
+from .quantize_int8 import const_float
 
 
 def _conv_weights(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
     if node.op != "Conv" or len(node.inputs) < 2:
         return None
-    w = _const(node.inputs[1])
+    w = const_float(node.inputs[1])
     if w is None or w.ndim != 4:
         return None
-    b = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    b = const_float(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
     if len(node.inputs) > 2 and node.inputs[2].name and b is None:
         return None
     return w, b

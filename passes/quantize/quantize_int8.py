@@ -37,8 +37,9 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
 # their input and output share scale and zero point.
 PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 # Ops with int8 kernels of their own output range.
-ELEMENTWISE = {"Add"}
+ELEMENTWISE = {"Add", "Mul"}  # QLinearAdd / QLinearMul, with broadcasting
 POOLS = {"GlobalAveragePool", "AveragePool"}
+UNARY = {"Sigmoid"}  # QLinearSigmoid: a 256-entry table
 FOLDABLE = {"Relu", "Clip"}
 
 
@@ -46,11 +47,11 @@ def already_quantized(graph: gs.Graph) -> list[str]:
     return sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
 
 
-def _float_var(t: gs.Tensor) -> bool:
+def is_float_activation(t: gs.Tensor) -> bool:
     return isinstance(t, gs.Variable) and (t.dtype is None or np.dtype(t.dtype) == np.float32)
 
 
-def _const(t: gs.Tensor) -> np.ndarray | None:
+def const_float(t: gs.Tensor) -> np.ndarray | None:
     if isinstance(t, gs.Constant) and np.dtype(t.dtype) == np.float32:
         return np.asarray(t.values)
     return None
@@ -86,27 +87,27 @@ class Plan:
         return name
 
 
-def _weight_axis(node: gs.Node) -> tuple[int, int] | None:
+def weight_axis(node: gs.Node) -> tuple[int, int] | None:
     """(input index, channel axis) of a compute node's constant weight, None if it has none we take."""
     if node.op == "Conv" and len(node.inputs) >= 2:
-        w = _const(node.inputs[1])
-        if w is not None and w.ndim in (3, 4) and (len(node.inputs) < 3 or _const(node.inputs[2]) is not None):
+        w = const_float(node.inputs[1])
+        if w is not None and w.ndim in (3, 4) and (len(node.inputs) < 3 or const_float(node.inputs[2]) is not None):
             return 1, 0
     if node.op == "Gemm" and len(node.inputs) >= 2:
-        w = _const(node.inputs[1])
+        w = const_float(node.inputs[1])
         ok = (w is not None and w.ndim == 2 and not node.attrs.get("transA", 0)
               and float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0
-              and (len(node.inputs) < 3 or not node.inputs[2].name or _const(node.inputs[2]) is not None))
+              and (len(node.inputs) < 3 or not node.inputs[2].name or const_float(node.inputs[2]) is not None))
         if ok:
             return 1, 0 if node.attrs.get("transB", 0) else 1
     if node.op == "MatMul" and len(node.inputs) == 2:
-        w = _const(node.inputs[1])
+        w = const_float(node.inputs[1])
         if w is not None and w.ndim == 2:
             return 1, 1
     return None
 
 
-def _excluded(node: gs.Node, exclude: set[str]) -> bool:
+def excluded(node: gs.Node, exclude: set[str]) -> bool:
     return node.name in exclude or node.op in exclude
 
 
@@ -127,7 +128,7 @@ def _fold_bounds(act: gs.Node) -> tuple[float, float] | None:
             if t is None:
                 bounds.append(default)
                 continue
-            v = _const(t)
+            v = const_float(t)
             if v is None or v.size != 1:
                 return None
             bounds.append(float(v.reshape(-1)[0]))
@@ -139,7 +140,8 @@ def _fold_bounds(act: gs.Node) -> tuple[float, float] | None:
     return None
 
 
-def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = True) -> Plan:
+def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = True,
+                elementwise: bool = True) -> Plan:
     plan = Plan()
     outputs = {t.name for t in graph.outputs}
 
@@ -147,24 +149,24 @@ def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = T
         """Quantize the node's output, folding a sole Relu/Clip consumer into its range."""
         out = node.outputs[0]
         act = _single_consumer(out, outputs)
-        bounds = _fold_bounds(act) if act is not None and act.op in FOLDABLE and not _excluded(act, exclude) else None
-        if bounds is not None and _float_var(act.outputs[0]):
+        bounds = _fold_bounds(act) if act is not None and act.op in FOLDABLE and not excluded(act, exclude) else None
+        if bounds is not None and is_float_activation(act.outputs[0]):
             plan.folds.append((node, act))
             out = act.outputs[0]
             plan.clip[out.name] = bounds
         plan.add_own(out.name)
 
     for node in graph.nodes:
-        if _excluded(node, exclude) or not node.outputs or not _float_var(node.outputs[0]):
+        if excluded(node, exclude) or not node.outputs or not is_float_activation(node.outputs[0]):
             continue
-        weight = _weight_axis(node)
+        weight = weight_axis(node)
         x = node.inputs[0] if node.inputs else None
-        if weight is not None and x is not None and _float_var(x):
+        if weight is not None and x is not None and is_float_activation(x):
             plan.weights[id(node)] = (node, *weight)
             plan.nodes.append(node)
             plan.add_own(x.name)
             take_output(node)
-        elif node.op == "MatMul" and matmul_activations and len(node.inputs) == 2 and all(map(_float_var, node.inputs)):
+        elif node.op == "MatMul" and matmul_activations and len(node.inputs) == 2 and all(map(is_float_activation, node.inputs)):
             plan.nodes.append(node)
             for t in node.inputs:
                 plan.add_own(t.name)
@@ -175,9 +177,11 @@ def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = T
         elif node.op in POOLS and x is not None and plan.quantized(x.name):
             plan.nodes.append(node)
             take_output(node)
-        elif node.op in ELEMENTWISE and len(node.inputs) == 2 and all(map(_float_var, node.inputs)) \
-                and any(plan.quantized(t.name) for t in node.inputs) \
-                and node.inputs[0].shape == node.inputs[1].shape:
+        elif node.op in UNARY and elementwise and x is not None and plan.quantized(x.name):
+            plan.nodes.append(node)
+            take_output(node)
+        elif node.op in ELEMENTWISE and (elementwise or node.op == "Add") and len(node.inputs) == 2 \
+                and all(map(is_float_activation, node.inputs)) and any(plan.quantized(t.name) for t in node.inputs):
             plan.nodes.append(node)
             for t in node.inputs:
                 plan.add_own(t.name)
@@ -195,10 +199,12 @@ def _fold(graph: gs.Graph, producer: gs.Node, act: gs.Node) -> None:
     producer.outputs[0] = out
 
 
-def _quantize_weight(w: np.ndarray, axis: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8: (values, scale per channel along ``axis``)."""
+def quantize_weight(w: np.ndarray, axis: int, qmax: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8: (values, scale per channel along ``axis``; all equal when not per channel)."""
     moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
     bound = np.abs(moved).max(axis=1)
+    if not per_channel:
+        bound = np.full_like(bound, bound.max())
     scale = np.where(bound > 0, bound / qmax, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
@@ -206,7 +212,7 @@ def _quantize_weight(w: np.ndarray, axis: int, qmax: int) -> tuple[np.ndarray, n
     return q, scale
 
 
-class _Builder:
+class Builder:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         self.used = {t.name for t in graph.tensors().values()} | {n.name for n in graph.nodes}
@@ -228,7 +234,7 @@ class _Builder:
         return node
 
 
-def _insert_qdq(b: _Builder, t: gs.Variable, scale: np.float32, zp: int, graph: gs.Graph) -> None:
+def _insert_qdq(b: Builder, t: gs.Variable, scale: np.float32, zp: int, graph: gs.Graph) -> None:
     """Route ``t`` through one QuantizeLinear and a DequantizeLinear per consumer (ONNX Runtime
     groups a DQ with one consumer only: a DQ shared by a Conv and an Add leaves the Add in fp32).
     The first DQ's output keeps the name ``t`` (graph outputs and the report find it there), except
@@ -258,29 +264,35 @@ def _insert_qdq(b: _Builder, t: gs.Variable, scale: np.float32, zp: int, graph: 
                 consumer.inputs[i] = dq
 
 
-def _dq_weight(b: _Builder, node: gs.Node, index: int, axis: int, qmax: int, x_scale: np.float32) -> int:
+def _dq_weight(b: Builder, node: gs.Node, index: int, axis: int, qmax: int, x_scale: np.float32,
+               per_channel: bool = True) -> int:
     """Replace the node's weight (and bias) by int8 (int32) constants behind DequantizeLinear.
     Returns the fp32 bytes replaced."""
     w = np.asarray(node.inputs[index].values)
-    q, scale = _quantize_weight(w, axis, qmax)
+    q, scale = quantize_weight(w, axis, qmax, per_channel)
+    # per tensor: scalar scale and zero point, no axis (the form every int8 kernel takes)
+    stored = scale if per_channel else np.array(scale[0], dtype=np.float32)
+    attrs = {"axis": axis} if per_channel else {}
     wq = b.const(f"{node.inputs[index].name}_quantized", q)
-    ws = b.const(f"{node.inputs[index].name}_scale", scale)
-    wz = b.const(f"{node.inputs[index].name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+    ws = b.const(f"{node.inputs[index].name}_scale", stored)
+    wz = b.const(f"{node.inputs[index].name}_zero_point", np.zeros(stored.shape, dtype=np.int8))
     wdq = gs.Variable(b.name(f"{node.inputs[index].name}_dequantized"), dtype=np.float32, shape=list(w.shape))
-    b.node("DequantizeLinear", f"{node.name}_weight_DequantizeLinear", [wq, ws, wz], wdq, {"axis": axis})
+    b.node("DequantizeLinear", f"{node.name}_weight_DequantizeLinear", [wq, ws, wz], wdq, attrs)
     replaced = w.nbytes
     node.inputs[index] = wdq
     bias_index = 2
     if node.op in ("Conv", "Gemm") and len(node.inputs) > bias_index and node.inputs[bias_index].name:
         bias = np.asarray(node.inputs[bias_index].values, dtype=np.float64)
         if bias.ndim == 1 and bias.shape[0] == scale.shape[0]:
-            bscale = (np.float64(x_scale) * scale.astype(np.float64)).astype(np.float32)
+            bscale = (np.float64(x_scale) * stored.astype(np.float64)).astype(np.float32)
             bq = np.clip(np.round(bias / bscale.astype(np.float64)), -(2**31) + 1, 2**31 - 1).astype(np.int32)
+            bias_attrs = attrs
             name = node.inputs[bias_index].name
             bdq = gs.Variable(b.name(f"{name}_dequantized"), dtype=np.float32, shape=[bias.shape[0]])
             b.node("DequantizeLinear", f"{node.name}_bias_DequantizeLinear",
                    [b.const(f"{name}_quantized", bq), b.const(f"{name}_scale", bscale),
-                    b.const(f"{name}_zero_point", np.zeros(bscale.shape, dtype=np.int32))], bdq, {"axis": 0})
+                    b.const(f"{name}_zero_point", np.zeros(bscale.shape, dtype=np.int32))], bdq,
+                   {"axis": 0} if bias_attrs else {})
             replaced += bias.astype(np.float32).nbytes
             node.inputs[bias_index] = bdq
     return replaced
@@ -333,7 +345,9 @@ class QuantizeInt8(Pass):
         "cache": Option("", "file that keeps observed ranges, keyed by model and data hashes"),
         "exclude": Option("", "node names or op types left fp32, separated by ';'"),
         "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),
+        "per-channel": Option(True, "one weight scale per output channel (false: one per tensor)"),
         "matmul-activations": Option(True, "also quantize MatMuls of two activations (attention)"),
+        "elementwise": Option(True, "also quantize Mul and Sigmoid between int8 tensors (SiLU, squeeze-excitation)"),
         "requantize": Option(False, "quantize a model that already holds quantized ops"),
         "report-samples": Option(4, "calibration samples the per-tensor SQNR report runs (0: no report)"),
     }
@@ -345,7 +359,7 @@ class QuantizeInt8(Pass):
                              "pass requantize=true (--requantize) to quantize it again")
         recipe = recipe_for(self.opts["isa"])
         exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
-        plan = plan_static(graph, exclude, self.opts["matmul-activations"])
+        plan = plan_static(graph, exclude, self.opts["matmul-activations"], self.opts["elementwise"])
         if not plan.weights:
             log.warning("quantize-int8: nothing worth quantizing (no Conv, Gemm or MatMul with constant "
                         "fp32 weights); the model stays fp32")
@@ -373,13 +387,14 @@ class QuantizeInt8(Pass):
                 producers[o.name] = node.op
         for producer, act in plan.folds:
             _fold(graph, producer, act)
-        b = _Builder(graph)
+        b = Builder(graph)
         tensors = graph.tensors()
         for name, (scale, zp) in params.items():
             _insert_qdq(b, tensors[name], scale, zp, graph)
         weight_bytes = 0
         for node, index, axis in plan.weights.values():
-            weight_bytes += _dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node))
+            weight_bytes += _dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node),
+                                       self.opts["per-channel"])
         counters = {"quantized": len(plan.nodes), "weights": len(plan.weights), "tensors": len(params),
                     "relu_folded": len(plan.folds), "fp32_compute_left": len(plan.skipped),
                     "calibration_cached": int(hit)}

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 
-from .quantize_int8 import _Builder, _const, _excluded, _float_var, _quantize_weight, already_quantized
+from .quantize_int8 import Builder, const_float, excluded, is_float_activation, quantize_weight, already_quantized
 from .recipe import ISAS, recipe_for
 
 log = logging.getLogger("infoptc")
@@ -30,17 +30,17 @@ log = logging.getLogger("infoptc")
 def _dynamic_weight(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The node's weight as [K, N] and its bias [N] (or None), when the node can be replaced."""
     if node.op == "MatMul" and len(node.inputs) == 2:
-        w = _const(node.inputs[1])
+        w = const_float(node.inputs[1])
         return (w, None) if w is not None and w.ndim == 2 else None
     if node.op == "Gemm" and len(node.inputs) >= 2:
-        w = _const(node.inputs[1])
+        w = const_float(node.inputs[1])
         if (w is None or w.ndim != 2 or node.attrs.get("transA", 0)
                 or float(node.attrs.get("alpha", 1.0)) != 1.0 or float(node.attrs.get("beta", 1.0)) != 1.0):
             return None
         w = w.T if node.attrs.get("transB", 0) else w
         bias = None
         if len(node.inputs) > 2 and node.inputs[2].name:
-            bias = _const(node.inputs[2])
+            bias = const_float(node.inputs[2])
             if bias is None or bias.ndim != 1 or bias.shape[0] != w.shape[1]:
                 return None
         return w, bias
@@ -54,7 +54,7 @@ def _bias_add(node: gs.Node, n: int, outputs: set[str]) -> tuple[gs.Node, np.nda
         return None
     add = out.outputs[0]
     other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-    bias = _const(other)
+    bias = const_float(other)
     if bias is None or bias.size != n or bias.shape[-1:] != (n,) or any(d != 1 for d in bias.shape[:-1]):
         return None
     if len(bias.shape) > len(out.shape or []):  # the bias would add a dimension
@@ -83,10 +83,10 @@ class QuantizeInt8Dynamic(Pass):
         recipe = recipe_for(self.opts["isa"])
         exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
         outputs = {t.name for t in graph.outputs}
-        b = _Builder(graph)
+        b = Builder(graph)
         counters = {"quantized": 0, "bias_absorbed": 0, "too_small": 0}
         for node in list(graph.nodes):
-            if _excluded(node, exclude) or not node.outputs or not node.inputs or not _float_var(node.inputs[0]):
+            if excluded(node, exclude) or not node.outputs or not node.inputs or not is_float_activation(node.inputs[0]):
                 continue
             found = _dynamic_weight(node)
             if found is None:
@@ -104,7 +104,7 @@ class QuantizeInt8Dynamic(Pass):
                     add.outputs.clear()
                     add.inputs.clear()
                     counters["bias_absorbed"] += 1
-            q, scale = _quantize_weight(w, 1, recipe.weight_qmax)
+            q, scale = quantize_weight(w, 1, recipe.weight_qmax)
             wname = node.inputs[1].name
             inputs = [node.inputs[0], b.const(f"{wname}_quantized", q), b.const(f"{wname}_scale", scale),
                       b.const(f"{wname}_zero_point", np.zeros(scale.shape, dtype=np.int8))]

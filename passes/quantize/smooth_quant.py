@@ -21,7 +21,7 @@ from infoptc.rewrite import Namer
 
 from . import calibration
 from .equalize_cross_layer import set_constant
-from .quantize_int8 import _const
+from .quantize_int8 import const_float
 
 
 def smoothable(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
@@ -33,15 +33,15 @@ def smoothable(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
         if ln.op != "LayerNormalization" or int(ln.attrs.get("axis", -1)) not in (-1, len(ln.inputs[0].shape or [0]) - 1):
             continue
         out = ln.outputs[0]
-        scale = _const(ln.inputs[1]) if len(ln.inputs) > 1 else None
-        bias = _const(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2].name else None
+        scale = const_float(ln.inputs[1]) if len(ln.inputs) > 1 else None
+        bias = const_float(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2].name else None
         if scale is None or scale.ndim != 1 or (len(ln.inputs) > 2 and ln.inputs[2].name and bias is None):
             continue
         readers = list(out.outputs)
         if out.name in outputs or not readers:
             continue
-        if all(r.op == "MatMul" and r.inputs[0] is out and _const(r.inputs[1]) is not None
-               and _const(r.inputs[1]).ndim == 2 and _const(r.inputs[1]).shape[0] == scale.shape[0] for r in readers):
+        if all(r.op == "MatMul" and r.inputs[0] is out and const_float(r.inputs[1]) is not None
+               and const_float(r.inputs[1]).ndim == 2 and const_float(r.inputs[1]).shape[0] == scale.shape[0] for r in readers):
             found.append((ln, readers))
     return found
 
@@ -70,12 +70,12 @@ class SmoothQuant(Pass):
         namer = Namer([graph])
         for ln, readers in sites:
             act = stats[ln.outputs[0].name][1]
-            wmax = np.max([np.abs(_const(r.inputs[1])).max(axis=1) for r in readers], axis=0)
+            wmax = np.max([np.abs(const_float(r.inputs[1])).max(axis=1) for r in readers], axis=0)
             s = np.where((act > 0) & (wmax > 0), act**alpha / np.where(wmax > 0, wmax, 1) ** (1 - alpha), 1.0)
             s = np.clip(s, 1e-5, 1e5)
-            set_constant(ln, 1, _const(ln.inputs[1]).astype(np.float64) / s, namer, "_smoothed")
+            set_constant(ln, 1, const_float(ln.inputs[1]).astype(np.float64) / s, namer, "_smoothed")
             if len(ln.inputs) > 2 and ln.inputs[2].name:
-                set_constant(ln, 2, _const(ln.inputs[2]).astype(np.float64) / s, namer, "_smoothed")
+                set_constant(ln, 2, const_float(ln.inputs[2]).astype(np.float64) / s, namer, "_smoothed")
             for r in readers:
-                set_constant(r, 1, _const(r.inputs[1]).astype(np.float64) * s.reshape(-1, 1), namer, "_smoothed")
+                set_constant(r, 1, const_float(r.inputs[1]).astype(np.float64) * s.reshape(-1, 1), namer, "_smoothed")
         return PassResult(True, {"smoothed": len(sites)})
