@@ -46,8 +46,12 @@ MODELS = {
     "resnet18": "cnn", "mobilenetv2": "cnn", "efficientnet_b0": "cnn", "vit_tiny": "vit",
     "bert_small": "encoder", "gpt2_small": "decoder",
     "resnet": "cnn", "mobilenet": "cnn", "bert": "encoder", "gpt": "decoder",
+    # trained models (golden_models/trained.py: fetched from PyPI packages, real data, task metrics)
+    "digits_cnn": "cnn", "ppocr_det": "cnn", "ppocr_rec": "cnn", "minilm": "encoder",
 }
-DEFAULT = ["resnet18", "mobilenetv2", "efficientnet_b0", "vit_tiny", "bert_small", "gpt2_small"]
+TRAINED = ("digits_cnn", "ppocr_det", "ppocr_rec", "minilm")
+DEFAULT = ["resnet18", "mobilenetv2", "efficientnet_b0", "vit_tiny", "bert_small", "gpt2_small",
+           "digits_cnn", "ppocr_det", "ppocr_rec", "minilm"]
 SEQ = 128
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
@@ -143,7 +147,13 @@ def session(path: Path, threads: int):
 # ----------------------------------------------------------------------------- metrics
 
 
-def metric(kind: str, ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[str, float]:
+def metric(name: str, kind: str, ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> tuple[str, float]:
+    """The task metric of the quantized outputs against fp32's (per evaluation feed, all outputs)."""
+    if name in TRAINED:
+        from golden_models import trained
+
+        return trained.TRAINED[name].metric_name, float(trained.task_metric(name, out, ref))
+    ref, out = [r[0] for r in ref], [o[0] for o in out]
     if kind in ("cnn", "vit"):
         agree = [int(np.argmax(r) == np.argmax(o)) for r, o in zip(ref, out)]
         return "top-1 agreement", 100.0 * float(np.mean(agree))
@@ -154,9 +164,9 @@ def metric(kind: str, ref: list[np.ndarray], out: list[np.ndarray]) -> tuple[str
     return "cosine", float(np.mean(cos))
 
 
-def sqnr(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
-    r = np.concatenate([x.ravel() for x in ref]).astype(np.float64)
-    o = np.concatenate([x.ravel() for x in out]).astype(np.float64)
+def sqnr(ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> float:
+    r = np.concatenate([x[0].ravel() for x in ref]).astype(np.float64)
+    o = np.concatenate([x[0].ravel() for x in out]).astype(np.float64)
     return float(10 * np.log10(np.sum(r * r) / max(np.sum((r - o) ** 2), 1e-30)))
 
 
@@ -164,13 +174,20 @@ def sqnr(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
 
 
 def bench_model(name: str, kind: str, args, work: Path) -> list[dict]:
-    from golden_models import BUILDERS
+    import golden_models
 
-    src = work / f"{name}.onnx"
-    model = BUILDERS[name]()
-    onnx.save(model, src)
-    cal = feeds_for(model, kind, args.calibration_samples, "calibration")
-    ev = feeds_for(model, kind, args.eval_samples, "evaluation")
+    if name in TRAINED:
+        from golden_models import trained
+
+        src = trained.path(name)
+        cal = trained.calibration_feeds(name, args.calibration_samples)
+        ev = trained.evaluation_feeds(name, None if name == "digits_cnn" else args.eval_samples)
+    else:
+        src = work / f"{name}.onnx"
+        model = golden_models.module(name).build()
+        onnx.save(model, src)
+        cal = feeds_for(model, kind, args.calibration_samples, "calibration")
+        ev = feeds_for(model, kind, args.eval_samples, "evaluation")
     variants: dict[str, Path] = {"ort fp32": src}
     makers = {}
     if kind in ("cnn", "vit"):
@@ -192,17 +209,16 @@ def bench_model(name: str, kind: str, args, work: Path) -> list[dict]:
         except Exception as e:  # a recipe that fails on a model is a row that says so
             print(f"{name}: {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
     sessions = {label: session(path, args.threads) for label, path in variants.items()}
-    out_name = {label: s.get_outputs()[0].name for label, s in sessions.items()}
-    outputs = {label: [s.run([out_name[label]], f)[0] for f in ev] for label, s in sessions.items()}
+    outputs = {label: [s.run(None, f) for f in ev] for label, s in sessions.items()}
     feed = ev[0]
     labels = list(sessions)
-    runners = [lambda s=sessions[l], o=out_name[l]: s.run([o], feed) for l in labels]
+    runners = [lambda s=sessions[l]: s.run(None, feed) for l in labels]
     times = run_interleaved(runners, iterations=args.rounds, warmup=3)
     medians = {l: statistics.median(t) for l, t in zip(labels, times)}
     rows = []
     base_size = src.stat().st_size
     for label in labels:
-        metric_name, value = metric(kind, outputs["ort fp32"], outputs[label])
+        metric_name, value = metric(name, kind, outputs["ort fp32"], outputs[label])
         rows.append({"model": name, "variant": label, "ms": medians[label] * 1e3,
                      "time_vs_fp32": medians[label] / medians["ort fp32"],
                      "size_vs_fp32": variants[label].stat().st_size / base_size,
@@ -223,7 +239,7 @@ def print_table(rows: list[dict]) -> None:
         if last is not None and r["model"] != last:
             table.add_section()
         last = r["model"]
-        value = f"{r['value']:.4f}" if r["metric"] == "cosine" else f"{r['value']:.1f}%"
+        value = f"{r['value']:.1f}%" if "top-1" in r["metric"] else f"{r['value']:.4f}"
         table.add_row(r["model"], r["variant"], f"{r['ms']:.3f}", f"{r['time_vs_fp32']:.3f}x",
                       f"{r['size_vs_fp32']:.3f}x", f"{r['metric']} {value}", f"{r['sqnr_db']:.1f}")
     Console(width=200).print(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 
 from . import ir, plugins
@@ -54,7 +55,8 @@ def compile(
     backend.check_available()
     with paused_gc():  # importing and exporting a graph makes as many node<->tensor cycles as passes do
         source = ir.load_model(model)
-        graph = ir.to_graph(ir.infer_shapes(source))
+        working = upgrade_for_quantization(source) if quantize is not None else source
+        graph = ir.to_graph(ir.infer_shapes(working))
         bind_input_shapes(graph, input_shapes or {})
         if freeze_initializers:
             graph.inputs = [t for t in graph.inputs if not isinstance(t, gs.Constant)]
@@ -73,7 +75,7 @@ def compile(
         ctx = PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {}),
                           options={"calibration": calibration} if calibration is not None else {})
         records = manager.run(graph, ctx)
-        optimized = ir.from_graph(graph, source)
+        optimized = ir.from_graph(graph, working)
         for key, value in sorted(ctx.metadata.items()):
             entry = next((m for m in optimized.metadata_props if m.key == key), None) or optimized.metadata_props.add()
             entry.key, entry.value = key, value
@@ -83,6 +85,24 @@ def compile(
     artifact.pipeline = str(manager)
     artifact.reports = ctx.reports
     return artifact
+
+
+QUANTIZE_MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+
+
+def upgrade_for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset 13 when it imports an older default opset (PaddlePaddle exports 12):
+    per-channel Q/DQ need 13. ONNX's version converter rewrites the ops whose form changed
+    (Squeeze/Unsqueeze axes, Split, ReduceSum...); a model it cannot convert is an error."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), QUANTIZE_MIN_OPSET)
+    if current >= QUANTIZE_MIN_OPSET:
+        return model
+    try:
+        upgraded = onnx.version_converter.convert_version(model, QUANTIZE_MIN_OPSET)
+    except Exception as e:  # the converter raises bare RuntimeErrors on ops it does not know
+        raise UsageError(f"quantization needs opset {QUANTIZE_MIN_OPSET}; converting this opset-{current} model "
+                         f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return upgraded
 
 
 def optimize(model: ir.ModelSource, opt_level: int | str = 2, passes: str | None = None, **kwargs: Any) -> onnx.ModelProto:

@@ -24,14 +24,26 @@ INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearM
 
 
 def intended_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes meant to run in int8: compute ops reading a dequantized activation, and nodes that
-    already are int8 kernels (DynamicQuantizeMatMul)."""
+    """Nodes meant to run in int8: QDQ groups (an op whose tensor inputs all come from
+    DequantizeLinear, at least one of them of an activation, and whose output goes only to
+    QuantizeLinear), and nodes that already are int8 kernels (DynamicQuantizeMatMul)."""
     inits = {t.name for t in model.graph.initializer}
-    dq_of_activation = {n.output[0] for n in model.graph.node
-                        if n.op_type == "DequantizeLinear" and n.input[0] not in inits}
+    dq_out = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def grouped(n: onnx.NodeProto) -> bool:
+        ins = [i for i in n.input if i and i not in inits]
+        return (bool(ins) and all(i in dq_out for i in ins)
+                and any(dq_out[i].input[0] not in inits for i in ins)
+                and all(o not in graph_outputs and readers.get(o) and set(readers[o]) == {"QuantizeLinear"}
+                        for o in n.output[:1]))
+
     return [n for n in model.graph.node
-            if (n.op_type in INTENDED and any(i in dq_of_activation for i in n.input))
-            or n.op_type in INT8_KERNELS]
+            if (n.op_type in INTENDED and grouped(n)) or n.op_type in INT8_KERNELS]
 
 
 def fusion_report(model: onnx.ModelProto | str | os.PathLike) -> dict:
