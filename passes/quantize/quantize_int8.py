@@ -298,6 +298,37 @@ def _dq_weight(b: Builder, node: gs.Node, index: int, axis: int, qmax: int, x_sc
     return replaced
 
 
+def quantize_embeddings(graph: gs.Graph, b: Builder, min_elements: int, exclude: set[str]) -> int:
+    """Store large embedding tables in int8, one scale per row (weight-only: the gathered rows are
+    scaled back to fp32, a few KB per call instead of the whole table):
+
+        Gather(table, ids)  ->  Mul(Cast(Gather(table_s8, ids), float), Gather(row_scale, ids))
+
+    Returns how many tables were replaced."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Gather" or excluded(node, exclude) or int(node.attrs.get("axis", 0)) != 0:
+            continue
+        table = const_float(node.inputs[0])
+        if table is None or table.ndim != 2 or table.size < min_elements:
+            continue
+        q, scale = quantize_weight(table, 0, 127)
+        name = node.inputs[0].name
+        ids, out = node.inputs[1], node.outputs[0]
+        rows = gs.Variable(b.name(f"{name}_rows_s8"), dtype=np.int8)
+        b.node("Gather", f"{node.name}_s8", [b.const(f"{name}_quantized", q), ids], rows, {"axis": 0})
+        rows_f = gs.Variable(b.name(f"{name}_rows"), dtype=np.float32)
+        b.node("Cast", f"{node.name}_cast", [rows], rows_f, {"to": 1})
+        row_scale = gs.Variable(b.name(f"{name}_row_scale"), dtype=np.float32)
+        b.node("Gather", f"{node.name}_scale", [b.const(f"{name}_scale", scale.reshape(-1, 1)), ids], row_scale,
+               {"axis": 0})
+        node.outputs.clear()
+        node.inputs.clear()
+        b.node("Mul", f"{node.name}_dequantize", [rows_f, row_scale], out)
+        count += 1
+    return count
+
+
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     ref = np.asarray(ref, dtype=np.float64)
     noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
@@ -349,6 +380,7 @@ class QuantizeInt8(Pass):
         "matmul-activations": Option(True, "also quantize MatMuls of two activations (attention)"),
         "elementwise": Option(True, "also quantize Mul and Sigmoid between int8 tensors (SiLU, squeeze-excitation)"),
         "requantize": Option(False, "quantize a model that already holds quantized ops"),
+        "embeddings": Option(True, "store Gather tables (embeddings) of 4096+ elements in int8, one scale per row"),
         "report-samples": Option(4, "calibration samples the per-tensor SQNR report runs (0: no report)"),
     }
 
@@ -395,7 +427,8 @@ class QuantizeInt8(Pass):
         for node, index, axis in plan.weights.values():
             weight_bytes += _dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node),
                                        self.opts["per-channel"])
-        counters = {"quantized": len(plan.nodes), "weights": len(plan.weights), "tensors": len(params),
+        embeddings = quantize_embeddings(graph, b, 4096, exclude) if self.opts["embeddings"] else 0
+        counters = {"quantized": len(plan.nodes), "embeddings": embeddings, "weights": len(plan.weights), "tensors": len(params),
                     "relu_folded": len(plan.folds), "fp32_compute_left": len(plan.skipped),
                     "calibration_cached": int(hit)}
         ctx.metadata["infoptc.quantization"] = json.dumps(

@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 
-from .quantize_int8 import Builder, const_float, excluded, is_float_activation, quantize_weight, already_quantized
+from .quantize_int8 import (Builder, already_quantized, const_float, excluded, is_float_activation,
+                            quantize_embeddings, quantize_weight)
 from .recipe import ISAS, recipe_for
 
 log = logging.getLogger("infoptc")
@@ -62,6 +63,10 @@ def _bias_add(node: gs.Node, n: int, outputs: set[str]) -> tuple[gs.Node, np.nda
     return add, bias.reshape(n)
 
 
+def _same_k(group: list) -> bool:
+    return len({m[1].shape[0] for m in group}) == 1
+
+
 @register_pass
 class QuantizeInt8Dynamic(Pass):
     name = "quantize-int8-dynamic"
@@ -73,7 +78,43 @@ class QuantizeInt8Dynamic(Pass):
         "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),
         "min-weight-elements": Option(4096, "weights with fewer elements stay fp32"),
         "requantize": Option(False, "quantize a model that already holds quantized ops"),
+        "embeddings": Option(True, "store Gather tables (embeddings) as large as min-weight-elements in int8, one scale per row"),
+        "merge-siblings": Option(True, "one kernel for the MatMuls that read the same activation (Q, K, V)"),
     }
+
+    @staticmethod
+    def _replace(graph: gs.Graph, b: Builder, members: list, qmax: int) -> None:
+        """One DynamicQuantizeMatMul for ``members`` (node, w, bias, out, add) that read one input;
+        with several, their weights are concatenated along N and the product is split."""
+        first = members[0][0]
+        x = first.inputs[0]
+        w = np.concatenate([m[1] for m in members], axis=1)
+        has_bias = any(m[2] is not None for m in members)
+        bias = np.concatenate([m[2] if m[2] is not None else np.zeros(m[1].shape[1], np.float32) for m in members])
+        q, scale = quantize_weight(w, 1, qmax)
+        wname = first.inputs[1].name
+        inputs = [x, b.const(f"{wname}_quantized", q), b.const(f"{wname}_scale", scale),
+                  b.const(f"{wname}_zero_point", np.zeros(scale.shape, dtype=np.int8))]
+        if has_bias:
+            inputs.append(b.const(f"{wname}_bias", bias.astype(np.float32)))
+        outs = [m[3] for m in members]
+        for node, _, _, _, add in members:
+            for n in (node, add):
+                if n is not None:
+                    n.outputs.clear()
+                    n.inputs.clear()
+        if len(members) == 1:
+            b.node("DynamicQuantizeMatMul", f"{first.name}_quant", inputs, outs[0]).domain = "com.microsoft"
+            return
+        joined = gs.Variable(b.name(f"{first.name}_merged"), dtype=np.float32)
+        b.node("DynamicQuantizeMatMul", f"{first.name}_quant_merged", inputs, joined).domain = "com.microsoft"
+        sizes = np.array([m[1].shape[1] for m in members], dtype=np.int64)
+        split = gs.Node("Split", b.name(f"{first.name}_split"), {"axis": -1}, [joined], outs)
+        if graph.opset >= 13:
+            split.inputs.append(b.const(f"{first.name}_split_sizes", sizes))
+        else:
+            split.attrs["split"] = [int(v) for v in sizes]
+        graph.nodes.append(split)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         present = already_quantized(graph)
@@ -84,37 +125,37 @@ class QuantizeInt8Dynamic(Pass):
         exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
         outputs = {t.name for t in graph.outputs}
         b = Builder(graph)
-        counters = {"quantized": 0, "bias_absorbed": 0, "too_small": 0}
+        counters = {"quantized": 0, "bias_absorbed": 0, "too_small": 0, "embeddings": 0, "merged": 0}
+        found: dict[int, list] = {}  # id(input) -> [(node, w, bias, out, absorbed add)] in graph order
         for node in list(graph.nodes):
             if excluded(node, exclude) or not node.outputs or not node.inputs or not is_float_activation(node.inputs[0]):
                 continue
-            found = _dynamic_weight(node)
-            if found is None:
+            weight = _dynamic_weight(node)
+            if weight is None:
                 continue
-            w, bias = found
+            w, bias = weight
             if w.size < self.opts["min-weight-elements"]:
                 counters["too_small"] += 1
                 continue
-            out = node.outputs[0]
+            out, add = node.outputs[0], None
             if bias is None and node.op == "MatMul":
                 absorbed = _bias_add(node, w.shape[1], outputs)
                 if absorbed is not None:
                     add, bias = absorbed
                     out = add.outputs[0]
-                    add.outputs.clear()
-                    add.inputs.clear()
-                    counters["bias_absorbed"] += 1
-            q, scale = quantize_weight(w, 1, recipe.weight_qmax)
-            wname = node.inputs[1].name
-            inputs = [node.inputs[0], b.const(f"{wname}_quantized", q), b.const(f"{wname}_scale", scale),
-                      b.const(f"{wname}_zero_point", np.zeros(scale.shape, dtype=np.int8))]
-            if bias is not None:
-                inputs.append(b.const(f"{wname}_bias", bias.astype(np.float32)))
-            node.outputs.clear()
-            node.inputs.clear()
-            b.node("DynamicQuantizeMatMul", f"{node.name}_quant", inputs, out).domain = "com.microsoft"
-            counters["quantized"] += 1
-        if not counters["quantized"]:
+            found.setdefault(id(node.inputs[0]), []).append((node, w, bias, out, add))
+        for group in found.values():
+            # siblings reading one activation (attention's Q, K, V) share one quantization of it and
+            # one wider GEMM: their weights side by side, the result split back
+            runs = [group] if self.opts["merge-siblings"] and len(group) > 1 and _same_k(group) else [[m] for m in group]
+            for members in runs:
+                self._replace(graph, b, members, recipe.weight_qmax)
+                counters["quantized"] += len(members)
+                counters["merged"] += len(members) if len(members) > 1 else 0
+                counters["bias_absorbed"] += sum(m[4] is not None for m in members)
+        if self.opts["embeddings"]:
+            counters["embeddings"] = quantize_embeddings(graph, b, self.opts["min-weight-elements"], exclude)
+        if not counters["quantized"] and not counters["embeddings"]:
             log.warning("quantize-int8-dynamic: nothing worth quantizing (no MatMul/Gemm with a constant fp32 "
                         "weight of %d elements or more); the model stays fp32", self.opts["min-weight-elements"])
             return PassResult(False, counters)
