@@ -27,7 +27,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import infoptc
-from infoptc.backends import _tvm_build
+from infoptc.backends.tvm import build as _tvm_build
 from infoptc.backends.tvm import read_blobs, read_manifest
 from infoptc.errors import MissingDependencyError, UnsupportedOpError
 from infoptc.verify import OrtRunner, compare_outputs, random_inputs

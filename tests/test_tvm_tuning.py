@@ -22,7 +22,7 @@ for _module in ("psutil", "cloudpickle", "xgboost"):  # MetaSchedule's own needs
     pytest.importorskip(_module)
 
 import infoptc
-from infoptc.backends import _tvm_build
+from infoptc.backends.tvm import build as _tvm_build
 from infoptc.errors import UsageError
 from infoptc.verify import OrtRunner, Tolerance, compare_outputs, random_inputs
 
@@ -82,7 +82,7 @@ def test_rules_kept_where_the_tuned_kernel_is_slower(golden, tmp_path, fake_tuni
 
 def _kernels(db, golden, monkeypatch, timings):
     """The scheduled kernels of the MLP after tuning (faked) with ``timings`` as the timer."""
-    from infoptc.backends import _tvm_prepare
+    from infoptc.backends.tvm import prepare as _tvm_prepare
     from tvm import tirx
 
     monkeypatch.setattr(_tvm_build, "time_kernels", lambda kernels, target: list(timings))

@@ -563,7 +563,7 @@ class TvmTarget(Target):
     def check_available(self) -> None:
         import_tvm()
         if self.tune or self.tune_time:
-            from . import _tvm_build
+            from . import build as _tvm_build
 
             _tvm_build.check_tuning_dependencies()
 
@@ -577,7 +577,7 @@ class TvmTarget(Target):
         import_tvm()
         import tvm
 
-        from . import _tvm_build, _tvm_prepare
+        from . import build as _tvm_build, prepare as _tvm_prepare
 
         start = time.perf_counter()
         target_dict, facts = self.tvm_target()
@@ -650,7 +650,7 @@ class TvmTarget(Target):
         kernels' data in the caches, the sum can still lose (ResNet, session 2: 7 of 16 kernels
         faster alone, the model 4% slower). So both builds run the model in turns on this CPU,
         and the tuned one is kept only where it is faster by the kernels' margin."""
-        from . import _tvm_build
+        from . import build as _tvm_build
 
         rules_mod, _ = _tvm_build.optimize(imported, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
                                            fast_math=self.fast_math)
@@ -668,7 +668,7 @@ class TvmTarget(Target):
         """``(prepared, relax module, why not symbolic)``: with ``dynamic``, the model imported
         with its symbolic input dims kept, if TVM's frontend keeps every shape known; otherwise
         (or if it fails) imported again with the dims bound, and the reason."""
-        from . import _tvm_prepare
+        from . import prepare as _tvm_prepare
 
         reason = None
         if dynamic:
@@ -688,7 +688,7 @@ class TvmTarget(Target):
         return prepared, mod, reason
 
     def build(self, mod, target):
-        from . import _tvm_build
+        from . import build as _tvm_build
 
         return _tvm_build.build(mod, target), {}, {}
 
@@ -828,7 +828,7 @@ class CudaTarget(TvmTarget):
 
     def check_available(self) -> None:
         super().check_available()
-        from . import _tvm_build
+        from . import build as _tvm_build
 
         if _tvm_build.nvcc_path() is None:
             raise MissingDependencyError("the cuda target needs nvcc (the CUDA toolkit) on PATH or in $CUDA_HOME/bin")
@@ -861,7 +861,7 @@ class CudaTarget(TvmTarget):
     def build(self, mod, target):
         import tvm_ffi
 
-        from . import _tvm_build
+        from . import build as _tvm_build
 
         arch = str(target.attrs["arch"])
         built: dict[str, bytes] = {}

@@ -40,9 +40,9 @@ from infoptc.errors import CompileError, MissingDependencyError
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
-from . import _tvm_schedule as rules
-from ._tvm_prepare import bound_value, op_name, relax_pass, tensor_dims
-from . import _tvm_winograd as winograd
+from . import schedule as rules
+from .prepare import bound_value, op_name, relax_pass, tensor_dims
+from . import winograd
 
 log = logging.getLogger("infoptc.backends.tvm")
 
@@ -184,7 +184,7 @@ def check_tuning_dependencies() -> None:
     """MetaSchedule needs a known-good tvm-ffi and three Python packages."""
     import tvm_ffi
 
-    from . import tvm as tvm_target
+    import infoptc.backends.tvm as tvm_target
 
     version = getattr(tvm_ffi, "__version__", "?")
     if not version.startswith(tvm_target.TUNING_FFI_SERIES):
@@ -456,7 +456,7 @@ def time_kernels(kernels: list, target, repeats: int = 7) -> list[float]:
     """Median milliseconds of each kernel (TIR modules with one signature), timed in turns so a
     neighbour's load hits all alike, on the thread count the artifact uses. Run it in a thread
     of its own: TVM's pool belongs to the calling thread, which this resizes."""
-    from . import tvm as tvm_target
+    import infoptc.backends.tvm as tvm_target
 
     tvm_target.size_thread_pool(thread_count(target))
     device = tvm.cpu(0)
@@ -476,7 +476,7 @@ def time_models(executables: list, specs: list[dict], threads: int, rounds: int 
     ``time_kernels``."""
     from infoptc.bench import run_interleaved
 
-    from . import tvm as tvm_target
+    import infoptc.backends.tvm as tvm_target
 
     tvm_target.size_thread_pool(threads)
     device = tvm.cpu(0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES: list[str] = ["bench", "profile", "verify_cmd", "bisect"]
+MODULES: list[str] = ["bench", "profile", "compare", "bisect"]
 
 
 def add_all(subparsers, common) -> dict:

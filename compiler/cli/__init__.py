@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, analysis, commands, config, ir, plugins
-from .errors import InfoptcError, UsageError
+from .. import __version__, analysis, config, ir, plugins
+from . import commands
+from ..errors import InfoptcError, UsageError
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 4
 
@@ -194,14 +195,14 @@ def _emit_json(data: Any) -> None:
 
 @command("compile")
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .driver import compile as compile_model
-    from .driver import parse_input_shapes
-    from .instruments import PrintAfter, Stats, TimePasses
-    from .targets import get_target
+    from ..driver import compile as compile_model
+    from ..driver import parse_input_shapes
+    from ..instruments import PrintAfter, Stats, TimePasses
+    from ..targets import get_target
 
     config.apply(args, args.config)
     if args.bisect:
-        from .bisect import run_bisect_cli
+        from ..bisect import run_bisect_cli
 
         return run_bisect_cli(args)
     target = args.target or "onnx"
@@ -342,8 +343,8 @@ def _stats_table(stats: dict) -> Table:
 
 @command("passes")
 def cmd_passes(args: argparse.Namespace) -> int:
-    from .pass_manager import PASS_REGISTRY
-    from .pipelines import parse_pipeline, pipeline_for_level
+    from ..pass_manager import PASS_REGISTRY
+    from ..pipelines import parse_pipeline, pipeline_for_level
 
     plugins.load_builtin_passes()
     if args.pipeline:
@@ -379,7 +380,7 @@ def _plain(v: Any) -> str:
 
 @command("targets")
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .targets import TARGET_REGISTRY, _load_targets
+    from ..targets import TARGET_REGISTRY, _load_targets
 
     _load_targets()
     rows = [{"name": n, "summary": c.summary, "suffix": c.suffix} for n, c in sorted(TARGET_REGISTRY.items())]
@@ -434,14 +435,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .targets import load
-    from .verify import random_inputs
+    from ..targets import load
+    from ..verify import random_inputs
 
     artifact = load(args.artifact)
     if args.inputs:
         feeds = load_npz(args.inputs)
     else:
-        from .bench import parse_dims
+        from ..bench import parse_dims
 
         feeds = random_inputs(getattr(artifact, "model", None) or _model_from_specs(artifact.inputs), seed=args.seed,
                               dims=parse_dims(args.dim))
