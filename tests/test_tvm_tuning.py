@@ -165,7 +165,8 @@ def test_whole_model_check_follows_its_timer(golden, tmp_path, monkeypatch, fake
 
 
 def test_tune_time_option_and_flag(golden, tmp_path, monkeypatch, fake_tuning):
-    from infoptc.cli import _target_options, build_parser
+    from infoptc.cli import build_parser
+    from infoptc.cli.compile import _target_options
 
     budgets = []
     real = _tvm_build.run_tuning
