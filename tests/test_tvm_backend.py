@@ -1,4 +1,4 @@
-"""The TVM targets (backends/tvm.py): llvm and cuda.
+"""The TVM targets (backends/tvm/): llvm and cuda.
 
 Skipped where TVM is not installed. Numerical checks compare against ONNX Runtime on the
 original model with atol = rtol = 1e-4 (fp32): TVM's kernels reassociate every reduction

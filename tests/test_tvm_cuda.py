@@ -1,4 +1,4 @@
-"""The cuda target on every golden model TVM lowers (backends/tvm.py CudaTarget).
+"""The cuda target on every golden model TVM lowers (backends/tvm/__init__.py CudaTarget).
 
 Without a GPU (CI) these tests prove the build path: TVM's CUDA codegen, nvcc compiling every
 kernel into the fatbin the artifact carries, the artifact's round trip, and the clean "no GPU"

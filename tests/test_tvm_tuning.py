@@ -1,4 +1,4 @@
-"""Tuning on the llvm target (backends/_tvm_build.py): tuned kernels only where they beat the
+"""Tuning on the llvm target (backends/tvm/build.py): tuned kernels only where they beat the
 rules, the choice saved beside the database and reused, and the time budget.
 
 The fast tests stand in for MetaSchedule (``run_tuning``) with records of each kernel's

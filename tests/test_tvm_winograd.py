@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convolutions on the llvm target (backends/_tvm_winograd.py).
+"""Winograd F(2x2, 3x3) convolutions on the llvm target (backends/tvm/winograd.py).
 
 Numerical checks against ONNX Runtime on the original model with the TVM tests' fp32 tolerance
 (atol = rtol = 1e-4, see test_tvm_backend.py): the transforms multiply by 0, +-1 and +-1/2 only,
