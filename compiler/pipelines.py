@@ -11,9 +11,10 @@ Example: ``dce,fold-constants{size-limit=1MB},fixpoint(cse,dce)``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .errors import UsageError
-from .pass_manager import Fixpoint, get_pass
+from .pass_registry import get_pass
 
 # Every -O level, top to bottom, in one place. `infoptc passes --pipeline -O2` prints these.
 # The manager cleans up and re-sorts after every pass that changes the graph; `fixpoint(...)`
@@ -98,6 +99,18 @@ def opt_level_name(level: int | str) -> str:
 
 def pipeline_for_level(level: int | str) -> str:
     return OPT_LEVELS[opt_level_name(level)]
+
+
+@dataclass
+class Fixpoint:
+    """Run ``items`` again until an iteration changes nothing (at most ``max_iterations``)."""
+
+    items: list
+    max_iterations: int = 8
+
+    def __str__(self) -> str:
+        opt = "" if self.max_iterations == 8 else "{max-iterations=%d}" % self.max_iterations
+        return f"fixpoint{opt}(" + ",".join(map(str, self.items)) + ")"
 
 
 _TOKEN = re.compile(r"\s*(?:(default<[A-Za-z0-9]+>)|([A-Za-z0-9_.\-]+)|(.))")

@@ -84,7 +84,7 @@ def register_target(cls: type[Target]) -> type[Target]:
     return cls
 
 
-def _load_targets() -> None:
+def load_targets() -> None:
     import importlib
 
     from . import plugins
@@ -94,7 +94,7 @@ def _load_targets() -> None:
 
 
 def get_target(name: str) -> type[Target]:
-    _load_targets()
+    load_targets()
     if name not in TARGET_REGISTRY:
         import difflib
 
@@ -106,7 +106,7 @@ def get_target(name: str) -> type[Target]:
 
 def load(path: str | os.PathLike) -> Artifact:
     """Reopen a saved artifact (an .onnx model or any target's own format)."""
-    _load_targets()
+    load_targets()
     path = Path(path)
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file")

@@ -7,7 +7,7 @@ def lowered(model, mcpu: str = "znver4", *, schedules: str = "rules", **options)
     """``model`` (a ModelProto) through the llvm target's Relax passes and, with ``schedules``
     "rules", its default schedules, for a 2-core CPU of ``mcpu`` (znver4: 16 lanes, haswell: 8)."""
     import tvm
-    from infoptc.backends import _tvm_build, _tvm_prepare
+    from infoptc.backends.tvm import build as _tvm_build, prepare as _tvm_prepare
 
     prepared = _tvm_prepare.prepare(model)
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})

@@ -13,7 +13,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from infoptc import Contract, register_pass
-from infoptc.bisect import bisect, run_bisect_cli
+from infoptc.bisect import bisect
+from infoptc.cli.reduce import run_bisect_cli
 from infoptc.pass_manager import PASS_REGISTRY
 
 

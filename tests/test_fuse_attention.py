@@ -9,7 +9,7 @@ import pytest
 from infoptc import ir
 from infoptc.analysis import op_histogram
 from infoptc.pass_manager import Contract, PassContext, get_pass
-from infoptc.passes.fuse_attention import RULES
+from infoptc.passes.fuse.fuse_attention import RULES
 from infoptc.pattern import explain
 from infoptc.verify import OrtRunner, check_equivalent, compare_outputs
 from onnx import TensorProto, helper, numpy_helper

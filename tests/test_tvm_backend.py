@@ -1,4 +1,4 @@
-"""The TVM targets (backends/tvm.py): llvm and cuda.
+"""The TVM targets (backends/tvm/): llvm and cuda.
 
 Skipped where TVM is not installed. Numerical checks compare against ONNX Runtime on the
 original model with atol = rtol = 1e-4 (fp32): TVM's kernels reassociate every reduction
@@ -258,7 +258,7 @@ def test_tuning_refuses_an_untested_tvm_ffi(golden, monkeypatch, tmp_path):
 
 def test_relax_fixes_make_clip_layout_friendly_and_gather_safe():
     """Clip(x, 0, 6) imports as maximum/minimum (not stacked reductions), Gather as take(wrap)."""
-    from infoptc.backends import _tvm_prepare
+    from infoptc.backends.tvm import prepare as _tvm_prepare
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
@@ -408,7 +408,7 @@ def test_register_tile_width_is_whole_vectors_or_a_power_of_two():
     """The contiguous width of a register tile: two or one whole vectors, else the widest power of
     two that divides the extent (an odd-sized vector such as 24 floats ran 6x slower), else the
     widest divisor (3 channels, 25)."""
-    from infoptc.backends._tvm_schedule import vector_tile
+    from infoptc.backends.tvm.schedule import vector_tile
 
     cases = {(64, 16): 32, (48, 16): 16, (24, 16): 8, (1000, 16): 8, (20, 8): 4, (96, 16): 32, (3, 16): 3, (25, 16): 25}
     assert {key: vector_tile(*key) for key in cases} == cases

@@ -1,4 +1,4 @@
-"""The cuda target on every golden model TVM lowers (backends/tvm.py CudaTarget).
+"""The cuda target on every golden model TVM lowers (backends/tvm/__init__.py CudaTarget).
 
 Without a GPU (CI) these tests prove the build path: TVM's CUDA codegen, nvcc compiling every
 kernel into the fatbin the artifact carries, the artifact's round trip, and the clean "no GPU"
@@ -27,7 +27,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import infoptc
-from infoptc.backends import _tvm_build
+from infoptc.backends.tvm import build as _tvm_build
 from infoptc.backends.tvm import read_blobs, read_manifest
 from infoptc.errors import MissingDependencyError, UnsupportedOpError
 from infoptc.verify import OrtRunner, compare_outputs, random_inputs

@@ -136,7 +136,7 @@ def test_dims_that_cannot_stay_symbolic_are_set_to_one_with_the_warning(caplog):
 def test_symbolic_kernels_are_scheduled_not_naive(golden):
     """BERT's kernels over (batch, seq) get the rules' schedules: matmuls tiled with padded
     accumulators, parallel and vectorized, and a run-time choice of their serial copy."""
-    from infoptc.backends import _tvm_build, _tvm_prepare
+    from infoptc.backends.tvm import build as _tvm_build, prepare as _tvm_prepare
     from tvm import tirx
 
     lowered = infoptc.compile(golden("bert"), target="llvm").model  # optimized for llvm, dims named

@@ -1,4 +1,4 @@
-"""Tuning on the llvm target (backends/_tvm_build.py): tuned kernels only where they beat the
+"""Tuning on the llvm target (backends/tvm/build.py): tuned kernels only where they beat the
 rules, the choice saved beside the database and reused, and the time budget.
 
 The fast tests stand in for MetaSchedule (``run_tuning``) with records of each kernel's
@@ -22,7 +22,7 @@ for _module in ("psutil", "cloudpickle", "xgboost"):  # MetaSchedule's own needs
     pytest.importorskip(_module)
 
 import infoptc
-from infoptc.backends import _tvm_build
+from infoptc.backends.tvm import build as _tvm_build
 from infoptc.errors import UsageError
 from infoptc.verify import OrtRunner, Tolerance, compare_outputs, random_inputs
 
@@ -82,7 +82,7 @@ def test_rules_kept_where_the_tuned_kernel_is_slower(golden, tmp_path, fake_tuni
 
 def _kernels(db, golden, monkeypatch, timings):
     """The scheduled kernels of the MLP after tuning (faked) with ``timings`` as the timer."""
-    from infoptc.backends import _tvm_prepare
+    from infoptc.backends.tvm import prepare as _tvm_prepare
     from tvm import tirx
 
     monkeypatch.setattr(_tvm_build, "time_kernels", lambda kernels, target: list(timings))
@@ -165,7 +165,8 @@ def test_whole_model_check_follows_its_timer(golden, tmp_path, monkeypatch, fake
 
 
 def test_tune_time_option_and_flag(golden, tmp_path, monkeypatch, fake_tuning):
-    from infoptc.cli import _target_options, build_parser
+    from infoptc.cli import build_parser
+    from infoptc.cli.compile import _target_options
 
     budgets = []
     real = _tvm_build.run_tuning

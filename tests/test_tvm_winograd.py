@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convolutions on the llvm target (backends/_tvm_winograd.py).
+"""Winograd F(2x2, 3x3) convolutions on the llvm target (backends/tvm/winograd.py).
 
 Numerical checks against ONNX Runtime on the original model with the TVM tests' fp32 tolerance
 (atol = rtol = 1e-4, see test_tvm_backend.py): the transforms multiply by 0, +-1 and +-1/2 only,
@@ -85,7 +85,7 @@ def test_which_convs_use_winograd(shape, features, stride, pads, expected):
 
 
 def test_row_tile_is_the_row_a_divisor_or_the_widest_with_a_tail():
-    from infoptc.backends._tvm_winograd import ROW_TILE_MAX, row_tile
+    from infoptc.backends.tvm.winograd import ROW_TILE_MAX, row_tile
 
     assert [row_tile(b) for b in (1, 3, 7, 8)] == [1, 3, 7, 8]  # the whole row
     assert [row_tile(b) for b in (28, 12, 10, 16)] == [7, 6, 5, 8]  # widest divisor from 4 up
@@ -93,7 +93,7 @@ def test_row_tile_is_the_row_a_divisor_or_the_widest_with_a_tail():
 
 
 def test_weight_transform_matches_the_definition():
-    from infoptc.backends._tvm_winograd import transform_weights
+    from infoptc.backends.tvm.winograd import transform_weights
 
     g = np.random.default_rng(0).standard_normal((3, 3, 2, 5)).astype(np.float32)
     u = transform_weights(g).reshape(4, 4, 2, 5)

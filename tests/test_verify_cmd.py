@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 import infoptc
-from infoptc.verify_cmd import min_atol, parse_tolerances, resolve_tolerances
+from infoptc.compare import min_atol, parse_tolerances, resolve_tolerances
 from infoptc.errors import UsageError
 
 

@@ -23,8 +23,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from infoptc.pass_manager import Contract, Pass, PassContext, PassResult, register_pass
-from infoptc.passes.dedup_initializers import ConstantPool, constant_bytes
-from infoptc.passes.fold_constants import NONDETERMINISTIC_OPS
+from infoptc.passes.cleanup.dedup_initializers import ConstantPool, constant_bytes
+from infoptc.passes.fold.fold_constants import NONDETERMINISTIC_OPS
 from infoptc.rewrite import Detacher, graphs_of, numpy_dtype, overridable, replace_uses
 
 CSE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", None)

@@ -40,9 +40,10 @@ from infoptc.errors import CompileError, MissingDependencyError
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
-from . import _tvm_schedule as rules
-from ._tvm_prepare import bound_value, op_name, relax_pass, tensor_dims
-from . import _tvm_winograd as winograd
+from . import schedule as rules
+from . import winograd
+from .prepare import bound_value, op_name, relax_pass, tensor_dims
+from .runtime import PINNED_FFI, TUNING_FFI_SERIES, size_thread_pool
 
 log = logging.getLogger("infoptc.backends.tvm")
 
@@ -184,14 +185,13 @@ def check_tuning_dependencies() -> None:
     """MetaSchedule needs a known-good tvm-ffi and three Python packages."""
     import tvm_ffi
 
-    from . import tvm as tvm_target
 
     version = getattr(tvm_ffi, "__version__", "?")
-    if not version.startswith(tvm_target.TUNING_FFI_SERIES):
+    if not version.startswith(TUNING_FFI_SERIES):
         raise MissingDependencyError(
-            f"MetaSchedule tuning needs apache-tvm-ffi=={tvm_target.PINNED_FFI} (installed: {version}; "
+            f"MetaSchedule tuning needs apache-tvm-ffi=={PINNED_FFI} (installed: {version}; "
             f"0.1.15.x crashes in tvm::ffi::ToJSONGraph while saving records): "
-            f"pip install 'apache-tvm-ffi=={tvm_target.PINNED_FFI}'")
+            f"pip install 'apache-tvm-ffi=={PINNED_FFI}'")
     missing = []
     for module in ("psutil", "cloudpickle", "xgboost"):
         try:
@@ -456,9 +456,8 @@ def time_kernels(kernels: list, target, repeats: int = 7) -> list[float]:
     """Median milliseconds of each kernel (TIR modules with one signature), timed in turns so a
     neighbour's load hits all alike, on the thread count the artifact uses. Run it in a thread
     of its own: TVM's pool belongs to the calling thread, which this resizes."""
-    from . import tvm as tvm_target
 
-    tvm_target.size_thread_pool(thread_count(target))
+    size_thread_pool(thread_count(target))
     device = tvm.cpu(0)
     built = [tvm.compile(kernel, target=target).jit() for kernel in kernels]
     args = random_arguments(kernels[0]["main"], device)
@@ -476,9 +475,8 @@ def time_models(executables: list, specs: list[dict], threads: int, rounds: int 
     ``time_kernels``."""
     from infoptc.bench import run_interleaved
 
-    from . import tvm as tvm_target
 
-    tvm_target.size_thread_pool(threads)
+    size_thread_pool(threads)
     device = tvm.cpu(0)
     args = random_tensors([(spec["shape"], spec["dtype"]) for spec in specs], device)
     machines = [relax.VirtualMachine(executable, device)["main"] for executable in executables]

@@ -1,4 +1,5 @@
-"""`infoptc verify REFERENCE CANDIDATE`: do two models or artifacts compute the same thing?
+"""Do two models or artifacts compute the same thing? The comparison behind `infoptc verify
+REFERENCE CANDIDATE` (cli/verify.py): ``compare(reference, candidate, samples)``.
 
 Both run on the same inputs (generated, or the user's .npz files); each output is compared
 with ``verify.compare_outputs`` at a per-output tolerance (defaults by dtype, see
@@ -9,7 +10,6 @@ is the model as written; the candidate runs as its artifact runs.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -19,8 +19,6 @@ import numpy as np
 from .errors import UsageError, VerificationError
 from .targets import Artifact
 from .verify import REASSOCIATING_TOLERANCE, OutputDiff, Tolerance
-
-EXIT_FAILED = VerificationError.exit_code
 
 
 # ----------------------------------------------------------------------------- tolerances
@@ -91,7 +89,7 @@ def min_atol(ref: np.ndarray, got: np.ndarray, rtol: float) -> float | None:
 
 def load_samples(path: str | Path) -> list[tuple[str, dict[str, np.ndarray]]]:
     """An .npz file (one sample) or a folder of them (one sample each, in name order)."""
-    from .cli import load_npz
+    from .files import load_npz
 
     p = Path(path)
     if p.is_dir():
@@ -207,95 +205,3 @@ def generated_samples(artifact: Artifact, count: int, seed: int, dims: dict[str,
 
     for i in range(count):
         yield f"seed={seed + i}", inputs_for(artifact, dims, seed + i)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers, common) -> dict:
-    p = subparsers.add_parser(
-        "verify", help="compare two models/artifacts output by output on the same inputs",
-        description="Run REFERENCE and CANDIDATE (.onnx models via ONNX Runtime, or any artifact) on the "
-                    "same inputs and compare every output: max abs/rel error, and the smallest atol "
-                    "(at the rtol in force) that would pass. Exit 3 when an output is out of tolerance.",
-        epilog="Default tolerances by dtype: float32 atol 1e-5 rtol 1e-4, float16 1e-3/1e-3, bfloat16 "
-               "1e-2/1e-2, float64 1e-10/1e-8; integer and bool outputs must match exactly. An element "
-               "passes when |cand - ref| <= atol + rtol * |ref|; NaNs must sit at the same places.")
-    p.add_argument("reference", metavar="REFERENCE")
-    p.add_argument("candidate", metavar="CANDIDATE")
-    p.add_argument("--samples", type=int, default=3, metavar="N", help="generated input sets (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first generated set (then seed+1, ...)")
-    p.add_argument("--inputs", metavar="DATA.npz|FOLDER", help="inputs by name: an .npz, or a folder of them")
-    p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
-                   help="bind a symbolic dim of generated inputs, e.g. seq=128 (default 2)")
-    p.add_argument("--atol", action="append", default=[], metavar="X|OUTPUT:X", help="absolute tolerance (repeatable)")
-    p.add_argument("--rtol", action="append", default=[], metavar="X|OUTPUT:X", help="relative tolerance (repeatable)")
-    common(p)
-    return {"verify": cmd_verify}
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from .bench import parse_dims, print_wide
-    from .cli import _emit_json, err, out
-    from .targets import load
-
-    if args.samples < 1:
-        raise UsageError("--samples must be at least 1")
-    parse_tolerances(args.atol, "--atol")  # bad numbers fail before any model loads
-    parse_tolerances(args.rtol, "--rtol")
-    dims = parse_dims(args.dim)
-    reference = load(args.reference)
-    candidate = load(args.candidate)
-    check_compatible(reference, candidate)
-    if args.inputs:
-        samples = iter(load_samples(args.inputs))
-        source = args.inputs
-    else:
-        gen = reference if getattr(reference, "model", None) is not None else candidate
-        samples = generated_samples(gen, args.samples, args.seed, dims)
-        source = f"generated ({args.samples} sets, seeds {args.seed}..{args.seed + args.samples - 1})"
-    with err.status("verifying", spinner="dots") if not args.quiet else _quiet():
-        reports = compare(reference, candidate, samples, args.atol, args.rtol)
-    passed = all(r.passed for r in reports)
-    if args.json:
-        _emit_json({"reference": args.reference, "candidate": args.candidate, "inputs": source,
-                    "outputs": [r.as_dict() for r in reports], "passed": passed})
-        return 0 if passed else EXIT_FAILED
-    print_wide(out, table(reports, args.reference, args.candidate, source))
-    if passed:
-        out.print("PASSED", markup=False)
-        return 0
-    bad = [r for r in reports if not r.passed]
-    out.print(f"FAILED: {len(bad)} of {len(reports)} output(s) out of tolerance", markup=False)
-    for r in bad:
-        err.print(f"infoptc: {r.first_failure}", markup=False)
-    return EXIT_FAILED
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return "inf" if x == float("inf") else "0" if x == 0 else f"{x:.3g}"
-
-
-def table(reports: Sequence[OutputReport], reference: str, candidate: str, source: str):
-    from rich.table import Table
-
-    t = Table(title=f"{Path(reference).name} vs {Path(candidate).name}; inputs: {source}", title_justify="left")
-    for col in ("output", "dtype", "max abs err", "max rel err", "atol", "rtol", "min atol to pass", "result"):
-        t.add_column(col, justify="left" if col in ("output", "dtype", "result") else "right")
-    for r in reports:
-        exact = r.dtype_kind != "f"
-        t.add_row(r.name, r.dtype, _num(r.max_abs), _num(r.max_rel),
-                  "exact" if exact else _num(r.tolerance.atol), "" if exact else _num(r.tolerance.rtol),
-                  _num(r.min_atol), "ok" if r.passed else f"FAILED in {len(r.failed_samples)} sample(s)",
-                  style=None if r.passed else "bold red")
-    return t

@@ -1,7 +1,7 @@
 """TVM targets: ``llvm`` (this CPU, or a cross triple) and ``cuda`` (NVIDIA GPUs, built by nvcc).
 
-    optimized ModelProto -> static shapes + frontend fixes (_tvm_prepare)
-                         -> Relax passes, default schedules or MetaSchedule (_tvm_build)
+    optimized ModelProto -> static shapes + frontend fixes (prepare.py)
+                         -> Relax passes, default schedules or MetaSchedule (build.py)
                          -> tvm.compile -> TvmArtifact (one .so with its manifest inside)
 
 Target options (``infoptc.compile(model, target="llvm", **options)``; the CLI passes
@@ -23,7 +23,6 @@ TVM is imported lazily: this module is imported whenever targets are listed.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +31,6 @@ import os
 import platform
 import shutil
 import struct
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -44,12 +42,19 @@ from infoptc.errors import CompileError, InvalidModelError, MissingDependencyErr
 from infoptc.pass_manager import parse_bool
 from infoptc.targets import Artifact, Target, TensorSpec, register_target
 
-log = logging.getLogger("infoptc.backends.tvm")
+# The pinned versions and import_tvm stay importable from here (benchmarks/cuda.py uses import_tvm).
+from .runtime import (  # noqa: F401
+    INSTALL,
+    PINNED_FFI,
+    PINNED_TVM,
+    TUNING_FFI_SERIES,
+    import_tvm,
+    native_output_to_log,
+    size_thread_pool,
+    tvm_versions,
+)
 
-PINNED_TVM = "0.27.0.post1"
-PINNED_FFI = "0.1.14.post1"
-TUNING_FFI_SERIES = "0.1.14"
-INSTALL = f"pip install 'apache-tvm=={PINNED_TVM}' 'apache-tvm-ffi=={PINNED_FFI}'"
+log = logging.getLogger("infoptc.backends.tvm")
 
 MAGIC = b"\x00INFOPTC-TVM-01\x00"
 FORMAT = "infoptc-tvm/1"
@@ -84,21 +89,6 @@ CPUINFO_FEATURES = {
 
 
 # ----------------------------------------------------------------------------- availability
-
-
-def import_tvm():
-    try:
-        import tvm
-    except ImportError:
-        raise MissingDependencyError(f"the TVM targets need Apache TVM: {INSTALL}") from None
-    return tvm
-
-
-def tvm_versions() -> dict[str, str]:
-    tvm = import_tvm()
-    import tvm_ffi
-
-    return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?")}
 
 
 def _cpu_flags() -> set[str] | None:
@@ -323,43 +313,6 @@ class TvmArtifact(Artifact):
 _POOL_CONFIG: dict[int, int] = {}
 
 
-@contextlib.contextmanager
-def native_output_to_log():
-    """TVM's C++ side logs warnings straight to file descriptor 2 (and MetaSchedule's worker
-    processes inherit it): send them to a temp file and from there to our debug log.
-
-    Yields a stream on the real stderr (None if there is none), for the tuning progress bar."""
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield None
-        return
-    with tempfile.TemporaryFile() as sink, open(os.dup(saved), "w") as terminal:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield terminal
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            for line in sink.read().decode(errors="replace").splitlines():
-                if line.strip():
-                    log.debug("tvm: %s", line.strip())
-
-
-def size_thread_pool(threads: int) -> None:
-    """Give the calling thread's TVM pool ``threads`` workers (0: TVM's choice) sharing the CPUs
-    this process may use. Also used to time kernels while tuning, with the artifact's count."""
-    import tvm_ffi
-
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    share_all_cores = -3  # threading::ThreadGroup::kSpecifyThreadShareAllCore
-    tvm_ffi.get_global_func("runtime.config_threadpool")(
-        share_all_cores, min(threads, len(cpus)), [str(c) for c in cpus])
-
-
 def _fits(shape: tuple, compiled: tuple) -> bool:
     """Whether an input shape matches the compiled one (a symbolic dim, a name, takes any value)."""
     return shape == compiled or (len(shape) == len(compiled) and all(
@@ -563,9 +516,9 @@ class TvmTarget(Target):
     def check_available(self) -> None:
         import_tvm()
         if self.tune or self.tune_time:
-            from . import _tvm_build
+            from . import build
 
-            _tvm_build.check_tuning_dependencies()
+            build.check_tuning_dependencies()
 
     # subclasses: the TVM target dict, and facts for the manifest
     def tvm_target(self) -> tuple[dict, dict]:
@@ -577,27 +530,27 @@ class TvmTarget(Target):
         import_tvm()
         import tvm
 
-        from . import _tvm_build, _tvm_prepare
+        from . import build, prepare
 
         start = time.perf_counter()
         target_dict, facts = self.tvm_target()
         target = tvm.target.Target(target_dict)
-        dynamic = self.dynamic_dims and _tvm_prepare.symbolic_inputs(model)
+        dynamic = self.dynamic_dims and prepare.symbolic_inputs(model)
         failed = None
         while True:
             prepared, mod, fallback = self._import(model, dynamic)
             fallback = fallback or failed
             if prepared.defaulted_dims:
                 log.warning("target %s: symbolic input dims set to %d: %s (bind them with --input-shape NAME:DIMS)%s",
-                            self.name, _tvm_prepare.DEFAULT_DIM, ", ".join(prepared.defaulted_dims),
+                            self.name, prepare.DEFAULT_DIM, ", ".join(prepared.defaulted_dims),
                             f"; TVM cannot keep them symbolic here: {fallback}" if fallback else "")
             try:
                 with native_output_to_log() as terminal:
-                    budget = _tvm_build.TuningBudget(
+                    budget = build.TuningBudget(
                         db_dir=self.options["tuning_db"], trials=self.tune, seconds=self.tune_time,
                         timeout_s=self.tune_timeout, progress_to=terminal) if self.tune or self.tune_time else None
                     imported = mod
-                    mod, tuning = _tvm_build.optimize(mod, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
+                    mod, tuning = build.optimize(mod, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
                                                       tuning=budget, fast_math=self.fast_math)
                     executable, blobs, more = self.build(mod, target)
                     if tuning and tuning.get("tasks_using_tuned") and self.name == "llvm":
@@ -620,7 +573,7 @@ class TvmTarget(Target):
             "versions": {"infoptc": _infoptc_version(), **tvm_versions()},
             "lowered_sha256": hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest(),
             "threads": self.threads,
-            "unaligned_inputs": self.name == "llvm",  # _tvm_build.accept_unaligned_inputs
+            "unaligned_inputs": self.name == "llvm",  # build.accept_unaligned_inputs
             "schedules": "metaschedule+rules" if tuning and tuning.get("model_check", {}).get("use") != "rules"
                          else self.schedules,
             "relax_options": {"cpu_layout": self.cpu_layout and self.name == "llvm", "fast_math": self.fast_math,
@@ -638,9 +591,9 @@ class TvmTarget(Target):
         bound = onnx.ModelProto()
         bound.CopyFrom(model)
         if prepared.symbolic_dims:
-            _tvm_prepare.name_symbolic_inputs(bound)
+            prepare.name_symbolic_inputs(bound)
         else:
-            _tvm_prepare.bind_symbolic_inputs(bound, _tvm_prepare.DEFAULT_DIM)
+            prepare.bind_symbolic_inputs(bound, prepare.DEFAULT_DIM)
         return TvmArtifact(manifest, executable=executable, model=bound, blobs=blobs, export_compiler=export_compiler)
 
     def _tuned_or_rules(self, imported, tuned_mod, tuned, target, tuning: dict, model: onnx.ModelProto):
@@ -650,16 +603,16 @@ class TvmTarget(Target):
         kernels' data in the caches, the sum can still lose (ResNet, session 2: 7 of 16 kernels
         faster alone, the model 4% slower). So both builds run the model in turns on this CPU,
         and the tuned one is kept only where it is faster by the kernels' margin."""
-        from . import _tvm_build
+        from . import build
 
-        rules_mod, _ = _tvm_build.optimize(imported, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
+        rules_mod, _ = build.optimize(imported, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
                                            fast_math=self.fast_math)
-        rules = _tvm_build.build(rules_mod, target)
+        rules = build.build(rules_mod, target)
         specs = _specs(tuned_mod, model, "input")
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="infoptc-timer") as timer:
-            tuned_ms, rules_ms = timer.submit(_tvm_build.time_models, [tuned, rules], specs,
-                                              _tvm_build.thread_count(target)).result()
-        use = "tuned" if tuned_ms * _tvm_build.TUNED_MARGIN <= rules_ms else "rules"
+            tuned_ms, rules_ms = timer.submit(build.time_models, [tuned, rules], specs,
+                                              build.thread_count(target)).result()
+        use = "tuned" if tuned_ms * build.TUNED_MARGIN <= rules_ms else "rules"
         tuning["model_check"] = {"tuned_ms": round(tuned_ms, 4), "rules_ms": round(rules_ms, 4), "use": use}
         log.info("tuned model %.3f ms, rules only %.3f ms: using %s", tuned_ms, rules_ms, use)
         return (tuned_mod, tuned) if use == "tuned" else (rules_mod, rules)
@@ -668,29 +621,29 @@ class TvmTarget(Target):
         """``(prepared, relax module, why not symbolic)``: with ``dynamic``, the model imported
         with its symbolic input dims kept, if TVM's frontend keeps every shape known; otherwise
         (or if it fails) imported again with the dims bound, and the reason."""
-        from . import _tvm_prepare
+        from . import prepare
 
         reason = None
         if dynamic:
-            prepared = _tvm_prepare.prepare(model, keep_symbolic=True)
+            prepared = prepare.prepare(model, keep_symbolic=True)
             try:
                 with native_output_to_log():
-                    mod = _tvm_prepare.import_onnx(prepared.model)
-                lost = _tvm_prepare.symbolic_shapes_known(mod)
+                    mod = prepare.import_onnx(prepared.model)
+                lost = prepare.symbolic_shapes_known(mod)
                 if lost is None:
                     return prepared, mod, None
                 reason = f"its ONNX frontend computes the shape of {lost} at run time"
             except CompileError as e:
                 reason = str(e).split("; compile this model")[0]
-        prepared = _tvm_prepare.prepare(model)
+        prepared = prepare.prepare(model)
         with native_output_to_log():
-            mod = _tvm_prepare.import_onnx(prepared.model)
+            mod = prepare.import_onnx(prepared.model)
         return prepared, mod, reason
 
     def build(self, mod, target):
-        from . import _tvm_build
+        from . import build
 
-        return _tvm_build.build(mod, target), {}, {}
+        return build.build(mod, target), {}, {}
 
     @classmethod
     def can_load(cls, path: Path) -> bool:
@@ -828,9 +781,9 @@ class CudaTarget(TvmTarget):
 
     def check_available(self) -> None:
         super().check_available()
-        from . import _tvm_build
+        from . import build
 
-        if _tvm_build.nvcc_path() is None:
+        if build.nvcc_path() is None:
             raise MissingDependencyError("the cuda target needs nvcc (the CUDA toolkit) on PATH or in $CUDA_HOME/bin")
 
     def arch(self) -> str:
@@ -861,7 +814,7 @@ class CudaTarget(TvmTarget):
     def build(self, mod, target):
         import tvm_ffi
 
-        from . import _tvm_build
+        from . import build
 
         arch = str(target.attrs["arch"])
         built: dict[str, bytes] = {}
@@ -870,24 +823,24 @@ class CudaTarget(TvmTarget):
         # without one it keeps the CUDA source, which we compile below. nvcc either way.
         def compile_cuda(code, *rest):
             built["source"] = str(code).encode()
-            built["fatbin"] = _tvm_build.nvcc_fatbin(str(code), arch)
+            built["fatbin"] = build.nvcc_fatbin(str(code), arch)
             return bytearray(built["fatbin"])
 
         previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
         try:
-            executable = _tvm_build.build(mod, target)
+            executable = build.build(mod, target)
         finally:
             if previous is not None:
                 tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
         if "fatbin" not in built:
-            sources = [m.inspect_source("") for m in _tvm_build.device_modules(executable, "cuda")]
+            sources = [m.inspect_source("") for m in build.device_modules(executable, "cuda")]
             if not sources or not any(sources):
                 raise CompileError("TVM produced no CUDA kernels for this model")
             built["source"] = sources[0].encode()
-            built["fatbin"] = _tvm_build.nvcc_fatbin(sources[0], arch)
-        nvcc = _tvm_build.nvcc_path()
-        facts = {"cuda": {"arch": arch, "nvcc": _tvm_build.nvcc_version(nvcc) if nvcc else "?",
+            built["fatbin"] = build.nvcc_fatbin(sources[0], arch)
+        nvcc = build.nvcc_path()
+        facts = {"cuda": {"arch": arch, "nvcc": build.nvcc_version(nvcc) if nvcc else "?",
                           "fatbin_bytes": len(built["fatbin"]), "kernels_source_bytes": len(built["source"])}}
         blobs = {"cuda_fatbin": built["fatbin"],
                  "cuda_source_sha256": hashlib.sha256(built["source"]).hexdigest().encode()}

@@ -21,7 +21,7 @@ register tile is padded to a multiple of the tile (``pad_einsum``), other symbol
 the parallel loop, vector loops come from static extents only, and ``serial_when_small`` gives
 each such kernel a run-time choice between its parallel loop nest and a serial copy.
 
-Imported only by ``backends/tvm.py`` after TVM itself is known to be importable.
+Imported only by the TVM targets (backends/tvm/) after TVM itself is known to be importable.
 """
 
 from __future__ import annotations

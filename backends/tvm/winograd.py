@@ -39,8 +39,8 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from . import _tvm_schedule as rules
-from ._tvm_prepare import bound_value, op_name, relax_pass, tensor_dims
+from . import schedule as rules
+from .prepare import bound_value, op_name, relax_pass, tensor_dims
 
 # Fewer output channels than this: untested. Fewer input channels than a vector holds: the
 # transforms run on part-vectors and lose (8 -> 8 on AVX-512: 132 us against 24 direct).

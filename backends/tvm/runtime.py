@@ -1,0 +1,73 @@
+"""What the TVM targets (backends/tvm/__init__.py) and their build (build.py) both need from the
+installed TVM: the versions we pin, importing it with a helpful error, its thread pool, and
+its native log output. TVM itself is imported lazily, as in __init__.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+
+from infoptc.errors import MissingDependencyError
+
+log = logging.getLogger("infoptc.backends.tvm")
+
+PINNED_TVM = "0.27.0.post1"
+PINNED_FFI = "0.1.14.post1"
+TUNING_FFI_SERIES = "0.1.14"
+INSTALL = f"pip install 'apache-tvm=={PINNED_TVM}' 'apache-tvm-ffi=={PINNED_FFI}'"
+
+
+def import_tvm():
+    try:
+        import tvm
+    except ImportError:
+        raise MissingDependencyError(f"the TVM targets need Apache TVM: {INSTALL}") from None
+    return tvm
+
+
+def tvm_versions() -> dict[str, str]:
+    tvm = import_tvm()
+    import tvm_ffi
+
+    return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?")}
+
+
+@contextlib.contextmanager
+def native_output_to_log():
+    """TVM's C++ side logs warnings straight to file descriptor 2 (and MetaSchedule's worker
+    processes inherit it): send them to a temp file and from there to our debug log.
+
+    Yields a stream on the real stderr (None if there is none), for the tuning progress bar."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield None
+        return
+    with tempfile.TemporaryFile() as sink, open(os.dup(saved), "w") as terminal:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log.debug("tvm: %s", line.strip())
+
+
+def size_thread_pool(threads: int) -> None:
+    """Give the calling thread's TVM pool ``threads`` workers (0: TVM's choice) sharing the CPUs
+    this process may use. Also used to time kernels while tuning, with the artifact's count."""
+    import tvm_ffi
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    share_all_cores = -3  # threading::ThreadGroup::kSpecifyThreadShareAllCore
+    tvm_ffi.get_global_func("runtime.config_threadpool")(
+        share_all_cores, min(threads, len(cpus)), [str(c) for c in cpus])

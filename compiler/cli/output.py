@@ -1,0 +1,60 @@
+"""What the subcommands print with: results on stdout (``out``, JSON), notes, spinners and
+progress bars on stderr (``err``, silenced by -q), tables at their natural width."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from ..files import dumps_json
+
+out = Console(highlight=False, soft_wrap=True)  # follows sys.stdout, so tests can capture it
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(dumps_json(data))
+
+
+def note(args: argparse.Namespace, text: str) -> None:
+    """A progress note on stderr, silenced by -q."""
+    if not args.quiet:
+        err.print(text, markup=False)
+
+
+def status(args: argparse.Namespace, text: str):
+    """A spinner on stderr while a long step runs (none with -q)."""
+    return err.status(text, spinner="dots") if not args.quiet else contextlib.nullcontext()
+
+
+def progress(console: Console, disable: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                    console=console, transient=True, disable=disable)
+
+
+def print_wide(console: Console, renderable) -> None:
+    """Tables at their natural width when stdout is a file or a pipe (rich assumes 80 columns
+    there and would cut names short); at the terminal's own width otherwise."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update(max_width=400), renderable).maximum
+    Console(file=console.file, width=max(80, min(width, 400)), highlight=False, soft_wrap=True,
+            color_system=None).print(renderable)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
