@@ -265,3 +265,45 @@ def test_nothing_to_quantize_keeps_fp32_and_warns(caplog):
         art = quantize(model, [{"x": np.ones((1, 4), np.float32)}])
     assert [n.op_type for n in art.model.graph.node] == ["Relu"]
     assert "nothing worth quantizing" in caplog.text
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _npz(path, model_path, n=3):
+    m = onnx.load(model_path)
+    name = m.graph.input[0].name
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    np.savez(path, **{name: np.stack([f[name] for f in feeds(shape, n, name=name)])})
+    return path
+
+
+def test_cli_quantizes_reports_and_inspect_sees_the_fusion(cli, golden, tmp_path):
+    cal = _npz(tmp_path / "cal.npz", golden("resnet"))
+    out = tmp_path / "r8.onnx"
+    code, stdout, _ = cli(golden("resnet"), "-O3", "--quantize", "int8", "--calibration", cal, "-o", out)
+    assert code == 0 and "worst SQNR first" in stdout
+    code, stdout, _ = cli("inspect", "--quant", out, "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["intended"] == report["fused"] > 20 and report["left_fp32"] == []
+    assert report["recipe"]["recipe"]["isa"] == host_isa()
+    again = tmp_path / "again.onnx"
+    assert cli(golden("resnet"), "-O3", "--quantize", "int8", "--calibration", cal, "-o", again)[0] == 0
+    assert out.read_bytes() == again.read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int8"], "needs --calibration"),
+    (["--calibration-method", "entropy"], "needs --quantize"),
+    (["--quantize", "int8", "--calibration", "MISSING"], "does not exist"),
+    (["--quantize", "int8-dynamic", "--per-tensor"], "apply to --quantize int8 only"),
+    (["--quantize", "int8", "--calibration", "BAD"], "input 'input' has dtype float64"),
+])
+def test_cli_refuses_bad_quantization_input(cli, golden, tmp_path, args, message):
+    np.savez(tmp_path / "bad.npz", input=np.zeros((2, 1, 3, 224, 224)))  # float64
+    args = [str(tmp_path / "missing.npz") if a == "MISSING" else str(tmp_path / "bad.npz") if a == "BAD" else a
+            for a in args]
+    out = tmp_path / "never.onnx"
+    code, _, stderr = cli(golden("resnet"), *args, "-o", out)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()

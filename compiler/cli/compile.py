@@ -53,6 +53,29 @@ def add_parser(subparsers, common) -> dict:
     tv.add_argument("--mtriple", default=None, help="llvm: cross-compilation triple, e.g. aarch64-linux-gnu")
     tv.add_argument("--target-opt", action="append", default=None, metavar="KEY=VALUE",
                     help="any other target option (repeatable), e.g. schedules=none, fast_math=false")
+    q = c.add_argument_group("quantization (see docs/quantization.md)")
+    q.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"],
+                   help="int8: calibrated static (needs --calibration); int8-dynamic: int8 weights, "
+                        "activations quantized at run time")
+    q.add_argument("--calibration", default=None, metavar="CAL",
+                   help=".npz with one array per input (samples stacked on a new first axis), "
+                        "or a folder of one-sample .npz files")
+    q.add_argument("--calibration-method", default=None, choices=["minmax", "percentile", "entropy", "mse"],
+                   help="how activation ranges are chosen (default: minmax)")
+    q.add_argument("--calibration-samples", type=int, default=None, metavar="N", help="use the first N samples")
+    q.add_argument("--calibration-cache", default=None, metavar="FILE",
+                   help="keep observed ranges here; a rerun with other options does not recalibrate")
+    q.add_argument("--per-tensor", action="store_true", default=None, help="one weight scale per tensor, not per channel")
+    q.add_argument("--exclude", action="append", default=None, metavar="NAME_OR_OPTYPE",
+                   help="leave a node (by name) or an op type in fp32 (repeatable)")
+    q.add_argument("--isa", default=None, choices=["auto", "vnni", "avx2", "generic"],
+                   help="CPU the int8 kernels target (default: this host's; avx2 keeps weights to 7 bits)")
+    q.add_argument("--requantize", action="store_true", default=None, help="quantize a model that already is")
+    q.add_argument("--equalize", action="store_true", default=None, help="cross-layer equalization first")
+    q.add_argument("--bias-correction", action="store_true", default=None,
+                   help="move the int8 weights' mean output error into the biases (static int8)")
+    q.add_argument("--smooth-quant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant: migrate activation outliers of LayerNorm->MatMul into weights (e.g. 0.5)")
     c.add_argument("--bisect", action="store_true",
                    help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     common(c)
@@ -88,7 +111,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         input_path, target=target, opt_level=opt_level, passes=args.passes,
         input_shapes=parse_input_shapes(args.input_shape or []), instruments=instruments,
         freeze_initializers=bool(args.freeze_initializers),
-        verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit, **target_options,
+        verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
+        **_quantize_arguments(args), **target_options,
     )
     if args.opt_bisect_limit is not None:
         for rec in artifact.pass_records:
@@ -108,6 +132,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         report["time_passes"] = [dict(zip(("pass", "runs", "changed", "seconds"), r)) for r in timing.rows()]
     if args.stats:
         report["stats"] = stats.as_dict()
+    if artifact.reports:
+        report["reports"] = artifact.reports
     if args.json:
         emit_json(report)
         return 0
@@ -121,7 +147,62 @@ def cmd_compile(args: argparse.Namespace) -> int:
         out.print(_time_table(timing.rows()))
     if args.stats:
         out.print(_stats_table(stats.as_dict()))
+    quant = artifact.reports.get("quantize-int8")
+    if quant:
+        out.print(quantization_table(quant, None if args.stats else 10))
     return 0
+
+
+def _quantize_arguments(args: argparse.Namespace) -> dict:
+    """compile()'s quantization keywords from the flags; flags without --quantize are an error."""
+    given = [f for f in ("calibration", "calibration_method", "calibration_samples", "calibration_cache",
+                         "per_tensor", "exclude", "isa", "requantize", "equalize", "bias_correction", "smooth_quant")
+             if getattr(args, f, None) not in (None, [], False)]
+    if not args.quantize:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --quantize int8|int8-dynamic")
+        return {}
+    if args.quantize == "int8" and not args.calibration:
+        raise UsageError("--quantize int8 needs --calibration CAL (an .npz of samples or a folder of .npz); "
+                         "--quantize int8-dynamic needs none")
+    if args.calibration_samples is not None and args.calibration_samples < 1:
+        raise UsageError("--calibration-samples must be at least 1")
+    options: dict = {}
+    if args.quantize == "int8":
+        options.update({"calibration": args.calibration, "method": args.calibration_method or "minmax",
+                        "samples": args.calibration_samples or 0, "cache": args.calibration_cache or "",
+                        "per-channel": not args.per_tensor})
+    elif any(getattr(args, f, None) for f in ("calibration_method", "calibration_cache", "per_tensor", "bias_correction")):
+        raise UsageError("--calibration-method, --calibration-cache, --per-tensor and --bias-correction apply to "
+                         "--quantize int8 only")
+    if args.exclude:
+        options["exclude"] = ";".join(args.exclude)
+    if args.isa:
+        options["isa"] = args.isa
+    if args.requantize:
+        options["requantize"] = True
+    calibration = args.calibration
+    if args.smooth_quant is not None and not calibration:
+        raise UsageError("--smooth-quant needs --calibration CAL (it measures activation channels)")
+    return {"quantize": args.quantize, "calibration": calibration, "quantize_options": options,
+            "equalize": bool(args.equalize), "correct_bias": bool(args.bias_correction),
+            "smooth_quant": args.smooth_quant}
+
+
+def quantization_table(report: dict, limit: int | None) -> Table:
+    """The quantizer's per-tensor report, worst SQNR first (``limit`` rows, all when None)."""
+    rows = report["tensors"]
+    shown = rows if limit is None else rows[:limit]
+    recipe = report["recipe"]
+    title = (f"int8 tensors, worst SQNR first ({len(shown)} of {len(rows)}; --stats shows all): "
+             f"activations {recipe['activation']}, weights {recipe['weight']} "
+             f"[-{recipe['weight_qmax']}, {recipe['weight_qmax']}] for {recipe['isa']}")
+    table = Table(title=title, title_justify="left")
+    for col in ("tensor", "op", "scale", "zero point", "SQNR dB"):
+        table.add_column(col, justify="left" if col in ("tensor", "op") else "right")
+    for r in shown:
+        table.add_row(r["tensor"], r["op"], f"{r['scale']:.4g}", str(r["zero_point"]), f"{r['sqnr_db']:.1f}")
+    return table
 
 
 def _target_options(args: argparse.Namespace) -> dict:

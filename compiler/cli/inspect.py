@@ -14,12 +14,16 @@ from .output import emit_json, human_bytes, out
 def add_parser(subparsers, common) -> dict:
     i = subparsers.add_parser("inspect", help="opset, inputs/outputs, op histogram, parameters, size, FLOPs")
     i.add_argument("model")
+    i.add_argument("--quant", action="store_true",
+                   help="which int8 regions ONNX Runtime really fuses into int8 kernels (loads the model in ORT)")
     common(i)
     return {"inspect": cmd_inspect}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     model = ir.load_model(args.model)
+    if args.quant:
+        return _inspect_quant(args, model)
     summary = analysis.summarize(model)
     if args.json:
         emit_json(summary.as_dict())
@@ -46,4 +50,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for op, n in summary.histogram.items():
         hist.add_row(op, str(n))
     out.print(hist)
+    return 0
+
+
+def _inspect_quant(args: argparse.Namespace, model) -> int:
+    """The intended int8 regions (QDQ groups, int8 kernels) and what ONNX Runtime made of them."""
+    import json
+
+    from ..passes.quantize.fusion_check import fusion_report
+
+    report = fusion_report(model)
+    meta = {m.key: m.value for m in model.metadata_props}
+    if "infoptc.quantization" in meta:
+        report["recipe"] = json.loads(meta["infoptc.quantization"])
+    if args.json:
+        emit_json(report)
+        return 0
+    table = Table(title=f"{args.model}: int8 regions in ONNX Runtime (CPU)", title_justify="left", show_header=False)
+    table.add_column()
+    table.add_column()
+    table.add_row("intended int8 ops", str(report["intended"]))
+    table.add_row("fused into int8 kernels", str(report["fused"]))
+    table.add_row("left in fp32 between Q/DQ", ", ".join(report["left_fp32"]) or "none")
+    table.add_row("int8 kernels", ", ".join(f"{k} {v}" for k, v in report["kernels"].items()) or "none")
+    table.add_row("Q/DQ conversions left", str(report["conversions"]))
+    if "recipe" in report:
+        table.add_row("recipe", escape(json.dumps(report["recipe"], sort_keys=True)))
+    out.print(table)
     return 0

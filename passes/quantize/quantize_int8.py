@@ -357,7 +357,7 @@ def layer_report(fp32, quant, tensors: list[str], params: dict[str, tuple], prod
     for n in names:
         scale, zp = params[n]
         rows.append({"tensor": n, "op": producers.get(n, "input"), "scale": float(scale), "zero_point": int(zp),
-                     "sqnr_db": round(sqnr_db(np.concatenate(refs[n]), np.concatenate(tests[n])), 2)})
+                     "sqnr_db": round(float(sqnr_db(np.concatenate(refs[n]), np.concatenate(tests[n]))), 2)})
     rows.sort(key=lambda r: (r["sqnr_db"], r["tensor"]))
     return rows
 
