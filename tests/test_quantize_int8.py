@@ -55,6 +55,8 @@ def conv_model(cin, cout, k, stride, relu, seed=0, hw=8):
 
 
 def quantize(model, cal, **options):
+    """The mechanics without the host timing (the speed check has its own tests below)."""
+    options.setdefault("speed-check", False)
     return infoptc.compile(model, opt_level=2, quantize="int8", calibration=cal, quantize_options=options)
 
 
@@ -281,14 +283,16 @@ def _npz(path, model_path, n=3):
 def test_cli_quantizes_reports_and_inspect_sees_the_fusion(cli, golden, tmp_path):
     cal = _npz(tmp_path / "cal.npz", golden("resnet"))
     out = tmp_path / "r8.onnx"
-    code, stdout, _ = cli(golden("resnet"), "-O3", "--quantize", "int8", "--calibration", cal, "-o", out)
+    code, stdout, _ = cli(golden("resnet"), "-O3", "--quantize", "int8", "--calibration", cal, "-o", out,
+                          "--no-speed-check")
     assert code == 0 and "worst SQNR first" in stdout
     code, stdout, _ = cli("inspect", "--quant", out, "--json")
     report = json.loads(stdout)
     assert code == 0 and report["intended"] == report["fused"] > 20 and report["left_fp32"] == []
     assert report["recipe"]["recipe"]["isa"] == host_isa()
     again = tmp_path / "again.onnx"
-    assert cli(golden("resnet"), "-O3", "--quantize", "int8", "--calibration", cal, "-o", again)[0] == 0
+    assert cli(golden("resnet"), "-O3", "--quantize", "int8", "--calibration", cal, "-o", again,
+               "--no-speed-check")[0] == 0
     assert out.read_bytes() == again.read_bytes()
 
 
@@ -307,3 +311,48 @@ def test_cli_refuses_bad_quantization_input(cli, golden, tmp_path, args, message
     code, _, stderr = cli(golden("resnet"), *args, "-o", out)
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- never slower than fp32
+
+
+def test_speed_check_keeps_fp32_where_int8_is_slower(caplog):
+    """A 4x4 Conv runs in microseconds: Q/DQ and int8 kernel set-up cost more than the product."""
+    model = conv_model(4, 4, 1, 1, False, hw=4)
+    with caplog.at_level(logging.WARNING, logger="infoptc"):
+        art = infoptc.compile(model, quantize="int8", calibration=feeds((1, 4, 4, 4), 2, name="x"))
+    assert [n.op_type for n in art.model.graph.node] == ["Conv"]
+    assert "not faster than fp32" in caplog.text
+    speed = art.reports["quantize-int8"]["speed"]
+    assert speed["chosen"] is None and speed["fp32_ms"] <= min(speed["candidates_ms"].values())
+
+
+def test_speed_check_choice(monkeypatch):
+    from infoptc.passes.quantize import speed
+
+    def fake(times):
+        def compare(fp32, candidates, feed):
+            ms = dict(zip(candidates, times[1:]))
+            best = list(candidates)[0]
+            for k in list(candidates)[1:]:
+                if ms[k] <= speed.PREFER * ms[best]:
+                    best = k
+            return speed.Timing(times[0], ms, None if ms[best] >= times[0] else best)
+        return compare
+
+    cases = [((10.0, 5.0, 4.9), True), ((10.0, 5.0, 4.0), False), ((10.0, 11.0, 12.0), None)]
+    for times, expected in cases:
+        monkeypatch.setattr(speed, "compare", fake(times))
+        model = conv_model(8, 8, 3, 1, relu=False)
+        # an SE-style gate, so there is an elementwise op the second candidate leaves in fp32
+        model.graph.node.append(helper.make_node("Sigmoid", ["y"], ["s"], name="sig"))
+        model.graph.node.append(helper.make_node("Mul", ["y", "s"], ["z"], name="mul"))
+        model.graph.output[0].name = "z"
+        art = infoptc.compile(model, quantize="int8", calibration=feeds((1, 8, 8, 8), 2, name="x"))
+        ops = [n.op_type for n in art.model.graph.node]
+        if expected is None:
+            assert "QuantizeLinear" not in ops
+        else:
+            sig_out = next(n for n in art.model.graph.node if n.op_type == "Sigmoid").output[0]
+            readers = {n.op_type for n in art.model.graph.node if sig_out in n.input}
+            assert (readers == {"QuantizeLinear"}) == expected, (times, readers)

@@ -71,6 +71,8 @@ def add_parser(subparsers, common) -> dict:
     q.add_argument("--isa", default=None, choices=["auto", "vnni", "avx2", "generic"],
                    help="CPU the int8 kernels target (default: this host's; avx2 keeps weights to 7 bits)")
     q.add_argument("--requantize", action="store_true", default=None, help="quantize a model that already is")
+    q.add_argument("--no-speed-check", action="store_true", default=None,
+                   help="quantize even where int8 measures slower than fp32 on this host (byte-identical reruns)")
     q.add_argument("--equalize", action="store_true", default=None, help="cross-layer equalization first")
     q.add_argument("--bias-correction", action="store_true", default=None,
                    help="move the int8 weights' mean output error into the biases (static int8)")
@@ -156,7 +158,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def _quantize_arguments(args: argparse.Namespace) -> dict:
     """compile()'s quantization keywords from the flags; flags without --quantize are an error."""
     given = [f for f in ("calibration", "calibration_method", "calibration_samples", "calibration_cache",
-                         "per_tensor", "exclude", "isa", "requantize", "equalize", "bias_correction", "smooth_quant")
+                         "per_tensor", "exclude", "isa", "requantize", "no_speed_check", "equalize", "bias_correction", "smooth_quant")
              if getattr(args, f, None) not in (None, [], False)]
     if not args.quantize:
         if given:
@@ -181,6 +183,8 @@ def _quantize_arguments(args: argparse.Namespace) -> dict:
         options["isa"] = args.isa
     if args.requantize:
         options["requantize"] = True
+    if args.no_speed_check:
+        options["speed-check"] = False
     calibration = args.calibration
     if args.smooth_quant is not None and not calibration:
         raise UsageError("--smooth-quant needs --calibration CAL (it measures activation channels)")

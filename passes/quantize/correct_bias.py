@@ -40,7 +40,7 @@ def bias_shift(node: gs.Node, w: np.ndarray, axis: int, qmax: int, mean_x: np.nd
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
         out_ch, in_per_group = err.shape[:2]
-        per_tap = err.sum(axis=(2, 3))  # [O, I/g]
+        per_tap = err.sum(axis=tuple(range(2, err.ndim)))  # [O, I/g]: every tap sees E[x]
         per_group_out = out_ch // group
         means = mean_x.reshape(group, in_per_group)  # input channels of each group
         return np.concatenate([per_tap[g * per_group_out:(g + 1) * per_group_out] @ means[g] for g in range(group)])

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
-from infoptc.ir import from_graph
+from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 
-from . import calibration
+from . import calibration, speed
 from .observers import METHODS, quant_params
 from .recipe import ISAS, recipe_for
 
@@ -342,7 +342,9 @@ def layer_report(fp32, quant, tensors: list[str], params: dict[str, tuple], prod
                  data, samples: int) -> list[dict]:
     """Per quantized tensor: its op, scale, zero point and SQNR (dB) of the quantized model's value
     against the fp32 model's, over the first ``samples`` calibration samples. Worst first."""
-    names = [t for t in tensors if t in {o for n in fp32.graph.node for o in n.output}]
+    produced = lambda m: {o for n in m.graph.node for o in n.output}
+    both = produced(fp32) & produced(quant)  # a dead branch's DQ is gone after cleanup
+    names = [t for t in tensors if t in both]
     ref_session = calibration.ort_session(calibration.with_outputs(fp32, names))
     q_session = calibration.ort_session(calibration.with_outputs(quant, names))
     refs: dict[str, list] = {n: [] for n in names}
@@ -381,6 +383,8 @@ class QuantizeInt8(Pass):
         "elementwise": Option(True, "also quantize Mul and Sigmoid between int8 tensors (SiLU, squeeze-excitation)"),
         "requantize": Option(False, "quantize a model that already holds quantized ops"),
         "embeddings": Option(True, "store Gather tables (embeddings) of 4096+ elements in int8, one scale per row"),
+        "speed-check": Option(True, "time the int8 model against fp32 on this host: keep fp32 when int8 is "
+                                    "slower, and leave elementwise ops in fp32 when that is faster"),
         "report-samples": Option(4, "calibration samples the per-tensor SQNR report runs (0: no report)"),
     }
 
@@ -391,57 +395,86 @@ class QuantizeInt8(Pass):
                              "pass requantize=true (--requantize) to quantize it again")
         recipe = recipe_for(self.opts["isa"])
         exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
-        plan = plan_static(graph, exclude, self.opts["matmul-activations"], self.opts["elementwise"])
+        # the coverages to choose from: int8 elementwise ops (SiLU, squeeze-excitation gates) pay
+        # on some CPUs and not on others, so with the speed check both are measured
+        coverages = [self.opts["elementwise"]]
+        if self.opts["speed-check"] and self.opts["elementwise"]:
+            coverages.append(False)
+        plans = {ew: plan_static(graph, exclude, self.opts["matmul-activations"], ew) for ew in coverages}
+        plan = plans[coverages[0]]
         if not plan.weights:
             log.warning("quantize-int8: nothing worth quantizing (no Conv, Gemm or MatMul with constant "
                         "fp32 weights); the model stays fp32")
             return PassResult(False, {"quantized": 0})
+        if len(coverages) > 1 and len(plans[False].nodes) == len(plan.nodes):
+            coverages = coverages[:1]  # no elementwise op to leave out: one candidate
         source = calibration.calibration_source(ctx.options, self.opts, self.name)
         if graph.opset < 13:
             raise UsageError(f"quantize-int8 needs opset 13 or newer (per-channel QuantizeLinear); the model "
                              f"imports opset {graph.opset}")
         fp32 = from_graph(graph)
         data = calibration.CalibrationData(source, calibration.model_inputs(fp32), self.opts["samples"])
-        observed = plan.own
+        observed = list(dict.fromkeys(name for ew in coverages for name in plans[ew].own))
         observers, hit = calibration.cached_observers(fp32, observed, data, self.opts["cache"] or None)
+        ranges = {name: observers[name].range(self.opts["method"], self.opts["percentile"]) for name in observed}
 
+        timing = None
+        if self.opts["speed-check"]:
+            candidates = {}
+            for ew in coverages:
+                trial = to_graph(fp32)
+                self._apply(trial, plan_static(trial, exclude, self.opts["matmul-activations"], ew), ranges,
+                            recipe, exclude)
+                trial.cleanup().toposort()
+                candidates[ew] = from_graph(trial)
+            timing = speed.compare(fp32, candidates, next(iter(data)))
+            chosen = timing.best
+            if chosen is None:
+                log.warning("quantize-int8: int8 is not faster than fp32 on this host (%s); the model stays fp32 "
+                            "(speed-check=false / --no-speed-check quantizes anyway)", timing.summary())
+                ctx.reports[self.name] = {"recipe": recipe.as_dict(), "speed": timing.as_dict(), "tensors": []}
+                return PassResult(False, {"quantized": 0, "kept_fp32_slower": 1})
+            plan = plans[chosen]
+
+        producers = {o.name: node.op for node in graph.nodes for o in node.outputs}
+        params, counters = self._apply(graph, plan, ranges, recipe, exclude)
+        counters["calibration_cached"] = int(hit)
+        counters["elementwise_fp32"] = int(plan is not plans[coverages[0]])
+        ctx.metadata["infoptc.quantization"] = json.dumps(
+            {"pass": self.name, "recipe": recipe.as_dict(), "method": self.opts["method"],
+             "samples": self.opts["samples"] or "all", "elementwise": plan is plans[coverages[0]] and coverages[0]},
+            sort_keys=True)
+        report = {"recipe": recipe.as_dict(), "skipped": plan.skipped, "tensors": []}
+        if timing is not None:
+            report["speed"] = timing.as_dict()
+        if self.opts["report-samples"]:
+            graph.cleanup().toposort()
+            report["tensors"] = layer_report(fp32, from_graph(graph), list(params), params, producers, data,
+                                             self.opts["report-samples"])
+        ctx.reports[self.name] = report
+        return PassResult(True, counters)
+
+    def _apply(self, graph: gs.Graph, plan: Plan, ranges: dict, recipe, exclude: set[str]) -> tuple[dict, dict]:
+        """Rewrite ``graph`` as ``plan`` says, with the observed ``ranges``. Returns (params, counters)."""
         params: dict[str, tuple[np.float32, int]] = {}
-        for name in observed:
-            lo, hi = observers[name].range(self.opts["method"], self.opts["percentile"])
+        for name in plan.own:
+            lo, hi = ranges[name]
             clip_lo, clip_hi = plan.clip.get(name, (-np.inf, np.inf))
             params[name] = quant_params(max(lo, clip_lo), min(hi, clip_hi))
         for name in plan.shared:
             params[name] = params[plan.root(name)]
-
-        producers = {}
-        for node in graph.nodes:
-            for o in node.outputs:
-                producers[o.name] = node.op
         for producer, act in plan.folds:
             _fold(graph, producer, act)
         b = Builder(graph)
         tensors = graph.tensors()
         for name, (scale, zp) in params.items():
             _insert_qdq(b, tensors[name], scale, zp, graph)
-        weight_bytes = 0
         for node, index, axis in plan.weights.values():
-            weight_bytes += _dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node),
-                                       self.opts["per-channel"])
+            _dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node), self.opts["per-channel"])
         embeddings = quantize_embeddings(graph, b, 4096, exclude) if self.opts["embeddings"] else 0
-        counters = {"quantized": len(plan.nodes), "embeddings": embeddings, "weights": len(plan.weights), "tensors": len(params),
-                    "relu_folded": len(plan.folds), "fp32_compute_left": len(plan.skipped),
-                    "calibration_cached": int(hit)}
-        ctx.metadata["infoptc.quantization"] = json.dumps(
-            {"pass": self.name, "recipe": recipe.as_dict(), "method": self.opts["method"],
-             "samples": self.opts["samples"] or "all"}, sort_keys=True)
-        if self.opts["report-samples"]:
-            graph.cleanup().toposort()
-            quant = from_graph(graph)
-            ctx.reports[self.name] = {
-                "recipe": recipe.as_dict(), "skipped": plan.skipped,
-                "tensors": layer_report(fp32, quant, list(params), params, producers, data,
-                                        self.opts["report-samples"])}
-        return PassResult(True, counters)
+        return params, {"quantized": len(plan.nodes), "embeddings": embeddings, "weights": len(plan.weights),
+                        "tensors": len(params), "relu_folded": len(plan.folds),
+                        "fp32_compute_left": len(plan.skipped)}
 
     @staticmethod
     def _input_scale(node: gs.Node) -> np.float32:

@@ -1,0 +1,65 @@
+"""Is int8 faster here? Time candidate models against the fp32 one on this host's ONNX Runtime.
+
+int8 pays on a CPU only where its kernels beat fp32's: depthwise convolutions, table-based
+Sigmoid and tiny models can lose to fp32 on one CPU and win on another. The quantizers measure
+instead of guessing: the fp32 model and each candidate run in interleaved rounds on one
+calibration sample, and the fastest is taken, with margins that keep close calls stable: the
+first candidate (the fullest int8 coverage) is kept unless another is ``PREFER`` faster, and the
+fp32 model wins only when the best int8 one is slower than it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import onnx
+
+PREFER = 0.95  # another candidate must take at most 95% of the first's time to replace it
+BUDGET_S = 2.0  # measuring time for all models together
+
+
+@dataclass
+class Timing:
+    fp32_ms: float
+    candidates_ms: dict  # candidate key -> median ms
+    best: object  # the chosen candidate's key, or None for fp32
+
+    def summary(self) -> str:
+        parts = [f"fp32 {self.fp32_ms:.3f} ms"] + [f"int8[{k}] {v:.3f} ms" for k, v in self.candidates_ms.items()]
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {"fp32_ms": round(self.fp32_ms, 4), "candidates_ms": {str(k): round(v, 4) for k, v in self.candidates_ms.items()},
+                "chosen": None if self.best is None else str(self.best)}
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def compare(fp32: onnx.ModelProto, candidates: dict, feed: dict) -> Timing:
+    """Median latency of ``fp32`` and of each candidate model (``key -> model``), interleaved."""
+    from infoptc.bench import run_interleaved
+
+    keys = list(candidates)
+    sessions = [_session(fp32)] + [_session(candidates[k]) for k in keys]
+    runners = [lambda s=s: s.run(None, feed) for s in sessions]
+    t0 = time.perf_counter()
+    for run in runners:  # first runs: allocation and kernel selection, not timed
+        run()
+    once = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(50, max(5, BUDGET_S / once)))
+    samples = run_interleaved(runners, iterations=rounds, warmup=1)
+    medians = [statistics.median(x) * 1e3 for x in samples]
+    fp32_ms, cand = medians[0], dict(zip(keys, medians[1:]))
+    best = keys[0]
+    for k in keys[1:]:
+        if cand[k] <= PREFER * cand[best]:
+            best = k
+    return Timing(fp32_ms, cand, None if cand[best] >= fp32_ms else best)
