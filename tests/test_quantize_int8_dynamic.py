@@ -34,6 +34,7 @@ def mlp(k=64, n=96, bias=True, small=False):
 
 
 def dynamic(model, **options):
+    options.setdefault("speed-check", False)  # the mechanics; the host timing has its own test
     return infoptc.compile(model, opt_level=2, quantize="int8-dynamic", quantize_options=options).model
 
 
@@ -63,7 +64,7 @@ def test_small_weights_stay_fp32():
 def test_golden_bert_keeps_its_meaning(golden):
     rng = np.random.default_rng(0)
     model = onnx.load(golden("bert"))
-    q = infoptc.compile(model, opt_level=3, quantize="int8-dynamic").model
+    q = infoptc.compile(model, opt_level=3, quantize="int8-dynamic", quantize_options={"speed-check": False}).model
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("DynamicQuantizeMatMul") >= 8
     assert "QuantizeLinear" not in ops
@@ -80,3 +81,26 @@ def test_refuses_a_quantized_model_and_is_deterministic():
     with pytest.raises(UsageError, match="already quantized"):
         dynamic(once)
     assert dynamic(mlp()).SerializeToString() == dynamic(mlp()).SerializeToString()
+
+
+@pytest.mark.parametrize("int8_faster", [False, True])
+def test_speed_check_decides_what_comes_out(monkeypatch, caplog, int8_faster):
+    import logging
+
+    from infoptc.passes.quantize import speed
+
+    def compare(fp32, candidates, feed):
+        assert set(feed) == {"x"} and feed["x"].shape == (2, 5, 64)
+        return speed.Timing(1.0, {"int8": 0.5 if int8_faster else 2.0}, "int8" if int8_faster else None)
+
+    monkeypatch.setattr(speed, "compare", compare)
+    model = mlp()
+    with caplog.at_level(logging.WARNING, logger="infoptc"):
+        art = infoptc.compile(model, opt_level=2, quantize="int8-dynamic")
+    ops = [n.op_type for n in art.model.graph.node]
+    if int8_faster:
+        assert ops == ["DynamicQuantizeMatMul"]
+    else:
+        assert ops == ["MatMul", "Add"] and "not faster than fp32" in caplog.text
+        x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
+        np.testing.assert_array_equal(run(art.model, {"x": x})[0], run(model, {"x": x})[0])

@@ -19,7 +19,11 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
+from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
+
+from . import speed
+from .calibration import CalibrationData, model_inputs
 
 from .quantize_int8 import (Builder, already_quantized, const_float, excluded, is_float_activation,
                             quantize_embeddings, quantize_weight)
@@ -63,6 +67,14 @@ def _bias_add(node: gs.Node, n: int, outputs: set[str]) -> tuple[gs.Node, np.nda
     return add, bias.reshape(n)
 
 
+def _restore(graph: gs.Graph, model) -> None:
+    """Put the graph back as ``model`` has it (the fp32 graph the pass started from)."""
+    original = to_graph(model)
+    graph.nodes = original.nodes
+    graph.inputs = original.inputs
+    graph.outputs = original.outputs
+
+
 def _same_k(group: list) -> bool:
     return len({m[1].shape[0] for m in group}) == 1
 
@@ -80,6 +92,7 @@ class QuantizeInt8Dynamic(Pass):
         "requantize": Option(False, "quantize a model that already holds quantized ops"),
         "embeddings": Option(True, "store Gather tables (embeddings) as large as min-weight-elements in int8, one scale per row"),
         "merge-siblings": Option(True, "one kernel for the MatMuls that read the same activation (Q, K, V)"),
+        "speed-check": Option(True, "time the int8 model against fp32 on this host and keep fp32 when int8 is slower"),
     }
 
     @staticmethod
@@ -124,6 +137,7 @@ class QuantizeInt8Dynamic(Pass):
         recipe = recipe_for(self.opts["isa"])
         exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
         outputs = {t.name for t in graph.outputs}
+        fp32 = from_graph(graph) if self.opts["speed-check"] else None
         b = Builder(graph)
         counters = {"quantized": 0, "bias_absorbed": 0, "too_small": 0, "embeddings": 0, "merged": 0}
         found: dict[int, list] = {}  # id(input) -> [(node, w, bias, out, absorbed add)] in graph order
@@ -159,6 +173,17 @@ class QuantizeInt8Dynamic(Pass):
             log.warning("quantize-int8-dynamic: nothing worth quantizing (no MatMul/Gemm with a constant fp32 "
                         "weight of %d elements or more); the model stays fp32", self.opts["min-weight-elements"])
             return PassResult(False, counters)
+        if fp32 is not None:
+            graph.cleanup().toposort()
+            source = ctx.options.get("calibration")
+            feed = next(iter(CalibrationData(source, model_inputs(fp32), 1))) if source else speed.sample_feed(fp32)
+            timing = speed.compare(fp32, {"int8": from_graph(graph)}, feed)
+            ctx.reports[self.name] = {"recipe": recipe.as_dict(), "speed": timing.as_dict()}
+            if timing.best is None:
+                log.warning("quantize-int8-dynamic: int8 is not faster than fp32 on this host (%s); the model stays "
+                            "fp32 (speed-check=false / --no-speed-check quantizes anyway)", timing.summary())
+                _restore(graph, fp32)
+                return PassResult(True, {"quantized": 0, "kept_fp32_slower": 1})
         ctx.metadata["infoptc.quantization"] = json.dumps(
             {"pass": self.name, "recipe": recipe.as_dict()}, sort_keys=True)
         return PassResult(True, counters)

@@ -63,3 +63,19 @@ def compare(fp32: onnx.ModelProto, candidates: dict, feed: dict) -> Timing:
         if cand[k] <= PREFER * cand[best]:
             best = k
     return Timing(fp32_ms, cand, None if cand[best] >= fp32_ms else best)
+
+
+SEQUENCE = 128  # the length a symbolic non-batch dimension is timed at (a typical transformer input)
+
+
+def sample_feed(model: onnx.ModelProto) -> dict:
+    """A feed to time ``model`` on when there is no calibration sample: symbolic dimensions are 1
+    in the first (batch) position and ``SEQUENCE`` elsewhere; values valid for the model."""
+    from infoptc.verify import random_inputs, tensor_specs
+
+    dims: dict[str, int] = {}
+    for spec in tensor_specs(model, "input"):
+        for i, d in enumerate(spec.shape or ()):
+            if isinstance(d, str):
+                dims.setdefault(d, 1 if i == 0 else SEQUENCE)
+    return random_inputs(model, seed=0, dims=dims)
