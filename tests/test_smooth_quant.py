@@ -62,8 +62,16 @@ def _with_ln_output(model):
     return m
 
 
-def test_not_when_another_op_reads_the_layernorm():
+def test_a_residual_reader_keeps_the_layernorm_and_gets_a_mul():
     model = block()
-    model.graph.node.append(helper.make_node("Relu", ["ln"], ["r"], name="relu"))
+    model.graph.node.append(helper.make_node("Relu", ["ln"], ["r"], name="relu"))  # e.g. a residual
     model.graph.output.append(helper.make_tensor_value_info("r", F, [1, 4, H]))
-    assert smooth(model)[1]["smoothed"] == 0
+    out, counters = smooth(model)
+    assert counters["smoothed"] == 1
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("Mul") == 1
+    ln_scale = next(n for n in out.graph.node if n.op_type == "LayerNormalization").input[1]
+    assert ln_scale == "g"  # the LayerNorm itself is untouched: the Relu reads it as before
+    for f in feeds(3, 1):
+        for a, b in zip(run(out, f), run(model, f)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -40,6 +40,11 @@ PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsque
 ELEMENTWISE = {"Add", "Mul"}  # QLinearAdd / QLinearMul, with broadcasting
 POOLS = {"GlobalAveragePool", "AveragePool"}
 UNARY = {"Sigmoid"}  # QLinearSigmoid: a 256-entry table
+# Ops that take an int8 input well: an elementwise op is quantized only when one of its readers is
+# one of these, so that a transformer's residual Add feeding LayerNormalization stays fp32 (its
+# stream has outlier channels one 8-bit range cannot hold; CNNs' residuals feed convs and stay int8)
+INT8_READERS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "MaxPool", "GlobalAveragePool", "AveragePool",
+                "Sigmoid", "Relu", "Clip"} | PASS_THROUGH
 FOLDABLE = {"Relu", "Clip"}
 
 
@@ -140,6 +145,16 @@ def _fold_bounds(act: gs.Node) -> tuple[float, float] | None:
     return None
 
 
+def _int8_readers(node: gs.Node, outputs: set[str]) -> bool:
+    """Some reader of the node's output (through a Relu/Clip it may fold) takes int8 input well."""
+    out = node.outputs[0]
+    readers = list(out.outputs)
+    for r in list(readers):
+        if r.op in FOLDABLE and r.outputs:
+            readers += list(r.outputs[0].outputs)
+    return out.name not in outputs and any(r.op in INT8_READERS - FOLDABLE for r in readers)
+
+
 def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = True,
                 elementwise: bool = True) -> Plan:
     plan = Plan()
@@ -181,7 +196,8 @@ def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = T
             plan.nodes.append(node)
             take_output(node)
         elif node.op in ELEMENTWISE and (elementwise or node.op == "Add") and len(node.inputs) == 2 \
-                and all(map(is_float_activation, node.inputs)) and any(plan.quantized(t.name) for t in node.inputs):
+                and all(map(is_float_activation, node.inputs)) and any(plan.quantized(t.name) for t in node.inputs) \
+                and _int8_readers(node, outputs):
             plan.nodes.append(node)
             for t in node.inputs:
                 plan.add_own(t.name)
