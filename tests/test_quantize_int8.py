@@ -340,15 +340,15 @@ def test_speed_check_choice(monkeypatch):
             return speed.Timing(times[0], ms, None if ms[best] >= times[0] else best)
         return compare
 
-    cases = [((10.0, 5.0, 4.9), True), ((10.0, 5.0, 4.0), False), ((10.0, 11.0, 12.0), None)]
+    cases = [((10.0, 5.0, 4.9, 6.0), True), ((10.0, 5.0, 4.0, 6.0), False), ((10.0, 11.0, 12.0, 12.0), None)]
     for times, expected in cases:
         monkeypatch.setattr(speed, "compare", fake(times))
-        model = conv_model(8, 8, 3, 1, relu=False)
+        model = conv_model(3, 8, 3, 1, relu=False)  # an RGB stem: the third candidate leaves it fp32
         # an SE-style gate, so there is an elementwise op the second candidate leaves in fp32
         model.graph.node.append(helper.make_node("Sigmoid", ["y"], ["s"], name="sig"))
         model.graph.node.append(helper.make_node("Mul", ["y", "s"], ["z"], name="mul"))
         model.graph.output[0].name = "z"
-        art = infoptc.compile(model, quantize="int8", calibration=feeds((1, 8, 8, 8), 2, name="x"))
+        art = infoptc.compile(model, quantize="int8", calibration=feeds((1, 3, 8, 8), 2, name="x"))
         ops = [n.op_type for n in art.model.graph.node]
         if expected is None:
             assert "QuantizeLinear" not in ops
@@ -356,3 +356,27 @@ def test_speed_check_choice(monkeypatch):
             sig_out = next(n for n in art.model.graph.node if n.op_type == "Sigmoid").output[0]
             readers = {n.op_type for n in art.model.graph.node if sig_out in n.input}
             assert (readers == {"QuantizeLinear"}) == expected, (times, readers)
+
+
+def test_speed_check_can_leave_the_rgb_stem_in_fp32(monkeypatch):
+    from infoptc.passes.quantize import speed
+
+    def compare(fp32, candidates, feed):
+        assert list(candidates) == ["full", "stem-fp32"]
+        return speed.Timing(10.0, {"full": 5.0, "stem-fp32": 4.0}, "stem-fp32")
+
+    monkeypatch.setattr(speed, "compare", compare)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.2).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="stem", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="body", pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", F, [1, 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    art = infoptc.compile(model, quantize="int8", calibration=feeds((1, 3, 8, 8), 2, name="x"))
+    stem = next(n for n in art.model.graph.node if n.name == "stem")
+    assert stem.input[1] == "w1"  # fp32 weight, no DequantizeLinear
+    assert json.loads({m.key: m.value for m in art.model.metadata_props}["infoptc.quantization"])["coverage"] == "stem-fp32"
+    assert fusion_report(art.model)["fused"] == 1

@@ -145,6 +145,19 @@ def _fold_bounds(act: gs.Node) -> tuple[float, float] | None:
     return None
 
 
+def stem_convs(graph: gs.Graph) -> list[gs.Node]:
+    """Convs reading a graph input of at most 4 channels (an image's RGB stem): a 27-tap int8
+    product gains little over fp32 while its Q runs over the whole input."""
+    inputs = {id(t) for t in graph.inputs}
+    found = []
+    for node in graph.nodes:
+        if node.op == "Conv" and node.inputs and id(node.inputs[0]) in inputs and len(node.inputs) > 1:
+            w = const_float(node.inputs[1])
+            if w is not None and w.ndim >= 3 and w.shape[1] <= 4:
+                found.append(node)
+    return found
+
+
 def _int8_readers(node: gs.Node, outputs: set[str]) -> bool:
     """Some reader of the node's output (through a Relu/Clip it may fold) takes int8 input well."""
     out = node.outputs[0]
@@ -411,55 +424,61 @@ class QuantizeInt8(Pass):
                              "pass requantize=true (--requantize) to quantize it again")
         recipe = recipe_for(self.opts["isa"])
         exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
-        # the coverages to choose from: int8 elementwise ops (SiLU, squeeze-excitation gates) pay
-        # on some CPUs and not on others, so with the speed check both are measured
-        coverages = [self.opts["elementwise"]]
-        if self.opts["speed-check"] and self.opts["elementwise"]:
-            coverages.append(False)
-        plans = {ew: plan_static(graph, exclude, self.opts["matmul-activations"], ew) for ew in coverages}
-        plan = plans[coverages[0]]
+        # the coverages to choose from, the first the default: int8 elementwise ops (SiLU and
+        # squeeze-excitation gates) and an int8 stem conv on an RGB input pay on some CPUs and not
+        # on others, so with the speed check the alternatives are measured too
+        ew = self.opts["elementwise"]
+        coverages = {"full": (ew, frozenset())}
+        if self.opts["speed-check"]:
+            if ew:
+                coverages["elementwise-fp32"] = (False, frozenset())
+            stems = frozenset(n.name for n in stem_convs(graph))
+            if stems:
+                coverages["stem-fp32"] = (ew, stems)
+        plans = {k: plan_static(graph, exclude | extra, self.opts["matmul-activations"], e)
+                 for k, (e, extra) in coverages.items()}
+        plan = plans["full"]
         if not plan.weights:
             log.warning("quantize-int8: nothing worth quantizing (no Conv, Gemm or MatMul with constant "
                         "fp32 weights); the model stays fp32")
             return PassResult(False, {"quantized": 0})
-        if len(coverages) > 1 and len(plans[False].nodes) == len(plan.nodes):
-            coverages = coverages[:1]  # no elementwise op to leave out: one candidate
+        for k in list(coverages)[1:]:  # an alternative that leaves nothing out is no alternative
+            if len(plans[k].nodes) == len(plan.nodes) or not plans[k].weights:
+                del coverages[k], plans[k]
         source = calibration.calibration_source(ctx.options, self.opts, self.name)
         if graph.opset < 13:
             raise UsageError(f"quantize-int8 needs opset 13 or newer (per-channel QuantizeLinear); the model "
                              f"imports opset {graph.opset}")
         fp32 = from_graph(graph)
         data = calibration.CalibrationData(source, calibration.model_inputs(fp32), self.opts["samples"])
-        observed = list(dict.fromkeys(name for ew in coverages for name in plans[ew].own))
+        observed = list(dict.fromkeys(name for k in coverages for name in plans[k].own))
         observers, hit = calibration.cached_observers(fp32, observed, data, self.opts["cache"] or None)
         ranges = {name: observers[name].range(self.opts["method"], self.opts["percentile"]) for name in observed}
 
-        timing = None
+        timing, chosen = None, "full"
         if self.opts["speed-check"]:
             candidates = {}
-            for ew in coverages:
+            for k, (e, extra) in coverages.items():
                 trial = to_graph(fp32)
-                self._apply(trial, plan_static(trial, exclude, self.opts["matmul-activations"], ew), ranges,
+                self._apply(trial, plan_static(trial, exclude | extra, self.opts["matmul-activations"], e), ranges,
                             recipe, exclude)
                 trial.cleanup().toposort()
-                candidates[ew] = from_graph(trial)
+                candidates[k] = from_graph(trial)
             timing = speed.compare(fp32, candidates, next(iter(data)))
-            chosen = timing.best
-            if chosen is None:
+            if timing.best is None:
                 log.warning("quantize-int8: int8 is not faster than fp32 on this host (%s); the model stays fp32 "
                             "(speed-check=false / --no-speed-check quantizes anyway)", timing.summary())
                 ctx.reports[self.name] = {"recipe": recipe.as_dict(), "speed": timing.as_dict(), "tensors": []}
                 return PassResult(False, {"quantized": 0, "kept_fp32_slower": 1})
+            chosen = timing.best
             plan = plans[chosen]
 
         producers = {o.name: node.op for node in graph.nodes for o in node.outputs}
         params, counters = self._apply(graph, plan, ranges, recipe, exclude)
         counters["calibration_cached"] = int(hit)
-        counters["elementwise_fp32"] = int(plan is not plans[coverages[0]])
         ctx.metadata["infoptc.quantization"] = json.dumps(
             {"pass": self.name, "recipe": recipe.as_dict(), "method": self.opts["method"],
-             "samples": self.opts["samples"] or "all", "elementwise": plan is plans[coverages[0]] and coverages[0]},
-            sort_keys=True)
+             "samples": self.opts["samples"] or "all", "coverage": chosen}, sort_keys=True)
         report = {"recipe": recipe.as_dict(), "skipped": plan.skipped, "tensors": []}
         if timing is not None:
             report["speed"] = timing.as_dict()
