@@ -23,6 +23,10 @@ KEYS = {
     "freeze-initializers": bool, "time-passes": bool, "stats": bool, "print-after": list, "verify-each": bool,
     "opt-bisect-limit": int, "threads": int, "load-plugin": list, "tune": int, "tune-time": float, "tuning-db": str,
     "arch": str, "mcpu": str, "mattr": str, "mtriple": str, "target-opt": list,
+    # quantization (docs/quantization.md)
+    "quantize": str, "calibration": str, "calibration-method": str, "calibration-samples": int,
+    "calibration-cache": str, "per-tensor": bool, "exclude": list, "isa": str, "requantize": bool,
+    "no-speed-check": bool, "equalize": bool, "bias-correction": bool, "smooth-quant": float,
 }
 
 

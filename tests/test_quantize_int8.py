@@ -380,3 +380,14 @@ def test_speed_check_can_leave_the_rgb_stem_in_fp32(monkeypatch):
     assert stem.input[1] == "w1"  # fp32 weight, no DequantizeLinear
     assert json.loads({m.key: m.value for m in art.model.metadata_props}["infoptc.quantization"])["coverage"] == "stem-fp32"
     assert fusion_report(art.model)["fused"] == 1
+
+
+def test_quantization_settings_from_the_config_file(cli, golden, tmp_path, monkeypatch):
+    cal = _npz(tmp_path / "cal.npz", golden("resnet"))
+    (tmp_path / "infoptc.toml").write_text(f'quantize = "int8"\ncalibration = "{cal}"\n'
+                                           'calibration-method = "percentile"\nno-speed-check = true\n')
+    monkeypatch.chdir(tmp_path)
+    code, _, _ = cli(golden("resnet"), "-O3", "-o", tmp_path / "q.onnx")
+    assert code == 0
+    recipe = json.loads({m.key: m.value for m in onnx.load(tmp_path / "q.onnx").metadata_props}["infoptc.quantization"])
+    assert recipe["method"] == "percentile"
