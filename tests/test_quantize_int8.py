@@ -391,3 +391,17 @@ def test_quantization_settings_from_the_config_file(cli, golden, tmp_path, monke
     assert code == 0
     recipe = json.loads({m.key: m.value for m in onnx.load(tmp_path / "q.onnx").metadata_props}["infoptc.quantization"])
     assert recipe["method"] == "percentile"
+
+
+def test_verify_each_judges_int8_by_sqnr_on_the_calibration_data(golden, monkeypatch):
+    from infoptc import verify
+    from infoptc.errors import VerificationError
+
+    cal = feeds((1, 3, 224, 224), 2)
+    art = infoptc.compile(golden("resnet"), opt_level=3, quantize="int8", calibration=cal, verify_each=True,
+                          quantize_options={"speed-check": False})
+    assert any(n.op_type == "QuantizeLinear" for n in art.model.graph.node)
+    monkeypatch.setattr(verify, "LOSSY_MIN_SQNR_DB", 200.0)  # no int8 model is this close
+    with pytest.raises(VerificationError, match=r"after pass 'quantize-int8'.*SQNR [0-9.]+ dB, below 200 dB"):
+        infoptc.compile(golden("resnet"), opt_level=3, quantize="int8", calibration=cal, verify_each=True,
+                        quantize_options={"speed-check": False})

@@ -149,9 +149,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         out.print(_time_table(timing.rows()))
     if args.stats:
         out.print(_stats_table(stats.as_dict()))
-    quant = artifact.reports.get("quantize-int8")
-    if quant:
-        out.print(quantization_table(quant, None if args.stats else 10))
+    for name, quant in artifact.reports.items():
+        speed = quant.get("speed")
+        if speed:
+            int8 = ", ".join(f"int8 {k} {v:.3f} ms" for k, v in speed["candidates_ms"].items())
+            verdict = (f"kept fp32 (int8 is not faster here; --no-speed-check quantizes anyway)"
+                       if speed["chosen"] is None else f"chose int8 {speed['chosen']}")
+            out.print(f"{name} speed check on this host: fp32 {speed['fp32_ms']:.3f} ms, {int8}: {verdict}",
+                      markup=False)
+        if quant.get("tensors"):
+            out.print(quantization_table(quant, None if args.stats else 10))
     return 0
 
 
