@@ -21,7 +21,7 @@ from infoptc.rewrite import Namer
 
 from . import calibration
 from .equalize_cross_layer import set_constant
-from .quantize_int8 import const_float, excluded, is_float_activation, quantize_weight, weight_axis
+from .quantize_int8 import const_float, excluded, is_float_activation, parse_exclude, quantize_weight, weight_axis
 from .recipe import ISAS, recipe_for
 
 
@@ -63,7 +63,7 @@ class CorrectBias(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         qmax = recipe_for(self.opts["isa"]).weight_qmax
-        exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
+        exclude = parse_exclude(self.opts["exclude"])
         targets = []
         for node in graph.nodes:
             found = weight_axis(node) if node.op in ("Conv", "Gemm") else None

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
 from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
+from infoptc.rewrite import Namer
 
 from . import calibration, speed
 from .observers import METHODS, quant_params
@@ -50,6 +51,26 @@ FOLDABLE = {"Relu", "Clip"}
 
 def already_quantized(graph: gs.Graph) -> list[str]:
     return sorted({n.op for n in graph.nodes if n.op in QUANTIZED_OPS})
+
+
+def refuse_quantized(graph: gs.Graph, requantize: bool) -> None:
+    present = already_quantized(graph)
+    if present and not requantize:
+        raise UsageError(f"the model is already quantized ({', '.join(present)} present); "
+                         "pass requantize=true (--requantize) to quantize it again")
+
+
+def parse_exclude(text: str) -> set[str]:
+    """The ``exclude`` option: node names or op types separated by ';' (or ',')."""
+    return {e.strip() for e in text.replace(",", ";").split(";") if e.strip()}
+
+
+# options every quantizer takes
+COMMON_OPTIONS = {
+    "exclude": Option("", "node names or op types left fp32, separated by ';'"),
+    "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),
+    "requantize": Option(False, "quantize a model that already holds quantized ops"),
+}
 
 
 def is_float_activation(t: gs.Tensor) -> bool:
@@ -242,17 +263,11 @@ def quantize_weight(w: np.ndarray, axis: int, qmax: int, per_channel: bool = Tru
 
 
 class Builder:
+    """Adds constants and nodes to a graph under fresh names."""
+
     def __init__(self, graph: gs.Graph):
         self.graph = graph
-        self.used = {t.name for t in graph.tensors().values()} | {n.name for n in graph.nodes}
-
-    def name(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
+        self.name = Namer([graph], eager=True)
 
     def const(self, base: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.name(base), np.array(values, copy=True, order="C"))  # keeps 0-d arrays 0-d
@@ -405,12 +420,10 @@ class QuantizeInt8(Pass):
         "percentile": Option(99.999, "the percentile kept by method=percentile"),
         "samples": Option(0, "calibration samples to use (0: all)"),
         "cache": Option("", "file that keeps observed ranges, keyed by model and data hashes"),
-        "exclude": Option("", "node names or op types left fp32, separated by ';'"),
-        "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),
+        **COMMON_OPTIONS,
         "per-channel": Option(True, "one weight scale per output channel (false: one per tensor)"),
         "matmul-activations": Option(True, "also quantize MatMuls of two activations (attention)"),
         "elementwise": Option(True, "also quantize Mul and Sigmoid between int8 tensors (SiLU, squeeze-excitation)"),
-        "requantize": Option(False, "quantize a model that already holds quantized ops"),
         "embeddings": Option(True, "store Gather tables (embeddings) of 4096+ elements in int8, one scale per row"),
         "speed-check": Option(True, "time the int8 model against fp32 on this host: keep fp32 when int8 is "
                                     "slower, and leave elementwise ops in fp32 when that is faster"),
@@ -418,12 +431,9 @@ class QuantizeInt8(Pass):
     }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        present = already_quantized(graph)
-        if present and not self.opts["requantize"]:
-            raise UsageError(f"the model is already quantized ({', '.join(present)} present); "
-                             "pass requantize=true (--requantize) to quantize it again")
+        refuse_quantized(graph, self.opts["requantize"])
         recipe = recipe_for(self.opts["isa"])
-        exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
+        exclude = parse_exclude(self.opts["exclude"])
         # the coverages to choose from, the first the default: int8 elementwise ops (SiLU and
         # squeeze-excitation gates) and an int8 stem conv on an RGB input pay on some CPUs and not
         # on others, so with the speed check the alternatives are measured too

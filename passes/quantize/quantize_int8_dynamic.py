@@ -18,16 +18,15 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from infoptc.errors import UsageError
 from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 
 from . import speed
 from .calibration import CalibrationData, model_inputs
 
-from .quantize_int8 import (Builder, already_quantized, const_float, excluded, is_float_activation,
-                            quantize_embeddings, quantize_weight)
-from .recipe import ISAS, recipe_for
+from .quantize_int8 import (COMMON_OPTIONS, Builder, const_float, excluded, is_float_activation, parse_exclude,
+                            quantize_embeddings, quantize_weight, refuse_quantized)
+from .recipe import recipe_for
 
 log = logging.getLogger("infoptc")
 
@@ -86,10 +85,8 @@ class QuantizeInt8Dynamic(Pass):
     contract = Contract.LOSSY
     reports_changes = True
     options = {
-        "exclude": Option("", "node names or op types left fp32, separated by ';'"),
-        "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),
+        **COMMON_OPTIONS,
         "min-weight-elements": Option(4096, "weights with fewer elements stay fp32"),
-        "requantize": Option(False, "quantize a model that already holds quantized ops"),
         "embeddings": Option(True, "store Gather tables (embeddings) as large as min-weight-elements in int8, one scale per row"),
         "merge-siblings": Option(True, "one kernel for the MatMuls that read the same activation (Q, K, V)"),
         "speed-check": Option(True, "time the int8 model against fp32 on this host and keep fp32 when int8 is slower"),
@@ -130,12 +127,9 @@ class QuantizeInt8Dynamic(Pass):
         graph.nodes.append(split)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        present = already_quantized(graph)
-        if present and not self.opts["requantize"]:
-            raise UsageError(f"the model is already quantized ({', '.join(present)} present); "
-                             "pass requantize=true (--requantize) to quantize it again")
+        refuse_quantized(graph, self.opts["requantize"])
         recipe = recipe_for(self.opts["isa"])
-        exclude = {e.strip() for e in self.opts["exclude"].replace(",", ";").split(";") if e.strip()}
+        exclude = parse_exclude(self.opts["exclude"])
         outputs = {t.name for t in graph.outputs}
         fp32 = from_graph(graph) if self.opts["speed-check"] else None
         b = Builder(graph)
