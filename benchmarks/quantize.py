@@ -266,13 +266,17 @@ def summary(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=DEFAULT, choices=list(MODELS) + [[]], metavar="MODEL")
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"default: {' '.join(DEFAULT)}; also: "
+                        + " ".join(m for m in MODELS if m not in DEFAULT))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models or DEFAULT:

@@ -139,7 +139,7 @@ def test_report_and_metadata(golden):
     meta = {m.key: m.value for m in art.model.metadata_props}
     recorded = json.loads(meta["infoptc.quantization"])
     assert recorded["recipe"]["isa"] == host_isa()
-    assert recorded["method"] == "minmax"
+    assert recorded["method"] == "mse"
 
 
 # ----------------------------------------------------------------------------- recipe and observers
@@ -405,3 +405,52 @@ def test_verify_each_judges_int8_by_sqnr_on_the_calibration_data(golden, monkeyp
     with pytest.raises(VerificationError, match=r"after pass 'quantize-int8'.*SQNR [0-9.]+ dB, below 200 dB"):
         infoptc.compile(golden("resnet"), opt_level=3, quantize="int8", calibration=cal, verify_each=True,
                         quantize_options={"speed-check": False})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnet_b0"])
+def test_real_size_cnns_run_every_int8_op_as_an_int8_kernel(name, tmp_path):
+    """The benchmark's CNNs (torchvision layouts at 224x224): ORT fuses every op the quantizer
+    meant to be int8, one conversion in and one out."""
+    import golden_models
+
+    model = golden_models.module(name).build()
+    art = quantize(model, feeds((1, 3, 224, 224), 2), **{"report-samples": 0})
+    report = fusion_report(art.model)
+    assert report["left_fp32"] == [] and report["intended"] == report["fused"]
+    assert report["kernels"]["QLinearConv"] == sum(n.op_type == "Conv" for n in model.graph.node)
+    assert report["conversions"] == 2
+
+
+# ----------------------------------------------------------------------------- trained models, real data
+
+
+def _trained(name):
+    trained = pytest.importorskip("golden_models.trained")
+    try:
+        return trained, str(trained.path(name))
+    except trained.ModelUnavailable as e:  # no package index reachable: nothing to measure
+        pytest.skip(f"{name} not available: {e}")
+
+
+def _task_metric(trained, name, path, model, n=12):
+    import onnxruntime as ort
+
+    ev = trained.evaluation_feeds(name, n)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return trained.task_metric(name, [out.run(None, f) for f in ev], [ref.run(None, f) for f in ev])
+
+
+def test_trained_ocr_recognizer_keeps_its_reading():
+    """PP-OCRv4 (rapidocr-onnxruntime's recognizer, an opset-12 PaddlePaddle export) on rendered
+    text lines disjoint from the calibration lines: characters read as fp32 reads them."""
+    trained, path = _trained("ppocr_rec")
+    art = quantize(path, trained.calibration_feeds("ppocr_rec", 16), **{"report-samples": 0})
+    assert _task_metric(trained, "ppocr_rec", path, art.model) >= 0.95
+
+
+def test_trained_sentence_embedder_dynamic_keeps_its_embeddings():
+    """all-MiniLM-L6-v2 on real sentences: int8-dynamic embeddings point where fp32's do."""
+    trained, path = _trained("minilm")
+    art = infoptc.compile(path, opt_level=3, quantize="int8-dynamic", quantize_options={"speed-check": False})
+    assert _task_metric(trained, "minilm", path, art.model) >= 0.99

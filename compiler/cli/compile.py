@@ -61,7 +61,7 @@ def add_parser(subparsers, common) -> dict:
                    help=".npz with one array per input (samples stacked on a new first axis), "
                         "or a folder of one-sample .npz files")
     q.add_argument("--calibration-method", default=None, choices=["minmax", "percentile", "entropy", "mse"],
-                   help="how activation ranges are chosen (default: minmax)")
+                   help="how activation ranges are chosen (default: mse)")
     q.add_argument("--calibration-samples", type=int, default=None, metavar="N", help="use the first N samples")
     q.add_argument("--calibration-cache", default=None, metavar="FILE",
                    help="keep observed ranges here; a rerun with other options does not recalibrate")
@@ -178,7 +178,7 @@ def _quantize_arguments(args: argparse.Namespace) -> dict:
         raise UsageError("--calibration-samples must be at least 1")
     options: dict = {}
     if args.quantize == "int8":
-        options.update({"calibration": args.calibration, "method": args.calibration_method or "minmax",
+        options.update({"calibration": args.calibration, "method": args.calibration_method or "mse",
                         "samples": args.calibration_samples or 0, "cache": args.calibration_cache or "",
                         "per-channel": not args.per_tensor})
     elif any(getattr(args, f, None) for f in ("calibration_method", "calibration_cache", "per_tensor", "bias_correction")):

@@ -66,7 +66,7 @@ class Observer:
         if method == "percentile":
             return self._percentile(percentile)
         if method == "entropy":
-            return self._search(_kl_cost)
+            return self._entropy()
         if method == "mse":
             return self._search(_mse_cost)
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
@@ -81,6 +81,28 @@ class Observer:
         lo = edges[int(np.searchsorted(cdf, tail, side="left"))] if self.lo < 0 else self.lo
         hi = edges[min(int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1, BINS)]
         return max(float(lo), self.lo), min(float(hi), self.hi)
+
+    def _entropy(self) -> tuple[float, float]:
+        """TensorRT's threshold: fold the histogram onto |x| (1024 bins up to max |x|), and for
+        each candidate threshold from 64 bins up, compare the clipped distribution P with its
+        quantization Q (128 levels over [-T, T]); keep the threshold of least KL(P || Q)."""
+        edges = self._edges()
+        centres = (edges[:-1] + edges[1:]) / 2
+        top = max(abs(self.lo), abs(self.hi))
+        if top == 0:
+            return self.lo, self.hi
+        # |x| in BINS / 2 bins: the resolution of TensorRT's and ONNX Runtime's symmetric 2048-bin
+        # histogram, on which the KL trade-off was tuned (finer bins make it clip harder)
+        half = BINS // 2
+        idx = np.minimum((np.abs(centres) / top * half).astype(np.int64), half - 1)
+        folded = np.bincount(idx, weights=self.hist, minlength=half)
+        best_i, best_cost = half, np.inf
+        for i in range(ENTROPY_LEVELS, half + 1, 8):
+            cost = _kl_threshold(folded, i)
+            if cost < best_cost:
+                best_i, best_cost = i, cost
+        threshold = top * best_i / half
+        return max(self.lo, -threshold), min(self.hi, threshold)
 
     def _search(self, cost) -> tuple[float, float]:
         """Shrink the range toward zero in steps of the histogram and keep the cheapest.
@@ -121,27 +143,26 @@ def _mse_cost(hist, centres, lo, hi) -> float:
     return float(np.sum(hist * ((centres - clipped) ** 2 + rounding)))
 
 
-def _kl_cost(hist, centres, lo, hi) -> float:
-    """KL(P || Q): P the observed histogram with the clipped mass moved to the ends, Q the same
-    mass spread evenly over each quantization step's bins (TensorRT's entropy calibration)."""
-    inside = (centres >= lo) & (centres <= hi)
-    if not inside.any():
+ENTROPY_LEVELS = 64  # levels per sign: 128 over [-T, T], as TensorRT and ONNX Runtime merge the histogram
+
+
+def _kl_threshold(folded: np.ndarray, i: int) -> float:
+    """KL(P || Q) for the threshold at bin ``i`` of a histogram of |x|: P is bins [0, i) with the
+    mass beyond added to its last bin; Q is bins [0, i) *without* that mass, merged into 64
+    levels and spread back evenly over each level's non-empty bins."""
+    raw = folded[:i]
+    p = raw.copy()
+    p[-1] += folded[i:].sum()
+    groups = (np.arange(i) * ENTROPY_LEVELS) // i
+    nonzero = raw > 0
+    mass = np.bincount(groups, weights=raw, minlength=ENTROPY_LEVELS)
+    size = np.bincount(groups, weights=nonzero.astype(np.float64), minlength=ENTROPY_LEVELS)
+    q = np.where(nonzero, mass[groups] / np.maximum(size[groups], 1), 0.0)
+    if p.sum() == 0 or q.sum() == 0:
         return np.inf
-    p = hist[inside].copy()
-    p[0] += hist[centres < lo].sum()
-    p[-1] += hist[centres > hi].sum()
-    n = p.size
-    levels = min(LEVELS + 1, n)
-    groups = np.minimum((np.arange(n) * levels) // n, levels - 1)
-    nonzero = p > 0
-    group_mass = np.bincount(groups, weights=p, minlength=levels)
-    group_size = np.bincount(groups, weights=nonzero.astype(np.float64), minlength=levels)
-    q = np.where(nonzero, group_mass[groups] / np.maximum(group_size[groups], 1), 0.0)
-    p_sum, q_sum = p.sum(), q.sum()
-    if p_sum == 0 or q_sum == 0:
-        return np.inf
-    p, q = p / p_sum, q / q_sum
-    m = nonzero & (q > 0)
+    p, q = p / p.sum(), q / q.sum()
+    m = p > 0
+    q = np.where(m & (q == 0), 1e-12, q)  # the outlier bin: mass P has and Q lacks
     return float(np.sum(p[m] * np.log(p[m] / q[m])))
 
 

@@ -416,7 +416,7 @@ class QuantizeInt8(Pass):
     reports_changes = True
     options = {
         "calibration": Option("", "calibration data: an .npz of stacked samples or a folder of .npz files"),
-        "method": Option("minmax", "how activation ranges are chosen", choices=METHODS),
+        "method": Option("mse", "how activation ranges are chosen (mse: least expected squared error)", choices=METHODS),
         "percentile": Option(99.999, "the percentile kept by method=percentile"),
         "samples": Option(0, "calibration samples to use (0: all)"),
         "cache": Option("", "file that keeps observed ranges, keyed by model and data hashes"),
@@ -463,7 +463,11 @@ class QuantizeInt8(Pass):
         data = calibration.CalibrationData(source, calibration.model_inputs(fp32), self.opts["samples"])
         observed = list(dict.fromkeys(name for k in coverages for name in plans[k].own))
         observers, hit = calibration.cached_observers(fp32, observed, data, self.opts["cache"] or None)
-        ranges = {name: observers[name].range(self.opts["method"], self.opts["percentile"]) for name in observed}
+        # a model output or a Softmax output keeps its whole range whatever the method: clipping
+        # the largest probabilities (or anything the user reads) flattens exactly what matters
+        whole = {t.name for t in graph.outputs} | {n.outputs[0].name for n in graph.nodes if n.op == "Softmax"}
+        ranges = {name: observers[name].range("minmax" if name in whole else self.opts["method"],
+                                              self.opts["percentile"]) for name in observed}
 
         timing, chosen = None, "full"
         if self.opts["speed-check"]:
