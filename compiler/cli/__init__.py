@@ -71,8 +71,21 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     if not COMMANDS:
         build_parser()  # registers the commands' names
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        _refuse_misspelt_command(argv[0])
         argv.insert(0, "compile")
     return argv
+
+
+def _refuse_misspelt_command(word: str) -> None:
+    """A word that is no file and reads like a command name (``benhc``) is a typo, not a model."""
+    import difflib
+    from pathlib import Path
+
+    if Path(word).exists() or Path(word).suffix or "/" in word or os.sep in word:
+        return
+    close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.6)
+    if close:
+        raise UsageError(f"unknown command {word!r}; did you mean {close[0]!r}? (see 'infoptc --help')")
 
 
 # ----------------------------------------------------------------------------- main
@@ -82,10 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        args = parser.parse_args(normalize_argv(argv))
+        args, extra = parser.parse_known_args(normalize_argv(argv))
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        if extra:  # the subcommand's own help lists its flags, the top-level one does not
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see 'infoptc {args.command} --help')")
         _setup_logging(args)
         args.config = config.load()
         for path in [*config.plugin_files(args.config), *args.load_plugin]:
