@@ -72,6 +72,16 @@ def test_passes_lists_every_pass_and_pipelines(cli):
         assert code == 0 and out == OPT_LEVELS[f"O{level}"] + "\n"
 
 
+def test_piped_tables_are_never_cut(cli):
+    """stdout is a pipe here (captured): every cell whole, however long, as `infoptc passes | cat`."""
+    from infoptc.pass_manager import PASS_REGISTRY
+
+    code, out, _ = cli("passes")
+    assert code == 0 and "…" not in out
+    for name, cls in PASS_REGISTRY.items():
+        assert name in out and cls.summary in out
+
+
 def test_inspect_reports_symbolic_dims_histogram_params_flops(cli, model_path):
     code, out, _ = cli("inspect", model_path, "--json")
     info = json.loads(out)

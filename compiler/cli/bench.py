@@ -17,7 +17,7 @@ from ..bench import (MIXED_RUNTIMES_SETTLE, benchmark, cpu_info, open_subjects, 
                      report)
 from ..errors import UsageError
 from ..files import load_npz, write_json
-from .output import emit_json, err, note, out, print_wide, progress
+from .output import emit_json, err, note, out, progress
 
 
 HELP = """\
@@ -121,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, data)
         note(args, f"wrote {args.json}")
-    print_wide(out, table(data))
+    out.print(table(data))
     return 0
 
 

@@ -11,7 +11,7 @@ from ..bench import parse_dims
 from ..compare import OutputReport, check_compatible, compare, generated_samples, load_samples, parse_tolerances
 from ..errors import UsageError, VerificationError
 from ..targets import load
-from .output import emit_json, err, out, print_wide, status
+from .output import emit_json, err, out, status
 
 EXIT_FAILED = VerificationError.exit_code
 
@@ -61,7 +61,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         emit_json({"reference": args.reference, "candidate": args.candidate, "inputs": source,
                    "outputs": [r.as_dict() for r in reports], "passed": passed})
         return 0 if passed else EXIT_FAILED
-    print_wide(out, table(reports, args.reference, args.candidate, source))
+    out.print(table(reports, args.reference, args.candidate, source))
     if passed:
         out.print("PASSED", markup=False)
         return 0
