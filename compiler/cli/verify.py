@@ -88,6 +88,7 @@ def table(reports: Sequence[OutputReport], reference: str, candidate: str, sourc
         exact = r.dtype_kind != "f"
         t.add_row(r.name, r.dtype, _num(r.max_abs), _num(r.max_rel),
                   "exact" if exact else _num(r.tolerance.atol), "" if exact else _num(r.tolerance.rtol),
-                  _num(r.min_atol), "ok" if r.passed else f"FAILED in {len(r.failed_samples)} sample(s)",
+                  _num(r.min_atol), f"ok: {r.criterion}" if r.passed
+                  else f"FAILED: {r.criterion} in {len(r.failed_samples)} sample(s)",
                   style=None if r.passed else "bold red")
     return t
