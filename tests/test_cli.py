@@ -117,6 +117,19 @@ def test_run_generates_inputs_with_dims(cli, model_path):
     assert code == 2 and "--dim" in err
 
 
+def test_run_shows_where_the_inputs_came_from_and_output_statistics(tmp_path, cli, model_path):
+    code, out, err = cli("run", model_path, "--seed", "4")
+    assert code == 0, err
+    assert "inputs: generated (seed 4): x 2x4 float32" in out
+    for col in ("output", "dtype", "shape", "min", "mean", "max", "std", "2x3"):
+        assert col in out
+    (row,) = json.loads(cli("run", model_path, "--seed", "4", "--json")[1])
+    assert row["min"] <= row["mean"] <= row["max"] and row["std"] >= 0
+    np.savez(tmp_path / "in.npz", x=np.ones((3, 4), np.float32))
+    code, out, err = cli("run", model_path, "--inputs", tmp_path / "in.npz")
+    assert code == 0 and f"inputs: {tmp_path / 'in.npz'}: x 3x4 float32" in out, err
+
+
 def test_targets_lists_onnx(cli):
     code, out, _ = cli("targets", "--json")
     assert "onnx" in {t["name"] for t in json.loads(out)}
