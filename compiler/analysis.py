@@ -70,13 +70,39 @@ def _infer_static_shapes(m: onnx.ModelProto) -> tuple[onnx.ModelProto, str | Non
         reason = f"ONNX Runtime's symbolic shape inference is unavailable ({first_line(e)})"
     else:
         try:
-            return SymbolicShapeInference.infer_shapes(m, auto_merge=True), None
+            return _symbolic_shapes(SymbolicShapeInference, m), None
         except Exception as e:  # noqa: BLE001 - it raises anything on ops it does not know
             reason = f"ONNX Runtime's symbolic shape inference failed ({first_line(e)})"
     try:
         return onnx.shape_inference.infer_shapes(m, data_prop=True), reason
     except Exception as e:  # noqa: BLE001
         return m, f"{reason}; onnx's shape inference failed too ({first_line(e)})"
+
+
+def _symbolic_shapes(inference, m: onnx.ModelProto) -> onnx.ModelProto:
+    """``SymbolicShapeInference.infer_shapes(m, auto_merge=True)`` step by step: where some shape
+    stays unknown, the public function saves the model as sym_shape_infer_temp.onnx in the
+    current folder before raising; here the shapes it found come back and nothing is written."""
+    if next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0) < 7:
+        raise ValueError("it supports opset 7 and later only")
+    try:
+        run = inference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+        run._preprocess(m)
+        while run.run_:
+            run._infer_impl()
+        run._update_output_from_vi()
+        return run.out_mp_
+    except AttributeError:  # another ONNX Runtime's internals: the public function, in a scratch folder
+        import os
+        import tempfile
+
+        here = os.getcwd()
+        with tempfile.TemporaryDirectory() as scratch:
+            os.chdir(scratch)
+            try:
+                return inference.infer_shapes(m, auto_merge=True)
+            finally:
+                os.chdir(here)
 
 
 def estimate_flops(model: onnx.ModelProto, bind: dict[str, int] | None = None) -> int:

@@ -42,3 +42,24 @@ def test_skeleton_counts_the_same_flops(golden):
     light = analysis.skeleton(model)
     assert light.ByteSize() < model.ByteSize() / 50
     assert analysis.estimate_flops(light, {"seq": 16}) == analysis.estimate_flops(model, {"seq": 16})
+
+
+def test_incomplete_inference_writes_no_file(tmp_path, monkeypatch):
+    """ONNX Runtime's infer_shapes saves sym_shape_infer_temp.onnx in the current folder when a
+    shape stays unknown; the estimate must leave the user's folder alone."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from _models import model
+
+    monkeypatch.chdir(tmp_path)
+    nodes = [helper.make_node("Frob", ["x"], ["f"], domain="org.nowhere"), helper.make_node("Relu", ["f"], ["y"])]
+    m = model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m.opset_import.append(helper.make_opsetid("org.nowhere", 1))
+    with pytest.raises(analysis.FlopsUnknown, match="no shape inferred for 'f'"):
+        analysis.estimate_flops(m)
+    assert list(tmp_path.iterdir()) == []
+    assert np.isfinite(analysis.estimate_flops(model([helper.make_node("Relu", ["x"], ["y"])],
+                                                     [helper.make_tensor_value_info("x", 1, ["n", 4])],
+                                                     [helper.make_tensor_value_info("y", 1, ["n", 4])])))
