@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import MissingDependencyError, UsageError, first_line
 from .ir import write_atomic
+from .progress import stage
 from .targets import Artifact, TensorSpec
 
 log = logging.getLogger("infoptc")
@@ -438,9 +439,10 @@ def benchmark(subjects: Sequence[Subject], *, iterations: int | None = None, dur
                 flops, why = analysis.flops_or_reason(shape_model, bound)
             except Exception as e:  # noqa: BLE001 - a FLOPs estimate is a nicety; an odd model must not stop the benchmark
                 flops, why = None, f"estimating failed: {type(e).__name__}: {first_line(e)}"
-        t0 = time.perf_counter()
-        s.artifact.run(feeds)  # first run: sessions, JIT, allocations; reported, never timed with the rest
-        first_per.append(time.perf_counter() - t0)
+        with stage(f"first run of {s.label}"):
+            t0 = time.perf_counter()
+            s.artifact.run(feeds)  # first run: sessions, JIT, allocations; reported, never timed with the rest
+            first_per.append(time.perf_counter() - t0)
         feeds_per.append(feeds)
         flops_per.append((flops, why))
         rss_per.append(peak_rss_bytes())

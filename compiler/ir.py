@@ -26,6 +26,7 @@ from onnx import external_data_helper
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from .errors import InvalidModelError, UsageError
+from .progress import stage
 from .rewrite import all_graphs, node_subgraphs, tensor_map
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -64,11 +65,12 @@ def load_model(source: ModelSource, *, validate: bool = True) -> onnx.ModelProto
             raise InvalidModelError(f"{path}: no such file")
         if path.is_dir():
             raise InvalidModelError(f"{path}: is a directory, expected an .onnx file")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise InvalidModelError(f"{path}: cannot read: {e.strerror}") from None
-        model = _parse(data, str(path))
+        with stage(f"loading {path}"):
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise InvalidModelError(f"{path}: cannot read: {e.strerror}") from None
+            model = _parse(data, str(path))
         base_dir = path.resolve().parent
     else:
         raise TypeError(f"cannot load a model from {type(source).__name__}")
@@ -911,7 +913,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     ``external_data=None`` decides by size: models whose tensors exceed ~1.8 GB (protobuf's limit
     is 2 GiB) get their tensors in ``<name>.data`` next to the model. Returns the files written.
     """
-    path = Path(path)
+    with stage(f"writing {path}"):
+        return _save_model(model, Path(path), external_data)
+
+
+def _save_model(model: onnx.ModelProto, path: Path, external_data: bool | None) -> list[Path]:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"cannot write {path}: folder {folder} does not exist")

@@ -130,6 +130,39 @@ def test_run_shows_where_the_inputs_came_from_and_output_statistics(tmp_path, cl
     assert code == 0 and f"inputs: {tmp_path / 'in.npz'}: x 3x4 float32" in out, err
 
 
+def test_verbose_names_each_stage_and_quiet_pipes_show_nothing(tmp_path, cli, model_path):
+    code, _, err = cli(model_path, "-o", tmp_path / "a.onnx", "-v")
+    assert code == 0
+    for line in (f"infoptc: info: loading {model_path}", "infoptc: info: running the -O2 pipeline",
+                 "infoptc: info: lowering for the onnx target", f"infoptc: info: writing {tmp_path / 'a.onnx'}"):
+        assert line in err, err
+    assert cli(model_path, "-o", tmp_path / "b.onnx")[2] == ""  # stderr is no terminal here: no spinner
+
+
+def test_long_steps_show_a_spinner_on_a_terminal_only(monkeypatch):
+    import io
+    import time
+
+    from rich.console import Console
+
+    from infoptc.cli import output
+    from infoptc.progress import stage
+
+    def shown(quiet: bool, terminal: bool, own_display: bool = False) -> str:
+        stream = io.StringIO()
+        monkeypatch.setattr(output, "err", Console(file=stream, force_terminal=terminal, width=80))
+        with output.stage_spinner(quiet):
+            with stage("building the library", own_display=own_display) as step:
+                step.update("building the library: kernel 3 of 7")
+                time.sleep(0.3)
+        return stream.getvalue()
+
+    assert "building the library: kernel 3 of 7" in shown(quiet=False, terminal=True)
+    assert shown(quiet=True, terminal=True) == ""
+    assert shown(quiet=False, terminal=False) == ""
+    assert "building" not in shown(quiet=False, terminal=True, own_display=True)  # its own bar has the terminal
+
+
 def test_targets_lists_onnx(cli):
     code, out, _ = cli("targets", "--json")
     assert "onnx" in {t["name"] for t in json.loads(out)}

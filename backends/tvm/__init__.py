@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from infoptc.errors import CompileError, InvalidModelError, MissingDependencyError, UsageError
 from infoptc.pass_manager import parse_bool
+from infoptc.progress import stage
 from infoptc.targets import Artifact, Target, TensorSpec, register_target
 
 # The pinned versions and import_tvm stay importable from here (benchmarks/cuda.py uses import_tvm).
@@ -239,7 +240,7 @@ class TvmArtifact(Artifact):
 
             kwargs["fcompile"] = cc.cross_compiler(self.export_compiler)
         try:
-            with native_output_to_log():
+            with native_output_to_log(), stage(f"linking the TVM library ({self.target})"):
                 self.executable.export_library(str(tmp), **kwargs)
         except Exception as e:  # noqa: BLE001 - linker missing or failing
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
@@ -555,7 +556,8 @@ class TvmTarget(Target):
         dynamic = self.dynamic_dims and prepare.symbolic_inputs(model)
         failed = None
         while True:
-            prepared, mod, fallback = self._import(model, dynamic)
+            with stage("importing the model into TVM Relax"):
+                prepared, mod, fallback = self._import(model, dynamic)
             fallback = fallback or failed
             if prepared.defaulted_dims:
                 log.warning("target %s: symbolic input dims set to %d: %s (bind them with --input-shape NAME:DIMS)%s",
@@ -567,11 +569,16 @@ class TvmTarget(Target):
                         db_dir=self.options["tuning_db"], trials=self.tune, seconds=self.tune_time,
                         timeout_s=self.tune_timeout, progress_to=terminal) if self.tune or self.tune_time else None
                     imported = mod
-                    mod, tuning = build.optimize(mod, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
-                                                      tuning=budget, fast_math=self.fast_math)
-                    executable, blobs, more = self.build(mod, target)
+                    step = _tuning_text(budget) if budget else "optimizing the Relax module"
+                    with stage(step, own_display=budget is not None):  # tuning draws its own bar
+                        mod, tuning = build.optimize(mod, target, cpu_layout=self.cpu_layout,
+                                                     schedules=self.schedules, tuning=budget, fast_math=self.fast_math)
+                    with stage(f"building the TVM library ({target_text(_jsonable(target.export()))})"):
+                        executable, blobs, more = self.build(mod, target)
                     if tuning and tuning.get("tasks_using_tuned") and self.name == "llvm":
-                        mod, executable = self._tuned_or_rules(imported, mod, executable, target, tuning, prepared.model)
+                        with stage("timing the tuned build against the rules-only one"):
+                            mod, executable = self._tuned_or_rules(imported, mod, executable, target, tuning,
+                                                                   prepared.model)
                 break
             except Exception as e:  # symbolic shapes failed in a pass: compile static shapes
                 if not prepared.symbolic_dims:
@@ -676,6 +683,11 @@ class TvmTarget(Target):
         if manifest is None:
             raise InvalidModelError(f"{path}: not an infoptc TVM artifact")
         return TvmArtifact(manifest, path=Path(path), blobs=read_blobs(Path(path), manifest))
+
+
+def _tuning_text(budget) -> str:
+    limits = [f"{budget.trials} trials" if budget.trials else "", f"{budget.seconds:g} s" if budget.seconds else ""]
+    return f"tuning with MetaSchedule ({', '.join(x for x in limits if x)}; records in {budget.db_dir})"
 
 
 def target_text(spec: dict) -> str:

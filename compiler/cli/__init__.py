@@ -25,7 +25,7 @@ from .. import __version__, config, plugins
 from ..errors import InfoptcError, UsageError
 from . import bench, inspect, passes, profile, reduce, run, targets, verify
 from . import compile as compile_command  # (as: not to hide the builtin)
-from .output import err
+from .output import err, stage_spinner
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 4
 
@@ -105,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = config.load()
         for path in [*config.plugin_files(args.config), *args.load_plugin]:
             plugins.load_plugin_file(path)
-        return COMMANDS[args.command](args)
+        with stage_spinner(args.quiet):
+            return COMMANDS[args.command](args)
     except InfoptcError as e:
         err.print(f"infoptc: error: {e}", markup=False)
         return e.exit_code

@@ -47,6 +47,48 @@ def status(args: argparse.Namespace, text: str):
     return err.status(text, spinner="dots") if not args.quiet else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def stage_spinner(quiet: bool):
+    """While a command runs, the long step under way (``infoptc.progress.stage``) as a spinner on
+    stderr: on a terminal only, never with -q, and out of the way of a step's own progress bar."""
+    if quiet or not err.is_terminal:
+        yield
+        return
+    from rich.errors import LiveError
+
+    from ..progress import listening
+
+    stack: list = []  # the stages under way, innermost last
+    spinner = None
+
+    def show(event: str, step) -> None:
+        nonlocal spinner
+        if event == "start":
+            stack.append(step)
+        elif event == "end" and step in stack:
+            stack.remove(step)
+        wanted = stack[-1] if stack and not any(s.own_display for s in stack) else None
+        if wanted is None:
+            if spinner is not None:
+                spinner.stop()
+                spinner = None
+        elif spinner is None:
+            try:
+                spinner = err.status(wanted.text, spinner="dots")
+                spinner.start()
+            except LiveError:  # the command's own bar or spinner is showing
+                spinner = None
+        else:
+            spinner.update(wanted.text)
+
+    with listening(show):
+        try:
+            yield
+        finally:
+            if spinner is not None:
+                spinner.stop()
+
+
 def progress(console: Console, disable: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
