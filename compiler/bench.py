@@ -437,7 +437,7 @@ def benchmark(subjects: Sequence[Subject], *, iterations: int | None = None, dur
         else:
             try:
                 flops, why = analysis.flops_or_reason(shape_model, bound)
-            except Exception as e:  # noqa: BLE001 - a FLOPs estimate is a nicety; an odd model must not stop the benchmark
+            except Exception as e:  # noqa: BLE001 - a nicety: an odd model must not stop the benchmark
                 flops, why = None, f"estimating failed: {type(e).__name__}: {first_line(e)}"
         with stage(f"first run of {s.label}"):
             t0 = time.perf_counter()
