@@ -475,8 +475,8 @@ def _refuse_inconsistent_node(model: onnx.ModelProto, strict_error: str) -> None
     """Raise ``InvalidModelError`` for the first node that strict inference found inconsistent,
     with the shapes of its inputs (from ``model``, inferred leniently)."""
     for op_type, name, message in _INFERENCE_ERROR.findall(strict_error):
-        if "existing" in message:  # a declared shape that disagrees: ONNX Runtime warns and goes on
-            continue
+        if "existing" in message or "is null" in message:  # a declared shape that disagrees (ONNX Runtime
+            continue  # warns and goes on), or an input not typed yet (nodes out of order): not a conflict
         node = next((n for n in model.graph.node if n.op_type == op_type and n.name == name), None)
         shapes = _declared_shapes(model)
         inputs = ", ".join(f"{i} {shapes.get(i, '?')}" for i in (node.input if node is not None else []) if i)
