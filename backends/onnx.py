@@ -42,6 +42,9 @@ class OnnxArtifact(Artifact):
     def outputs(self) -> list[TensorSpec]:
         return tensor_specs(self.model, "output")
 
+    def size_bytes(self) -> int:
+        return ir.model_bytes(self.model)
+
     def describe(self) -> dict:
         import onnxruntime
 

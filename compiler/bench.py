@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MissingDependencyError, UsageError
+from .errors import MissingDependencyError, UsageError, first_line
 from .ir import write_atomic
+from .progress import stage
 from .targets import Artifact, TensorSpec
 
 log = logging.getLogger("infoptc")
@@ -396,6 +397,7 @@ class BenchResult:
     flops: int | None = None
     peak_rss_after_setup: int = 0
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    flops_unknown: str | None = None  # why ``flops`` is None
 
     @property
     def gflops_per_s(self) -> float | None:
@@ -429,15 +431,20 @@ def benchmark(subjects: Sequence[Subject], *, iterations: int | None = None, dur
             bound, n = bind_dims(specs, batch, dims or {})
             feeds = inputs_for(s.artifact, bound, seed)
         batches.add(n)
-        try:
-            flops = analysis.estimate_flops(s.model, bound) if s.model is not None else None
-        except Exception:  # a FLOPs estimate is a nicety; an odd model must not stop the benchmark
-            flops = None
-        t0 = time.perf_counter()
-        s.artifact.run(feeds)  # first run: sessions, JIT, allocations; reported, never timed with the rest
-        first_per.append(time.perf_counter() - t0)
+        shape_model = s.artifact.analysis_model()
+        if shape_model is None:
+            flops, why = None, f"the {s.target} artifact does not record its model"
+        else:
+            try:
+                flops, why = analysis.flops_or_reason(shape_model, bound)
+            except Exception as e:  # noqa: BLE001 - a nicety: an odd model must not stop the benchmark
+                flops, why = None, f"estimating failed: {type(e).__name__}: {first_line(e)}"
+        with stage(f"first run of {s.label}"):
+            t0 = time.perf_counter()
+            s.artifact.run(feeds)  # first run: sessions, JIT, allocations; reported, never timed with the rest
+            first_per.append(time.perf_counter() - t0)
         feeds_per.append(feeds)
-        flops_per.append(flops)
+        flops_per.append((flops, why))
         rss_per.append(peak_rss_bytes())
     if len(batches) > 1:
         raise UsageError(f"the subjects run different batch sizes ({sorted(batches)}); give --batch")
@@ -446,8 +453,9 @@ def benchmark(subjects: Sequence[Subject], *, iterations: int | None = None, dur
                               settle=settle, block=block, wake=5)
     n = batches.pop()
     results = [BenchResult(s, LatencyStats.of(smp, n), smp, first, flops, rss,
-                           {k: list(np.shape(v)) for k, v in f.items()})
-               for s, smp, first, flops, rss, f in zip(subjects, samples, first_per, flops_per, rss_per, feeds_per)]
+                           {k: list(np.shape(v)) for k, v in f.items()}, why)
+               for s, smp, first, (flops, why), rss, f in zip(subjects, samples, first_per, flops_per, rss_per,
+                                                              feeds_per)]
     return results, n
 
 
@@ -465,7 +473,7 @@ def report(results: Sequence[BenchResult], cpu: CpuInfo, *, threads: int | None,
             "input_shapes": r.input_shapes, "first_run_ms": r.first_run_seconds * 1e3,
             **r.stats.as_dict(),
             "ratio_to_first": r.stats.p50 / base if base > 0 else None,
-            "flops_estimate": r.flops, "gflops_per_s": gf,
+            "flops_estimate": r.flops, "flops_unknown": r.flops_unknown, "gflops_per_s": gf,
             "percent_of_peak_estimate": 100 * gf / peak if gf and peak else None,
             "peak_rss_after_setup_bytes": r.peak_rss_after_setup,
             "samples_ms": [x * 1e3 for x in r.samples],

@@ -146,6 +146,17 @@ class OutputReport:
             self.first_failure = self.first_failure or f"sample {sample}: {diff.describe()}"
 
     @property
+    def criterion(self) -> str:
+        """The bound that decided: ``bit for bit``; ``abs err <= atol`` when every element was
+        within atol alone; ``abs err <= atol + rtol*|ref|`` when some needed the relative part
+        (then a max abs err above atol passed); ``abs err > atol + rtol*|ref|`` when it failed."""
+        if self.dtype_kind != "f" or (self.tolerance.atol == 0 and self.tolerance.rtol == 0):
+            return "bit for bit"
+        if not self.passed:
+            return "abs err > atol + rtol*|ref|"
+        return "abs err <= atol" if self.max_abs <= self.tolerance.atol else "abs err <= atol + rtol*|ref|"
+
+    @property
     def dtype_kind(self) -> str:
         try:
             return "f" if np.dtype(self.dtype).kind in "fc" else "x"
@@ -156,7 +167,7 @@ class OutputReport:
         return {"name": self.name, "dtype": self.dtype, "atol": self.tolerance.atol, "rtol": self.tolerance.rtol,
                 "exact": self.dtype_kind != "f" or (self.tolerance.atol == 0 and self.tolerance.rtol == 0),
                 "max_abs_error": self.max_abs, "max_rel_error": self.max_rel,
-                "min_atol_to_pass": self.min_atol, "passed": self.passed,
+                "min_atol_to_pass": self.min_atol, "passed": self.passed, "criterion": self.criterion,
                 "failed_samples": self.failed_samples, "first_failure": self.first_failure or None}
 
 

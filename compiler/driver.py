@@ -13,6 +13,7 @@ from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
 from .pipelines import pipeline_for_level, quantize_pipeline
+from .progress import stage
 from .targets import Artifact, get_target
 
 
@@ -74,12 +75,15 @@ def compile(
         manager = PassManager(pipeline, instruments)
         ctx = PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {}),
                           options={"calibration": calibration} if calibration is not None else {})
-        records = manager.run(graph, ctx)
+        with stage(f"running the {f'-O{opt_level}' if passes is None else 'given'} pipeline"
+                   + (f" with {quantize} quantization" if quantize else "")):
+            records = manager.run(graph, ctx)
         optimized = ir.from_graph(graph, working)
         for key, value in sorted(ctx.metadata.items()):
             entry = next((m for m in optimized.metadata_props if m.key == key), None) or optimized.metadata_props.add()
             entry.key, entry.value = key, value
-        artifact = backend.lower(optimized)
+        with stage(f"lowering for the {target} target"):
+            artifact = backend.lower(optimized)
     artifact.source = source
     artifact.pass_records = records
     artifact.pipeline = str(manager)

@@ -41,3 +41,10 @@ class InvalidModelError(InfoptcError):
     """The input model is malformed, unsafe or unsupported."""
 
     exit_code = 6
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line
+    errors and reasons."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

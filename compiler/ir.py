@@ -11,6 +11,7 @@ import base64
 import functools
 import math
 import os
+import re
 import sys
 import tempfile
 from collections import Counter, OrderedDict
@@ -25,6 +26,7 @@ from onnx import external_data_helper
 from onnx_graphsurgeon.util.misc import SynchronizedList
 
 from .errors import InvalidModelError, UsageError
+from .progress import stage
 from .rewrite import all_graphs, node_subgraphs, tensor_map
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -63,11 +65,12 @@ def load_model(source: ModelSource, *, validate: bool = True) -> onnx.ModelProto
             raise InvalidModelError(f"{path}: no such file")
         if path.is_dir():
             raise InvalidModelError(f"{path}: is a directory, expected an .onnx file")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise InvalidModelError(f"{path}: cannot read: {e.strerror}") from None
-        model = _parse(data, str(path))
+        with stage(f"loading {path}"):
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                raise InvalidModelError(f"{path}: cannot read: {e.strerror}") from None
+            model = _parse(data, str(path))
         base_dir = path.resolve().parent
     else:
         raise TypeError(f"cannot load a model from {type(source).__name__}")
@@ -79,9 +82,24 @@ def load_model(source: ModelSource, *, validate: bool = True) -> onnx.ModelProto
                 "model refers to external data but was not loaded from a file; pass its path"
             )
         load_external_data(model, base_dir)
+    name_unknown_dims(model)
     if validate:
         _validate(model, graphs, tensors)
     return model
+
+
+def name_unknown_dims(model: onnx.ModelProto) -> list[str]:
+    """Give each ``dim_value: -1`` of the graph's inputs, outputs and value_info a symbolic name,
+    ``TENSOR_dimAXIS``: PaddlePaddle writes -1 for a dynamic dimension, where ONNX says
+    ``dim_param`` (ONNX Runtime reads it the same way). Each gets its own name, since nothing
+    says two of them are equal. Other negative values stay errors. Returns the names given."""
+    named = []
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value == -1:
+                d.dim_param = f"{vi.name}_dim{axis}"  # clears dim_value (a oneof)
+                named.append(d.dim_param)
+    return named
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -428,13 +446,54 @@ def _check_tensor_sizes(tensors: Iterable[onnx.TensorProto]) -> None:
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with ONNX shape inference applied, so passes see dtypes and shapes; the model
-    itself when inference fails (passes then work with what the model declares)."""
+    itself when inference fails (passes then work with what the model declares).
+
+    Inference runs strict first: a node whose inputs cannot go together (a MatMul of [2, 3]
+    by [4, 5]) makes the model invalid (``InvalidModelError`` naming the node and its input
+    shapes). Ops onnx does not know and declared shapes that disagree with the inferred ones
+    are left to the runtime, as ONNX Runtime does."""
     if is_large(model):
         return model
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        return model
+        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        strict_error = str(e)
+    except Exception:  # noqa: BLE001 - the checker inside inference raises others on odd models
+        strict_error = ""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001
+        inferred = model
+    _refuse_inconsistent_node(inferred, strict_error)
+    return inferred
+
+
+_INFERENCE_ERROR = re.compile(r"\(op_type:([\w.]+), node name: ([^)]*)\): \[(?:Shape|Type)InferenceError\] ([^\n]*)")
+
+
+def _refuse_inconsistent_node(model: onnx.ModelProto, strict_error: str) -> None:
+    """Raise ``InvalidModelError`` for the first node that strict inference found inconsistent,
+    with the shapes of its inputs (from ``model``, inferred leniently)."""
+    for op_type, name, message in _INFERENCE_ERROR.findall(strict_error):
+        if "existing" in message or "is null" in message:  # a declared shape that disagrees (ONNX Runtime
+            continue  # warns and goes on), or an input not typed yet (nodes out of order): not a conflict
+        node = next((n for n in model.graph.node if n.op_type == op_type and n.name == name), None)
+        shapes = _declared_shapes(model)
+        inputs = ", ".join(f"{i} {shapes.get(i, '?')}" for i in (node.input if node is not None else []) if i)
+        message = message.strip().rstrip(".")
+        raise InvalidModelError(f"node {name or '<unnamed>'!r} ({op_type}): {message[:1].lower()}{message[1:]}"
+                                + (f"; inputs {inputs}" if inputs else ""))
+
+
+def _declared_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Shapes known for the main graph's values: ``[2, 'seq']``, '?' for an unknown dim."""
+    shapes: dict[str, list] = {t.name: list(t.dims) for t in model.graph.initializer}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                        for d in tt.shape.dim])
+    return shapes
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -854,7 +913,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     ``external_data=None`` decides by size: models whose tensors exceed ~1.8 GB (protobuf's limit
     is 2 GiB) get their tensors in ``<name>.data`` next to the model. Returns the files written.
     """
-    path = Path(path)
+    with stage(f"writing {path}"):
+        return _save_model(model, Path(path), external_data)
+
+
+def _save_model(model: onnx.ModelProto, path: Path, external_data: bool | None) -> list[Path]:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"cannot write {path}: folder {folder} does not exist")

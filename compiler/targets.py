@@ -48,6 +48,24 @@ class Artifact:
         """Facts for the compile summary (target string, versions, ...)."""
         return {"target": self.target}
 
+    def analysis_model(self) -> onnx.ModelProto | None:
+        """An ONNX model with the artifact's graph and shapes (its weights may be left out), for
+        FLOPs estimates; None when the artifact does not know it."""
+        return getattr(self, "model", None)
+
+    def __repr__(self) -> str:
+        def specs(items) -> str:
+            return ", ".join(f"{s.name}: {s.dtype}[{', '.join('?' if d is None else str(d) for d in s.shape)}]"
+                             if s.shape is not None else f"{s.name}: {s.dtype}[?]" for s in items)
+
+        size = self.size_bytes()
+        return (f"<{type(self).__name__} target={self.target!r} inputs=({specs(self.inputs)}) "
+                f"outputs=({specs(self.outputs)})" + (f" size={size:,} B" if size is not None else "") + ">")
+
+    def size_bytes(self) -> int | None:
+        """The size of the saved artifact, where known without writing it."""
+        return None
+
 
 class Target:
     """Base class for backends."""

@@ -24,6 +24,12 @@ def test_compile_returns_a_runnable_saveable_artifact(tmp_path, capfd):
     assert out == "" and err == ""  # library code never prints
 
 
+def test_artifacts_have_a_repr():
+    art = infoptc.compile(chain(), target="onnx")
+    assert repr(art) == (f"<OnnxArtifact target='onnx' inputs=(x: float32[batch, 4]) outputs=(y: float32[batch, 3]) "
+                         f"size={art.size_bytes():,} B>")
+
+
 def test_optimize_returns_a_model_proto(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(chain(), path)

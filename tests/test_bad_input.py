@@ -3,6 +3,7 @@ output file left behind."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -60,6 +61,11 @@ def _lying_tensor():
     return model([h.make_node("Add", ["x", "w"], ["y"])], [fvi("x", [4])], [fvi("y", [4])], [t])
 
 
+def _inconsistent_shapes():
+    w = nh.from_array(np.ones((4, 5), np.float32), "W")
+    return model([h.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [fvi("x", [2, 3])], [fvi("y", [2, 5])], [w])
+
+
 def _missing_external(tmp_path):
     m = chain()
     t = m.graph.initializer[0]
@@ -88,6 +94,7 @@ BAD_MODELS = {
     "unknown domain": lambda tmp: _unknown_domain(),
     "opset too new": lambda tmp: _future_opset(),
     "absurd tensor shape": lambda tmp: _lying_tensor(),
+    "inconsistent shapes": lambda tmp: _inconsistent_shapes(),
     "missing external data": _missing_external,
     "external data outside folder": _outside_external,
 }
@@ -97,6 +104,8 @@ MESSAGES = {
     "empty graph": "graph is empty", "cycle": "cycle", "duplicate names": "duplicate tensor name 'a'",
     "unknown op": "unknown op 'FrobnicateV2'", "unknown domain": "unknown op domain 'org.nowhere'",
     "opset too new": "newer than the installed onnx", "absurd tensor shape": "holds 16 bytes",
+    "inconsistent shapes": "node 'mm' (MatMul): incompatible dimensions for matrix multiplication; "
+                           "inputs x [2, 3], W [4, 5]",
     "missing external data": "external data file 'weights.bin' is missing",
     "external data outside folder": "leaves the model's folder",
 }
@@ -121,7 +130,7 @@ def test_missing_input_file(tmp_path, cli):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate (see 'infoptc compile --help')"),
     (["--passes", "dce,eliminate-noop"], "did you mean 'eliminate-noops'"),
     (["--passes", "toposort{depth=3}"], "unknown option 'depth' for pass 'toposort'"),
     (["--passes", "fixpoint(dce"], "expected ')'"),
@@ -150,6 +159,19 @@ def test_bad_pass_option_value(tmp_path, cli):
         assert code == USAGE and message in stderr, stderr
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["benhc", "model.onnx"], "unknown command 'benhc'; did you mean 'bench'?"),
+    (["inspcet", "model.onnx"], "unknown command 'inspcet'; did you mean 'inspect'?"),
+    (["nosuch.onnx"], "nosuch.onnx: no such file"),  # a path stays a model path
+    (["bench", "m.onnx", "--frobnicate"], "unrecognized arguments: --frobnicate (see 'infoptc bench --help')"),
+])
+def test_misspelt_command_or_flag_points_at_the_right_help(tmp_path, monkeypatch, cli, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = cli(*argv)
+    assert code in (USAGE, BAD_MODEL) and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("where", ["missing-folder", "proc"])
 def test_unwritable_output(tmp_path, cli, where):
     path = _write(tmp_path, chain())
@@ -171,3 +193,30 @@ def test_real_process_has_no_traceback_and_nonzero_exit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "infoptc.cli", str(path)], capture_output=True, text=True)
     assert proc.returncode == BAD_MODEL
     assert proc.stdout == "" and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def _paddle_style(dim):
+    """An input declared [DIM, 3], as PaddlePaddle exports declare a dynamic batch (DIM = -1)."""
+    b = nh.from_array(np.arange(3, dtype=np.float32), "b")
+    return model([h.make_node("Add", ["x", "b"], ["a"]), h.make_node("Relu", ["a"], ["y"])],
+                 [fvi("x", [dim, 3])], [fvi("y", [dim, 3])], [b], opset=12)
+
+
+def test_minus_one_dim_is_a_symbolic_dim(tmp_path, cli):
+    path = _write(tmp_path, _paddle_style(-1))
+    code, _, stderr = cli(path, "-o", tmp_path / "out.onnx")
+    assert code == 0, stderr
+    out = onnx.load(tmp_path / "out.onnx")
+    assert [d.dim_param or d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == ["x_dim0", 3]
+    x = np.arange(-6, 6, dtype=np.float32).reshape(4, 3)
+    code, stdout, stderr = cli("run", tmp_path / "out.onnx", "--dim", "x_dim0=4", "--json")
+    assert code == 0 and json.loads(stdout)[0]["shape"] == [4, 3], stderr
+    from infoptc.targets import load
+
+    np.testing.assert_array_equal(load(tmp_path / "out.onnx").run({"x": x})["y"], np.maximum(x + np.arange(3), 0))
+
+
+def test_other_negative_dims_stay_errors(tmp_path, cli):
+    path = _write(tmp_path, _paddle_style(-2))
+    code, _, stderr = cli(path, "-o", tmp_path / "out.onnx")
+    assert code == BAD_MODEL and "tensor 'x' has a negative dimension -2" in stderr

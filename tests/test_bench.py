@@ -162,7 +162,8 @@ def test_cli_runs_several_artifacts_interleaved(cli, fake_files):
     assert code == 0, err
     # one untimed first run each, then warm-up and timed rounds as A B C A B C ...
     assert CALLS == ["a", "b", "c"] + ["a", "b", "c"] * (2 + 4)
-    assert "vs first (p50)" in out and "a.fakebench" in out and "c.fakebench" in out
+    assert "time vs first (p50)" in out and "a.fakebench" in out and "c.fakebench" in out
+    assert "warm-up rounds, interleaved run by run;" in out
     CALLS.clear()  # -O compiles ONNX models only; other targets' artifacts run as they are
     code, out, err = cli("bench", a, b, "-O", "2", "--iterations", "1", "--warmup", "0", "--json")
     assert code == 0, err
@@ -190,6 +191,10 @@ def test_cli_takes_turns_when_the_subjects_run_on_different_runtimes(cli, fake_f
     assert data["settings"]["settle_s"] == 0.05 and "different runtimes" in err
     assert [r["runs"] for r in data["results"]] == [20, 20]
     assert CALLS == ["a", "c"] + (["a"] * 15 + ["c"] * 15) * 2
+    code, out, err = cli("bench", a, c, "--iterations", "20", "--warmup", "0", "--block", "10")
+    assert code == 0 and "taking turns of 10 runs" in err, err
+    assert "20 runs after 0 warm-up rounds, in turns of 10 runs after a 0.05 s pause;" in out  # as stderr says
+    assert "interleaved" not in out
     CALLS.clear()  # one runtime: run by run, unless asked
     code, out, err = cli("bench", a, b, "--iterations", "2", "--warmup", "0", "--json")
     assert code == 0 and json.loads(out)["settings"]["settle_s"] == 0.0

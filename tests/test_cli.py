@@ -72,6 +72,16 @@ def test_passes_lists_every_pass_and_pipelines(cli):
         assert code == 0 and out == OPT_LEVELS[f"O{level}"] + "\n"
 
 
+def test_piped_tables_are_never_cut(cli):
+    """stdout is a pipe here (captured): every cell whole, however long, as `infoptc passes | cat`."""
+    from infoptc.pass_manager import PASS_REGISTRY
+
+    code, out, _ = cli("passes")
+    assert code == 0 and "…" not in out
+    for name, cls in PASS_REGISTRY.items():
+        assert name in out and cls.summary in out
+
+
 def test_inspect_reports_symbolic_dims_histogram_params_flops(cli, model_path):
     code, out, _ = cli("inspect", model_path, "--json")
     info = json.loads(out)
@@ -105,6 +115,52 @@ def test_run_generates_inputs_with_dims(cli, model_path):
     assert json.loads(out)[0]["shape"] == [5, 3]
     code, _, err = cli("run", model_path, "--dim", "batch=0")
     assert code == 2 and "--dim" in err
+
+
+def test_run_shows_where_the_inputs_came_from_and_output_statistics(tmp_path, cli, model_path):
+    code, out, err = cli("run", model_path, "--seed", "4")
+    assert code == 0, err
+    assert "inputs: generated (seed 4): x 2x4 float32" in out
+    for col in ("output", "dtype", "shape", "min", "mean", "max", "std", "2x3"):
+        assert col in out
+    (row,) = json.loads(cli("run", model_path, "--seed", "4", "--json")[1])
+    assert row["min"] <= row["mean"] <= row["max"] and row["std"] >= 0
+    np.savez(tmp_path / "in.npz", x=np.ones((3, 4), np.float32))
+    code, out, err = cli("run", model_path, "--inputs", tmp_path / "in.npz")
+    assert code == 0 and f"inputs: {tmp_path / 'in.npz'}: x 3x4 float32" in out, err
+
+
+def test_verbose_names_each_stage_and_quiet_pipes_show_nothing(tmp_path, cli, model_path):
+    code, _, err = cli(model_path, "-o", tmp_path / "a.onnx", "-v")
+    assert code == 0
+    for line in (f"infoptc: info: loading {model_path}", "infoptc: info: running the -O2 pipeline",
+                 "infoptc: info: lowering for the onnx target", f"infoptc: info: writing {tmp_path / 'a.onnx'}"):
+        assert line in err, err
+    assert cli(model_path, "-o", tmp_path / "b.onnx")[2] == ""  # stderr is no terminal here: no spinner
+
+
+def test_long_steps_show_a_spinner_on_a_terminal_only(monkeypatch):
+    import io
+    import time
+
+    from rich.console import Console
+
+    from infoptc.cli import output
+    from infoptc.progress import stage
+
+    def shown(quiet: bool, terminal: bool, own_display: bool = False) -> str:
+        stream = io.StringIO()
+        monkeypatch.setattr(output, "err", Console(file=stream, force_terminal=terminal, width=80))
+        with output.stage_spinner(quiet):
+            with stage("building the library", own_display=own_display) as step:
+                step.update("building the library: kernel 3 of 7")
+                time.sleep(0.3)
+        return stream.getvalue()
+
+    assert "building the library: kernel 3 of 7" in shown(quiet=False, terminal=True)
+    assert shown(quiet=True, terminal=True) == ""
+    assert shown(quiet=False, terminal=False) == ""
+    assert "building" not in shown(quiet=False, terminal=True, own_display=True)  # its own bar has the terminal
 
 
 def test_targets_lists_onnx(cli):

@@ -230,6 +230,10 @@ def test_cli_default_output_name_and_run(golden, cli, tmp_path, monkeypatch):
                          "--threads", "1")
     assert code == 0, err
     assert (tmp_path / "digits_cnn.opt.so").is_file()
+    target_line = next(line for line in out.splitlines() if line.strip().startswith("target:"))
+    assert target_line.strip().startswith("target: llvm -mcpu=") and "{" not in target_line, out
+    assert repr(infoptc.load("digits_cnn.opt.so")).startswith(
+        "<TvmArtifact target='llvm' inputs=(input: float32[4, 1, 8, 8]) outputs=(logits: float32[4, 10]) size=")
     data = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "in.npz", input=data)
     code, out, err = cli("run", "digits_cnn.opt.so", "--inputs", "in.npz", "--json")
@@ -238,6 +242,16 @@ def test_cli_default_output_name_and_run(golden, cli, tmp_path, monkeypatch):
     assert rows[0]["name"] == "logits" and rows[0]["shape"] == [4, 10]
     expected = OrtRunner(onnx.load(golden("digits_cnn"))).run({"input": data})["logits"]
     assert rows[0]["mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+def test_target_text_is_one_readable_line():
+    from infoptc.backends.tvm import target_text
+
+    cuda = {"kind": "cuda", "tag": "", "keys": ["cuda", "gpu"], "max_num_threads": 1024, "arch": "sm_90",
+            "host": {"kind": "llvm", "tag": "", "keys": ["cpu"], "mtriple": "x86_64-conda-linux-gnu"}}
+    assert target_text(cuda) == "cuda -arch=sm_90 -max_num_threads=1024 (host: llvm x86_64-linux-gnu)"
+    llvm = {"kind": "llvm", "tag": "", "keys": ["cpu"], "num-cores": 2, "mcpu": "znver3", "mattr": ["-avx512f"]}
+    assert target_text(llvm) == "llvm -mcpu=znver3 -mattr=-avx512f -num-cores=2"
 
 
 def test_missing_tvm_is_exit_5_with_the_pip_command(golden, cli, monkeypatch, tmp_path):
@@ -448,13 +462,16 @@ def test_cuda_build_path_codegen_and_nvcc(golden, tmp_path):
             reloaded.run(feeds)
 
 
-def test_cuda_needs_an_arch_without_a_gpu(golden):
-    if tvm.cuda(0).exist:
-        pytest.skip("a GPU is present: its architecture is the default")
-    if NVCC is None:
-        pytest.skip("nvcc not installed")
-    with pytest.raises(UsageError, match="arch=sm_XX"):
+def test_cuda_needs_an_arch_without_a_gpu(golden, cli, tmp_path, monkeypatch):
+    """The error names the flag that exists (--arch), on any machine: no GPU and nvcc are faked."""
+    from infoptc.backends.tvm import build
+
+    monkeypatch.setattr(tvm, "cuda", lambda *a: type("NoDevice", (), {"exist": False})())
+    monkeypatch.setattr(build, "nvcc_path", lambda: "/usr/bin/nvcc")  # checked before the arch
+    with pytest.raises(UsageError, match="give it with --arch sm_XX"):
         infoptc.compile(golden("mlp"), target="cuda")
+    code, _, err = cli(golden("mlp"), "--target", "cuda", "-o", tmp_path / "m.so")
+    assert code == 2 and "--arch sm_90 for H100" in err and "target option" not in err, err
 
 
 def test_cross_compiling_for_aarch64(golden, tmp_path):

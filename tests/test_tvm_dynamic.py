@@ -20,6 +20,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import infoptc
+from infoptc.analysis import estimate_flops
 from infoptc.errors import UsageError
 from infoptc.verify import OrtRunner, random_inputs
 from onnx import TensorProto, helper, numpy_helper
@@ -97,6 +98,12 @@ def test_cli_run_and_bench_a_symbolic_library(golden, cli, tmp_path):
     code, out, err = cli("bench", library, "--dim", "batch=4", "--iterations", "3", "--warmup", "1", "--json")
     assert code == 0, err
     assert json.loads(out)["results"][0]["input_shapes"] == {"x": [4, 64]}
+    # FLOPs of the .so come from the model recorded in it, at the dims it runs with
+    code, out, err = cli("bench", golden("mlp"), library, "--dim", "batch=4", "--iterations", "3", "--warmup", "1",
+                         "--json")
+    assert code == 0, err
+    flops = [r["flops_estimate"] for r in json.loads(out)["results"]]
+    assert flops[1] == estimate_flops(infoptc.optimize(golden("mlp")), {"batch": 4}) and flops[0] > 0
 
 
 def _shape_from_data_model() -> onnx.ModelProto:

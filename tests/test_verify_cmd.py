@@ -57,6 +57,18 @@ def test_a_difference_fails_with_exit_3_and_the_minimum_atol_is_right(cli, model
     assert "output 'y'" in err and "Traceback" not in err
 
 
+def test_each_output_says_which_bound_decided(cli, models):
+    """A max abs err above atol that passes did so on rtol: the row says so, not a bare "ok"."""
+    code, out, _ = cli("verify", models["src"], models["opt"])
+    assert code == 0 and "ok: abs err <= atol " in out
+    code, out, _ = cli("verify", models["src"], models["nudged"], "--rtol", "10")  # 1e-3 > atol, within rtol
+    assert code == 0 and "ok: abs err <= atol + rtol*|ref|" in out, out
+    code, out, _ = cli("verify", models["src"], models["nudged"], "--json")
+    assert code == 3 and json.loads(out)["outputs"][0]["criterion"] == "abs err > atol + rtol*|ref|"
+    code, out, _ = cli("verify", models["src"], models["nudged"])
+    assert "FAILED: abs err > atol + rtol*|ref| in 3 sample(s)" in out
+
+
 def test_exact_comparison_with_zero_tolerances(cli, models):
     code, out, _ = cli("verify", models["src"], models["src"], "--atol", "0", "--rtol", "0", "--json")
     assert code == 0 and json.loads(out)["outputs"][0]["exact"] is True

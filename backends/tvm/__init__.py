@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from infoptc.errors import CompileError, InvalidModelError, MissingDependencyError, UsageError
 from infoptc.pass_manager import parse_bool
+from infoptc.progress import stage
 from infoptc.targets import Artifact, Target, TensorSpec, register_target
 
 # The pinned versions and import_tvm stay importable from here (benchmarks/cuda.py uses import_tvm).
@@ -146,6 +147,10 @@ def _int_option(options: dict, key: str, default: int | None = None, minimum: in
 # ----------------------------------------------------------------------------- artifact
 
 
+# The blob that holds the lowered model without its large weights (analysis.skeleton).
+SKELETON_BLOB = "model_skeleton"
+
+
 class TvmArtifact(Artifact):
     """A compiled model: TVM's exported library plus a manifest, in one file."""
 
@@ -175,7 +180,7 @@ class TvmArtifact(Artifact):
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
-        facts = {"target": m["target"], "tvm_target": m["tvm_target"],
+        facts = {"target": m["target"], "tvm_target": m["tvm_target"], "target_text": target_text(m["tvm_target"]),
                  "runtime": f"tvm {m['versions']['tvm']} (tvm-ffi {m['versions']['tvm_ffi']})",
                  "schedules": m["schedules"], "threads": m.get("threads") or "all cores",
                  "input_shapes": {s["name"]: s["shape"] for s in m["inputs"]}}
@@ -184,6 +189,19 @@ class TvmArtifact(Artifact):
             if m.get(key):
                 facts[key] = m[key]
         return facts
+
+    def analysis_model(self) -> onnx.ModelProto | None:
+        """The model as lowered (after compile), or its skeleton kept in the file (after load)."""
+        model = getattr(self, "model", None)
+        if model is None and SKELETON_BLOB in self.blobs:
+            model = onnx.ModelProto()
+            model.ParseFromString(self.blobs[SKELETON_BLOB])
+        return model
+
+    def size_bytes(self) -> int | None:
+        if self.path is not None:
+            return Path(self.path).stat().st_size
+        return self.manifest.get("library_bytes")
 
     # -- file
     def save(self, path: str | os.PathLike) -> list[Path]:
@@ -222,7 +240,7 @@ class TvmArtifact(Artifact):
 
             kwargs["fcompile"] = cc.cross_compiler(self.export_compiler)
         try:
-            with native_output_to_log():
+            with native_output_to_log(), stage(f"linking the TVM library ({self.target})"):
                 self.executable.export_library(str(tmp), **kwargs)
         except Exception as e:  # noqa: BLE001 - linker missing or failing
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
@@ -538,7 +556,8 @@ class TvmTarget(Target):
         dynamic = self.dynamic_dims and prepare.symbolic_inputs(model)
         failed = None
         while True:
-            prepared, mod, fallback = self._import(model, dynamic)
+            with stage("importing the model into TVM Relax"):
+                prepared, mod, fallback = self._import(model, dynamic)
             fallback = fallback or failed
             if prepared.defaulted_dims:
                 log.warning("target %s: symbolic input dims set to %d: %s (bind them with --input-shape NAME:DIMS)%s",
@@ -550,11 +569,16 @@ class TvmTarget(Target):
                         db_dir=self.options["tuning_db"], trials=self.tune, seconds=self.tune_time,
                         timeout_s=self.tune_timeout, progress_to=terminal) if self.tune or self.tune_time else None
                     imported = mod
-                    mod, tuning = build.optimize(mod, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
-                                                      tuning=budget, fast_math=self.fast_math)
-                    executable, blobs, more = self.build(mod, target)
+                    step = _tuning_text(budget) if budget else "optimizing the Relax module"
+                    with stage(step, own_display=budget is not None):  # tuning draws its own bar
+                        mod, tuning = build.optimize(mod, target, cpu_layout=self.cpu_layout,
+                                                     schedules=self.schedules, tuning=budget, fast_math=self.fast_math)
+                    with stage(f"building the TVM library ({target_text(_jsonable(target.export()))})"):
+                        executable, blobs, more = self.build(mod, target)
                     if tuning and tuning.get("tasks_using_tuned") and self.name == "llvm":
-                        mod, executable = self._tuned_or_rules(imported, mod, executable, target, tuning, prepared.model)
+                        with stage("timing the tuned build against the rules-only one"):
+                            mod, executable = self._tuned_or_rules(imported, mod, executable, target, tuning,
+                                                                   prepared.model)
                 break
             except Exception as e:  # symbolic shapes failed in a pass: compile static shapes
                 if not prepared.symbolic_dims:
@@ -594,6 +618,9 @@ class TvmTarget(Target):
             prepare.name_symbolic_inputs(bound)
         else:
             prepare.bind_symbolic_inputs(bound, prepare.DEFAULT_DIM)
+        from infoptc.analysis import skeleton
+
+        blobs = {**blobs, SKELETON_BLOB: skeleton(bound).SerializeToString()}  # FLOPs of a loaded artifact
         return TvmArtifact(manifest, executable=executable, model=bound, blobs=blobs, export_compiler=export_compiler)
 
     def _tuned_or_rules(self, imported, tuned_mod, tuned, target, tuning: dict, model: onnx.ModelProto):
@@ -656,6 +683,42 @@ class TvmTarget(Target):
         if manifest is None:
             raise InvalidModelError(f"{path}: not an infoptc TVM artifact")
         return TvmArtifact(manifest, path=Path(path), blobs=read_blobs(Path(path), manifest))
+
+
+def _tuning_text(budget) -> str:
+    limits = [f"{budget.trials} trials" if budget.trials else "", f"{budget.seconds:g} s" if budget.seconds else ""]
+    return f"tuning with MetaSchedule ({', '.join(x for x in limits if x)}; records in {budget.db_dir})"
+
+
+def target_text(spec: dict) -> str:
+    """A TVM target on one line, as TVM's own target strings read: ``llvm -mcpu=znver3
+    -mattr=-avx512f -num-cores=2``; ``cuda -arch=sm_90 ... (host: llvm x86_64-linux-gnu)``.
+    Bookkeeping keys (tag, keys) are left out, and a triple's vendor, which says only where the
+    LLVM was built (``x86_64-conda-linux-gnu``: TVM's wheel), is dropped."""
+    parts = [str(spec.get("kind", "?"))]
+    host = None
+    first = ("mtriple", "arch", "mcpu", "mattr")  # what tells targets apart, then the rest
+    for key, value in sorted(spec.items(), key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first)):
+        if key in ("kind", "tag", "keys") or value in (None, "", [], ()):
+            continue
+        if key == "host":
+            host = target_text(value) if isinstance(value, dict) else str(value)
+            continue
+        if key == "mtriple":
+            parts.append(_plain_triple(str(value)))
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        parts.append(f"-{key}={text}")
+    return " ".join(parts) + (f" (host: {host})" if host else "")
+
+
+def _plain_triple(triple: str) -> str:
+    """``x86_64-conda-linux-gnu`` -> ``x86_64-linux-gnu``; other triples as they are."""
+    pieces = triple.split("-")
+    if len(pieces) == 4 and pieces[1] in ("conda", "unknown", "pc"):
+        return "-".join([pieces[0], *pieces[2:]])
+    return triple
 
 
 def _jsonable(value):
@@ -793,12 +856,12 @@ class CudaTarget(TvmTarget):
 
             device = tvm.cuda(0)
             if not device.exist:
-                raise UsageError("no GPU here to take the architecture from: give the target option arch=sm_XX "
-                                 "(e.g. sm_80 for A100, sm_90 for H100)")
+                raise UsageError("no GPU here to take the architecture from: give it with --arch sm_XX "
+                                 "(arch='sm_XX' from Python), e.g. --arch sm_80 for A100, --arch sm_90 for H100")
             arch = "sm_" + device.compute_version.replace(".", "")
         arch = str(arch)
         if not arch.startswith("sm_") or not arch[3:].rstrip("af").isdigit():
-            raise UsageError(f"arch={arch!r}: expected sm_XX, e.g. sm_90")
+            raise UsageError(f"--arch {arch}: expected sm_XX, e.g. --arch sm_90")
         return arch
 
     def tvm_target(self) -> tuple[dict, dict]:

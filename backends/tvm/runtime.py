@@ -49,17 +49,32 @@ def native_output_to_log():
     except (OSError, ValueError):
         yield None
         return
+    # Python's own writes to stderr (our log lines, the CLI's spinner) still reach the terminal.
+    python_stderr = sys.stderr if _writes_fd2(sys.stderr) else None
     with tempfile.TemporaryFile() as sink, open(os.dup(saved), "w") as terminal:
         os.dup2(sink.fileno(), 2)
+        if python_stderr is not None:
+            sys.stderr = terminal
         try:
             yield terminal
         finally:
+            if python_stderr is not None:
+                sys.stderr.flush()
+                sys.stderr = python_stderr
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
             for line in sink.read().decode(errors="replace").splitlines():
                 if line.strip():
                     log.debug("tvm: %s", line.strip())
+
+
+def _writes_fd2(stream) -> bool:
+    """Whether ``stream`` writes to file descriptor 2 (not a test's capture, say)."""
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def size_thread_pool(threads: int) -> None:

@@ -25,7 +25,7 @@ from .. import __version__, config, plugins
 from ..errors import InfoptcError, UsageError
 from . import bench, inspect, passes, profile, reduce, run, targets, verify
 from . import compile as compile_command  # (as: not to hide the builtin)
-from .output import err
+from .output import err, stage_spinner
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 4
 
@@ -71,8 +71,21 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     if not COMMANDS:
         build_parser()  # registers the commands' names
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        _refuse_misspelt_command(argv[0])
         argv.insert(0, "compile")
     return argv
+
+
+def _refuse_misspelt_command(word: str) -> None:
+    """A word that is no file and reads like a command name (``benhc``) is a typo, not a model."""
+    import difflib
+    from pathlib import Path
+
+    if Path(word).exists() or Path(word).suffix or "/" in word or os.sep in word:
+        return
+    close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.6)
+    if close:
+        raise UsageError(f"unknown command {word!r}; did you mean {close[0]!r}? (see 'infoptc --help')")
 
 
 # ----------------------------------------------------------------------------- main
@@ -82,15 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        args = parser.parse_args(normalize_argv(argv))
+        args, extra = parser.parse_known_args(normalize_argv(argv))
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
+        if extra:  # the subcommand's own help lists its flags, the top-level one does not
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see 'infoptc {args.command} --help')")
         _setup_logging(args)
         args.config = config.load()
         for path in [*config.plugin_files(args.config), *args.load_plugin]:
             plugins.load_plugin_file(path)
-        return COMMANDS[args.command](args)
+        with stage_spinner(args.quiet):
+            return COMMANDS[args.command](args)
     except InfoptcError as e:
         err.print(f"infoptc: error: {e}", markup=False)
         return e.exit_code

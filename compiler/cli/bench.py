@@ -17,7 +17,7 @@ from ..bench import (MIXED_RUNTIMES_SETTLE, benchmark, cpu_info, open_subjects, 
                      report)
 from ..errors import UsageError
 from ..files import load_npz, write_json
-from .output import emit_json, err, note, out, print_wide, progress
+from .output import emit_json, err, note, out, progress
 
 
 HELP = """\
@@ -27,10 +27,12 @@ figures (latencies are wall time of one artifact.run call, first run and warm-up
   p50 .. p99   percentiles (linear interpolation): p90 = 90% of runs took at most this long
   CV           coefficient of variation, std / mean (sample std); above ~5% the machine was noisy
   throughput   batch / mean latency, in inferences (batch items) per second, one stream
-  vs first     p50 of this column / p50 of the first column (below 1 = faster than the first)
+  time vs first
+               p50 of this column / p50 of the first column: lower is faster (0.5x = twice as fast)
   FLOPs        estimated per inference (analysis.estimate_flops: a multiply-add counts 2, other
                ops 1 per output element), symbolic dims bound to the batch and --dim values;
-               values whose shape ONNX shape inference cannot find count 0
+               "unknown" (and why, below the table) where shape inference leaves a shape unknown;
+               a TVM .so counts from the model it was built from, kept in its manifest
   GFLOP/s      FLOPs / p50
   % of peak    GFLOP/s / the machine's fp32 peak, an ESTIMATE: physical cores used x clock
                (cpufreq max MHz, else /proc/cpuinfo cpu MHz) x FLOPs/cycle/core, where
@@ -119,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, data)
         note(args, f"wrote {args.json}")
-    print_wide(out, table(data))
+    out.print(table(data))
     return 0
 
 
@@ -139,14 +141,23 @@ def _human(n: float | None, unit: str = "") -> str:
     return str(n)
 
 
+def _how_run(settings: dict, subjects: int) -> str:
+    """How the subjects shared the machine, as the stderr note says it."""
+    if subjects < 2:
+        return ""
+    if settings.get("settle_s"):
+        return f", in turns of {settings['block']} runs after a {settings['settle_s']:g} s pause"
+    return ", interleaved run by run"
+
+
 def table(data: dict):
     """Statistics down, subjects across (the table stays narrow however many figures there are)."""
     from rich.table import Table
 
     s, m, rows = data["settings"], data["machine"], data["results"]
     shapes = "; ".join(f"{k} {'x'.join(map(str, v)) or 'scalar'}" for k, v in rows[0]["input_shapes"].items())
-    title = (f"latency in ms, {rows[0]['runs']} runs after {s['warmup']} warm-up rounds"
-             f"{', interleaved' if s['interleaved'] else ''}; batch {s['batch']}, threads {s['threads_effective']}")
+    title = (f"latency in ms, {rows[0]['runs']} runs after {s['warmup']} warm-up rounds{_how_run(s, len(rows))}; "
+             f"batch {s['batch']}, threads {s['threads_effective']}")
     peak = m["peak_gflops_used"]
     caption = (f"inputs: {shapes}\n"
                f"peak (estimate): {peak:.0f} GFLOP/s = {m['cores_used_for_peak']} cores x {m['mhz']:.0f} MHz x "
@@ -155,6 +166,9 @@ def table(data: dict):
     if any((r["percent_of_peak_estimate"] or 0) > 100 for r in rows):
         caption += (f"above 100% of peak: the clock read ({m['mhz_source']}) is below the real (boost) clock, "
                     "as often in VMs\n")
+    for r in rows:
+        if r["flops_estimate"] is None and r.get("flops_unknown"):
+            caption += f"FLOPs of {r['label']} unknown: {r['flops_unknown']}\n"
     caption += f"peak RSS: {_human(data['peak_rss_bytes'], 'B')}"
     t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     t.add_column("")
@@ -170,10 +184,11 @@ def table(data: dict):
     t.add_section()
     row("throughput (inf/s)", lambda r: f"{r['throughput_per_s']:.1f}")
     if len(rows) > 1:
-        row("vs first (p50)", lambda r: f"{r['ratio_to_first']:.3f}x" if r["ratio_to_first"] is not None else "-")
+        row("time vs first (p50)", lambda r: f"{r['ratio_to_first']:.3f}x" if r["ratio_to_first"] is not None else "-")
     row("first run (ms)", lambda r: _ms(r["first_run_ms"]))
     t.add_section()
-    row("FLOPs (est.)", lambda r: _human(r["flops_estimate"]))
+    row("FLOPs (est.)", lambda r: "unknown" if r["flops_estimate"] is None and r.get("flops_unknown")
+        else _human(r["flops_estimate"]))
     row("GFLOP/s", lambda r: f"{r['gflops_per_s']:.2f}" if r["gflops_per_s"] is not None else "-")
     row("% of peak (est.)", lambda r: f"{r['percent_of_peak_estimate']:.2f}%"
         if r["percent_of_peak_estimate"] is not None else "-")

@@ -142,7 +142,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if after is not None:
         out.print(_before_after_table(artifact.source, after))
     facts = report["target"]
-    target_text = facts.get("tvm_target") or facts.get("target")
+    target_text = facts.get("target_text") or facts.get("target")
     out.print(f"wrote {', '.join(report['output'])}\n  target: {target_text}\n"
               f"  pipeline: {artifact.pipeline or '<empty>'}", markup=False)
     if args.time_passes:

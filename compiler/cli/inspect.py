@@ -40,7 +40,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     head.add_row("nodes", str(summary.nodes))
     head.add_row("initializers", f"{summary.initializers} ({summary.parameters:,} parameters)")
     head.add_row("size", human_bytes(summary.bytes))
-    head.add_row("FLOPs (symbolic dims = 1)", f"{summary.flops:,}")
+    head.add_row("FLOPs (symbolic dims = 1)", f"{summary.flops:,}" if summary.flops is not None
+                 else escape(f"unknown: {summary.flops_unknown}"))
     if summary.functions:
         head.add_row("local functions", str(summary.functions))
     out.print(head)

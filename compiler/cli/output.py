@@ -8,11 +8,27 @@ import contextlib
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 
 from ..files import dumps_json
 
-out = Console(highlight=False, soft_wrap=True)  # follows sys.stdout, so tests can capture it
+
+class _ResultConsole(Console):
+    """A terminal's width on a terminal; piped or written to a file, no limit, so that tables keep
+    their natural width instead of being cut with "..." at rich's assumed 80 columns."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return size if self.is_terminal else ConsoleDimensions(UNLIMITED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+UNLIMITED_WIDTH = 100_000
+out = _ResultConsole(highlight=False, soft_wrap=True)  # follows sys.stdout, so tests can capture it
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -31,25 +47,54 @@ def status(args: argparse.Namespace, text: str):
     return err.status(text, spinner="dots") if not args.quiet else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def stage_spinner(quiet: bool):
+    """While a command runs, the long step under way (``infoptc.progress.stage``) as a spinner on
+    stderr: on a terminal only, never with -q, and out of the way of a step's own progress bar."""
+    if quiet or not err.is_terminal:
+        yield
+        return
+    from rich.errors import LiveError
+
+    from ..progress import listening
+
+    stack: list = []  # the stages under way, innermost last
+    spinner = None
+
+    def show(event: str, step) -> None:
+        nonlocal spinner
+        if event == "start":
+            stack.append(step)
+        elif event == "end" and step in stack:
+            stack.remove(step)
+        wanted = stack[-1] if stack and not any(s.own_display for s in stack) else None
+        if wanted is None:
+            if spinner is not None:
+                spinner.stop()
+                spinner = None
+        elif spinner is None:
+            try:
+                spinner = err.status(wanted.text, spinner="dots")
+                spinner.start()
+            except LiveError:  # the command's own bar or spinner is showing
+                spinner = None
+        else:
+            spinner.update(wanted.text)
+
+    with listening(show):
+        try:
+            yield
+        finally:
+            if spinner is not None:
+                spinner.stop()
+
+
 def progress(console: Console, disable: bool):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                     TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
                     console=console, transient=True, disable=disable)
-
-
-def print_wide(console: Console, renderable) -> None:
-    """Tables at their natural width when stdout is a file or a pipe (rich assumes 80 columns
-    there and would cut names short); at the terminal's own width otherwise."""
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    from rich.measure import Measurement
-
-    width = Measurement.get(console, console.options.update(max_width=400), renderable).maximum
-    Console(file=console.file, width=max(80, min(width, 400)), highlight=False, soft_wrap=True,
-            color_system=None).print(renderable)
 
 
 def human_bytes(n: float) -> str:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from .. import plugins
@@ -47,7 +48,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in rows:
         opts = "\n".join(f"{k}={_plain(v['default'])}" for k, v in r["options"].items())
-        table.add_row(r["name"], r["contract"], r["summary"], opts)
+        table.add_row(r["name"], r["contract"], escape(r["summary"]), escape(opts))  # "E[x]" is no markup
     out.print(table)
     return 0
 

@@ -16,7 +16,7 @@ from ..files import load_npz
 from ..ir import write_atomic
 from ..profile import profile_artifact
 from ..targets import load
-from .output import emit_json, note, out, print_wide, status
+from .output import emit_json, note, out, status
 
 
 def add_parser(subparsers, common) -> dict:
@@ -69,7 +69,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         emit_json(data)
         return 0
     for t in tables(data):
-        print_wide(out, t)
+        out.print(t)
     return 0
 
 

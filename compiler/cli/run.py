@@ -4,7 +4,9 @@ show (or save) its outputs."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..files import load_npz, save_npz
@@ -24,35 +26,49 @@ def add_parser(subparsers, common) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from ..targets import load
     from ..verify import random_inputs
 
     artifact = load(args.artifact)
     if args.inputs:
         feeds = load_npz(args.inputs)
+        source = args.inputs
     else:
         from ..bench import parse_dims
 
         feeds = random_inputs(getattr(artifact, "model", None) or _model_from_specs(artifact.inputs), seed=args.seed,
                               dims=parse_dims(args.dim))
+        source = f"generated (seed {args.seed})"
     outputs = artifact.run(feeds)
     if args.save_outputs:
         save_npz(args.save_outputs, outputs)
-    rows = [{"name": k, "dtype": v.dtype.name, "shape": list(v.shape),
-             "mean": float(np.mean(v)) if v.size and v.dtype.kind in "fiub" else None} for k, v in outputs.items()]
+    rows = [{"name": k, "dtype": v.dtype.name, "shape": list(v.shape), **_statistics(v)} for k, v in outputs.items()]
     if args.json:
         emit_json(rows)
         return 0
-    table = Table(title="outputs", title_justify="left")
-    for col in ("output", "dtype", "shape", "mean"):
-        table.add_column(col)
+    shapes = "; ".join(f"{k} {_shape_text(v.shape)} {v.dtype.name}" for k, v in feeds.items())
+    table = Table(title=f"outputs of {Path(args.artifact).name}; inputs: {source}: {shapes}", title_justify="left")
+    for col in ("output", "dtype", "shape", "min", "mean", "max", "std"):
+        table.add_column(col, justify="left" if col in ("output", "dtype", "shape") else "right")
     for r in rows:
-        table.add_row(r["name"], r["dtype"], "x".join(map(str, r["shape"])) or "scalar",
-                      "-" if r["mean"] is None else f"{r['mean']:.6g}")
+        table.add_row(escape(r["name"]), r["dtype"], _shape_text(r["shape"]),
+                      *["-" if r[k] is None else f"{r[k]:.6g}" for k in ("min", "mean", "max", "std")])
     out.print(table)
     return 0
+
+
+def _statistics(value) -> dict:
+    """min, mean, max and std of a numeric output (None for others and empty ones)."""
+    import numpy as np
+
+    if not value.size or value.dtype.kind not in "fiub":
+        return dict.fromkeys(("min", "mean", "max", "std"))
+    v = value.astype(np.float64)
+    return {"min": float(np.min(v)), "mean": float(np.mean(v)), "max": float(np.max(v)), "std": float(np.std(v))}
+
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
 
 
 def _model_from_specs(specs) -> "onnx.ModelProto":

@@ -11,7 +11,7 @@ from ..bench import parse_dims
 from ..compare import OutputReport, check_compatible, compare, generated_samples, load_samples, parse_tolerances
 from ..errors import UsageError, VerificationError
 from ..targets import load
-from .output import emit_json, err, out, print_wide, status
+from .output import emit_json, err, out, status
 
 EXIT_FAILED = VerificationError.exit_code
 
@@ -61,7 +61,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         emit_json({"reference": args.reference, "candidate": args.candidate, "inputs": source,
                    "outputs": [r.as_dict() for r in reports], "passed": passed})
         return 0 if passed else EXIT_FAILED
-    print_wide(out, table(reports, args.reference, args.candidate, source))
+    out.print(table(reports, args.reference, args.candidate, source))
     if passed:
         out.print("PASSED", markup=False)
         return 0
@@ -88,6 +88,7 @@ def table(reports: Sequence[OutputReport], reference: str, candidate: str, sourc
         exact = r.dtype_kind != "f"
         t.add_row(r.name, r.dtype, _num(r.max_abs), _num(r.max_rel),
                   "exact" if exact else _num(r.tolerance.atol), "" if exact else _num(r.tolerance.rtol),
-                  _num(r.min_atol), "ok" if r.passed else f"FAILED in {len(r.failed_samples)} sample(s)",
+                  _num(r.min_atol), f"ok: {r.criterion}" if r.passed
+                  else f"FAILED: {r.criterion} in {len(r.failed_samples)} sample(s)",
                   style=None if r.passed else "bold red")
     return t

@@ -20,6 +20,7 @@ import onnx
 from infoptc.calibration_data import CalibrationData, model_inputs  # noqa: F401  (re-exported)
 from infoptc.errors import MissingDependencyError, UsageError
 from infoptc.ir import write_atomic
+from infoptc.progress import stage
 
 from .observers import BINS, Observer
 
@@ -56,10 +57,12 @@ def observe(model: onnx.ModelProto, tensors: list[str], data: CalibrationData) -
     """One observer per tensor, fed by running ``model`` over every sample of ``data``."""
     session = ort_session(with_outputs(model, tensors))
     observers = {name: Observer() for name in tensors}
-    for feed in data:
-        values = session.run(tensors, feed)
-        for name, value in zip(tensors, values):
-            observers[name].update(value)
+    with stage(f"calibrating: observing {len(tensors)} tensors") as step:
+        for i, feed in enumerate(data, 1):
+            step.update(f"calibrating: observing {len(tensors)} tensors, sample {i}")
+            values = session.run(tensors, feed)
+            for name, value in zip(tensors, values):
+                observers[name].update(value)
     return observers
 
 
@@ -110,13 +113,15 @@ def channel_stats(model: onnx.ModelProto, tensors: Mapping[str, int], data: Cali
     sums: dict[str, np.ndarray] = {}
     peaks: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for feed in data:
-        for name, value in zip(names, session.run(names, feed)):
-            v = np.moveaxis(np.asarray(value, dtype=np.float64), tensors[name], -1)
-            v = v.reshape(-1, v.shape[-1])
-            sums[name] = sums.get(name, 0) + v.sum(axis=0)
-            peaks[name] = np.maximum(peaks.get(name, 0), np.abs(v).max(axis=0))
-            counts[name] = counts.get(name, 0) + v.shape[0]
+    with stage(f"calibrating: statistics of {len(names)} tensors per channel") as step:
+        for i, feed in enumerate(data, 1):
+            step.update(f"calibrating: statistics of {len(names)} tensors per channel, sample {i}")
+            for name, value in zip(names, session.run(names, feed)):
+                v = np.moveaxis(np.asarray(value, dtype=np.float64), tensors[name], -1)
+                v = v.reshape(-1, v.shape[-1])
+                sums[name] = sums.get(name, 0) + v.sum(axis=0)
+                peaks[name] = np.maximum(peaks.get(name, 0), np.abs(v).max(axis=0))
+                counts[name] = counts.get(name, 0) + v.shape[0]
     return {n: (sums[n] / counts[n], peaks[n]) for n in names}
 
 
