@@ -131,25 +131,39 @@ class OutputReport:
     min_atol: float | None = None
     failed_samples: list[str] = field(default_factory=list)
     first_failure: str = ""
+    min_sqnr: float | None = None  # set: a lossy candidate, judged by SQNR (dB) instead of atol/rtol
+    sqnr_db: float = float("inf")  # the worst sample's
 
     @property
     def passed(self) -> bool:
         return not self.failed_samples
 
-    def add(self, sample: str, diff: OutputDiff, need: float | None) -> None:
+    def add(self, sample: str, diff: OutputDiff, need: float | None, sqnr: float | None = None) -> None:
         self.max_abs = max(self.max_abs, diff.max_abs)
         self.max_rel = max(self.max_rel, diff.max_rel)
         if need is not None:
             self.min_atol = need if self.min_atol is None else max(self.min_atol, need)
-        if not diff.ok:
+        if self.lossy and sqnr is not None:
+            self.sqnr_db = min(self.sqnr_db, sqnr)
+            if sqnr < self.min_sqnr:
+                self.failed_samples.append(sample)
+                self.first_failure = self.first_failure or (
+                    f"sample {sample}: output {self.name!r}: SQNR {sqnr:.1f} dB, below {self.min_sqnr:g} dB (lossy)")
+        elif not diff.ok and not self.lossy:
             self.failed_samples.append(sample)
             self.first_failure = self.first_failure or f"sample {sample}: {diff.describe()}"
+
+    @property
+    def lossy(self) -> bool:
+        return self.min_sqnr is not None and self.dtype_kind == "f"
 
     @property
     def criterion(self) -> str:
         """The bound that decided: ``bit for bit``; ``abs err <= atol`` when every element was
         within atol alone; ``abs err <= atol + rtol*|ref|`` when some needed the relative part
         (then a max abs err above atol passed); ``abs err > atol + rtol*|ref|`` when it failed."""
+        if self.lossy:
+            return f"SQNR {self.sqnr_db:.1f} dB {'>=' if self.passed else '<'} {self.min_sqnr:g} dB"
         if self.dtype_kind != "f" or (self.tolerance.atol == 0 and self.tolerance.rtol == 0):
             return "bit for bit"
         if not self.passed:
@@ -168,6 +182,7 @@ class OutputReport:
                 "exact": self.dtype_kind != "f" or (self.tolerance.atol == 0 and self.tolerance.rtol == 0),
                 "max_abs_error": self.max_abs, "max_rel_error": self.max_rel,
                 "min_atol_to_pass": self.min_atol, "passed": self.passed, "criterion": self.criterion,
+                "sqnr_db": None if self.sqnr_db == float("inf") else round(self.sqnr_db, 2), "min_sqnr_db": self.min_sqnr,
                 "failed_samples": self.failed_samples, "first_failure": self.first_failure or None}
 
 
@@ -181,10 +196,23 @@ def reference_runner(artifact: Artifact) -> Callable[[dict], dict]:
     return artifact.run
 
 
+def is_lossy(artifact: Artifact) -> bool:
+    """The artifact was made by a lossy transform (infoptc's quantizers record theirs)."""
+    model = getattr(artifact, "model", None)
+    return model is not None and any(m.key == "infoptc.quantization" for m in model.metadata_props)
+
+
 def compare(reference: Artifact, candidate: Artifact, samples: Iterator[tuple[str, dict]],
-            atol: Sequence[str] = (), rtol: Sequence[str] = ()) -> list[OutputReport]:
-    """Run both on every sample and aggregate, per output, the worst errors and failures."""
-    from .verify import check_feeds, compare_outputs
+            atol: Sequence[str] = (), rtol: Sequence[str] = (), min_sqnr: float | None = None) -> list[OutputReport]:
+    """Run both on every sample and aggregate, per output, the worst errors and failures.
+
+    ``min_sqnr`` (dB) judges float outputs by signal-to-noise ratio instead of atol/rtol: the
+    way to check a quantized candidate. It defaults to ``verify.LOSSY_MIN_SQNR_DB`` when the
+    candidate records a lossy transform and no tolerance was given."""
+    from .verify import LOSSY_MIN_SQNR_DB, check_feeds, compare_outputs, sqnr_db
+
+    if min_sqnr is None and not atol and not rtol and is_lossy(candidate):
+        min_sqnr = LOSSY_MIN_SQNR_DB
 
     check_compatible(reference, candidate)
     ref_specs = {s.name: s for s in reference.inputs}
@@ -201,12 +229,14 @@ def compare(reference: Artifact, candidate: Artifact, samples: Iterator[tuple[st
         actual = candidate.run(feeds)
         if reports is None:
             tols = resolve_tolerances({k: np.asarray(v).dtype.name for k, v in expected.items()}, atol, rtol)
-            reports = {k: OutputReport(k, np.asarray(v).dtype.name, tols[k]) for k, v in expected.items()}
+            reports = {k: OutputReport(k, np.asarray(v).dtype.name, tols[k], min_sqnr=min_sqnr)
+                       for k, v in expected.items()}
         diffs = compare_outputs(expected, actual, tolerances={k: r.tolerance for k, r in reports.items()})
         for d in diffs:
             rep = reports[d.name]
             need = min_atol(expected[d.name], actual[d.name], rep.tolerance.rtol) if d.name in actual else float("inf")
-            rep.add(sample, d, need)
+            sqnr = sqnr_db(expected[d.name], actual[d.name]) if rep.lossy and d.name in actual else None
+            rep.add(sample, d, need, sqnr)
     return list((reports or {}).values())
 
 

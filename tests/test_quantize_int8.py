@@ -454,3 +454,15 @@ def test_trained_sentence_embedder_dynamic_keeps_its_embeddings():
     trained, path = _trained("minilm")
     art = infoptc.compile(path, opt_level=3, quantize="int8-dynamic", quantize_options={"speed-check": False})
     assert _task_metric(trained, "minilm", path, art.model) >= 0.99
+
+
+def test_verify_judges_a_quantized_candidate_by_sqnr(cli, golden, tmp_path):
+    cal = _npz(tmp_path / "cal.npz", golden("resnet"))
+    q = tmp_path / "q.onnx"
+    assert cli(golden("resnet"), "-O3", "--quantize", "int8", "--calibration", cal, "-o", q, "--no-speed-check")[0] == 0
+    code, stdout, _ = cli("verify", golden("resnet"), q, "--json")
+    row = json.loads(stdout)["outputs"][0]
+    assert code == 0 and row["passed"] and row["min_sqnr_db"] == 10.0 and row["sqnr_db"] > 20
+    assert row["max_abs_error"] > 1e-3  # the fp32 tolerance would have failed it
+    code, _, stderr = cli("verify", golden("resnet"), q, "--min-sqnr", "80")
+    assert code == 3 and "below 80 dB (lossy)" in stderr

@@ -34,6 +34,9 @@ def add_parser(subparsers, common) -> dict:
                    help="bind a symbolic dim of generated inputs, e.g. seq=128 (default 2)")
     p.add_argument("--atol", action="append", default=[], metavar="X|OUTPUT:X", help="absolute tolerance (repeatable)")
     p.add_argument("--rtol", action="append", default=[], metavar="X|OUTPUT:X", help="relative tolerance (repeatable)")
+    p.add_argument("--min-sqnr", type=float, default=None, metavar="DB",
+                   help="judge float outputs by SQNR instead (a quantized candidate: the default, 10 dB, "
+                        "when it records infoptc's quantization and no tolerance is given)")
     common(p)
     return {"verify": cmd_verify}
 
@@ -55,7 +58,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         samples = generated_samples(gen, args.samples, args.seed, dims)
         source = f"generated ({args.samples} sets, seeds {args.seed}..{args.seed + args.samples - 1})"
     with status(args, "verifying"):
-        reports = compare(reference, candidate, samples, args.atol, args.rtol)
+        reports = compare(reference, candidate, samples, args.atol, args.rtol, args.min_sqnr)
     passed = all(r.passed for r in reports)
     if args.json:
         emit_json({"reference": args.reference, "candidate": args.candidate, "inputs": source,
@@ -82,13 +85,16 @@ def table(reports: Sequence[OutputReport], reference: str, candidate: str, sourc
     from rich.table import Table
 
     t = Table(title=f"{Path(reference).name} vs {Path(candidate).name}; inputs: {source}", title_justify="left")
-    for col in ("output", "dtype", "max abs err", "max rel err", "atol", "rtol", "min atol to pass", "result"):
+    lossy = any(r.lossy for r in reports)
+    cols = ("output", "dtype", "max abs err", "max rel err", "atol", "rtol", "min atol to pass") + (
+        ("SQNR dB",) if lossy else ()) + ("result",)
+    for col in cols:
         t.add_column(col, justify="left" if col in ("output", "dtype", "result") else "right")
     for r in reports:
         exact = r.dtype_kind != "f"
         t.add_row(r.name, r.dtype, _num(r.max_abs), _num(r.max_rel),
                   "exact" if exact else _num(r.tolerance.atol), "" if exact else _num(r.tolerance.rtol),
-                  _num(r.min_atol), f"ok: {r.criterion}" if r.passed
+                  _num(r.min_atol), *((_num(r.sqnr_db),) if lossy else ()), f"ok: {r.criterion}" if r.passed
                   else f"FAILED: {r.criterion} in {len(r.failed_samples)} sample(s)",
                   style=None if r.passed else "bold red")
     return t
