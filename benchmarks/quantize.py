@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/quantize.py [MODELS...] [--rounds 30] [--threads 2] [--json out.json]
 
 Per model, each variant is an ONNX model run by ONNX Runtime (CPU, ``--threads`` threads, batch 1,
-default optimization level); latencies are medians of interleaved rounds (one call of every
-variant per round, so load changes hit all alike), "time" is that median over ORT fp32's:
+default optimization level); latencies are medians over rounds in which every variant takes a
+turn (a 0.05 s pause, 3 untimed runs, 10 timed ones: ORT's idle threads spin after a run, and run
+by run they steal the next session's cores), "time" is that median over ORT fp32's:
 
 - ``ort fp32``: the model as given.
 - ``ort s8`` / ``ort u8`` (CNNs): ``quant_pre_process`` then ``quantize_static``, QDQ, per-channel
@@ -213,7 +214,8 @@ def bench_model(name: str, kind: str, args, work: Path) -> list[dict]:
     feed = ev[0]
     labels = list(sessions)
     runners = [lambda s=sessions[l]: s.run(None, feed) for l in labels]
-    times = run_interleaved(runners, iterations=args.rounds, warmup=3)
+    # in turns: ORT's idle workers spin after a run and, run by run, steal the next session's cores
+    times = run_interleaved(runners, iterations=args.rounds, warmup=3, settle=0.05, block=10, wake=3)
     medians = {l: statistics.median(t) for l, t in zip(labels, times)}
     rows = []
     base_size = src.stat().st_size
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", metavar="MODEL", help=f"default: {' '.join(DEFAULT)}; also: "
                         + " ".join(m for m in MODELS if m not in DEFAULT))
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of turns (10 timed runs each)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=32)

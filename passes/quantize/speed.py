@@ -18,6 +18,7 @@ import onnx
 
 PREFER = 0.95  # another candidate must take at most 95% of the first's time to replace it
 BUDGET_S = 2.0  # measuring time for all models together
+SETTLE_S, WAKE, BLOCK = 0.02, 2, 5
 
 
 @dataclass
@@ -54,8 +55,11 @@ def compare(fp32: onnx.ModelProto, candidates: dict, feed: dict) -> Timing:
     for run in runners:  # first runs: allocation and kernel selection, not timed
         run()
     once = max(time.perf_counter() - t0, 1e-6)
-    rounds = int(min(50, max(5, BUDGET_S / once)))
-    samples = run_interleaved(runners, iterations=rounds, warmup=1)
+    # in turns (a pause, WAKE untimed runs, BLOCK timed ones): ONNX Runtime's idle worker threads
+    # spin for a while after a run, and interleaved run by run each session's spinners steal the
+    # cores of the next (EfficientNet-B0: 7 ms alone, 23 ms interleaved with four other sessions)
+    rounds = int(min(10, max(2, BUDGET_S / (once * (BLOCK + WAKE)))))
+    samples = run_interleaved(runners, iterations=rounds, settle=SETTLE_S, block=BLOCK, wake=WAKE)
     medians = [statistics.median(x) * 1e3 for x in samples]
     fp32_ms, cand = medians[0], dict(zip(keys, medians[1:]))
     best = keys[0]
