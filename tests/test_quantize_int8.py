@@ -337,7 +337,7 @@ def test_speed_check_choice(monkeypatch):
             for k in list(candidates)[1:]:
                 if ms[k] <= speed.PREFER * ms[best]:
                     best = k
-            return speed.Timing(times[0], ms, None if ms[best] >= times[0] else best)
+            return speed.Timing(times[0], ms, best if ms[best] <= speed.INT8_MARGIN * times[0] else None)
         return compare
 
     cases = [((10.0, 5.0, 4.9, 6.0), True), ((10.0, 5.0, 4.0, 6.0), False), ((10.0, 11.0, 12.0, 12.0), None)]
