@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -280,13 +281,18 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     rows = []
+    here = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models or DEFAULT:
-            rows += bench_model(name, MODELS[name], args, Path(tmp))
+        os.chdir(tmp)  # ORT's quant_pre_process leaves sym_shape_infer_temp.onnx in the working folder
+        try:
+            for name in args.models or DEFAULT:
+                rows += bench_model(name, MODELS[name], args, Path(tmp))
+        finally:
+            os.chdir(here)
     print_table(rows)
     summary(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(here, args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
