@@ -466,3 +466,16 @@ def test_verify_judges_a_quantized_candidate_by_sqnr(cli, golden, tmp_path):
     assert row["max_abs_error"] > 1e-3  # the fp32 tolerance would have failed it
     code, _, stderr = cli("verify", golden("resnet"), q, "--min-sqnr", "80")
     assert code == 3 and "below 80 dB (lossy)" in stderr
+
+
+def test_a_clip_above_zero_is_not_folded():
+    """Clip(0.5, 6) raises small values to 0.5; the Q of a range starting at 0 would keep them."""
+    model = conv_model(4, 8, 3, 1, relu=False)
+    model.graph.node.append(helper.make_node("Clip", ["y", "lo", "hi"], ["z"], name="clip"))
+    model.graph.initializer.extend([numpy_helper.from_array(np.float32(0.5), "lo"),
+                                    numpy_helper.from_array(np.float32(6.0), "hi")])
+    model.graph.output[0].name = "z"
+    art = quantize(model, feeds((1, 4, 8, 8), 3, name="x"))
+    assert "Clip" in [n.op_type for n in art.model.graph.node]
+    (z,) = run(art.model, feeds((1, 4, 8, 8), 1, seed=7, name="x")[0])
+    assert z.min() >= 0.5

@@ -144,7 +144,7 @@ def _single_consumer(t: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
 
 
 def _fold_bounds(act: gs.Node) -> tuple[float, float] | None:
-    """The [lo, hi] an activation clips to, when it is a Relu or a Clip with lo >= 0 constant bounds."""
+    """The [lo, hi] an activation clips to, when it is a Relu or a Clip from 0 with constant bounds."""
     if act.op == "Relu":
         return 0.0, np.inf
     if act.op == "Clip":
@@ -160,7 +160,7 @@ def _fold_bounds(act: gs.Node) -> tuple[float, float] | None:
             bounds.append(float(v.reshape(-1)[0]))
         if "min" in act.attrs or "max" in act.attrs:  # opset < 11
             bounds = [float(act.attrs.get("min", -np.inf)), float(act.attrs.get("max", np.inf))]
-        if bounds[0] < 0:
+        if bounds[0] != 0:  # the range of a uint8 Q starts at 0 exactly; Clip(0.5, 6) lifts values Q would keep
             return None
         return bounds[0], bounds[1]
     return None
