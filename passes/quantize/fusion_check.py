@@ -18,6 +18,7 @@ import onnx
 
 # ops the quantizers put between DQ and Q, and the int8 kernels ORT turns them into
 INTENDED = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "Sigmoid", "Concat"}
+FLOAT_OUTPUT = {"MatMul", "Gemm"}  # ops ORT also runs in int8 when only their inputs are dequantized
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
                 "QLinearAveragePool", "QLinearSigmoid", "QLinearConcat", "DynamicQuantizeMatMul",
                 "MatMulIntegerToFloat", "QAttention", "MatMulInteger", "ConvInteger"}
@@ -26,7 +27,8 @@ INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearM
 def intended_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Nodes meant to run in int8: QDQ groups (an op whose tensor inputs all come from
     DequantizeLinear, at least one of them of an activation, and whose output goes only to
-    QuantizeLinear), and nodes that already are int8 kernels (DynamicQuantizeMatMul)."""
+    QuantizeLinear, or for MatMul/Gemm anywhere in fp32), and nodes that already are int8
+    kernels (DynamicQuantizeMatMul)."""
     inits = {t.name for t in model.graph.initializer}
     dq_out = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
     readers: dict[str, list[str]] = {}
@@ -37,10 +39,12 @@ def intended_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
     def grouped(n: onnx.NodeProto) -> bool:
         ins = [i for i in n.input if i and i not in inits]
-        return (bool(ins) and all(i in dq_out for i in ins)
-                and any(dq_out[i].input[0] not in inits for i in ins)
-                and all(o not in graph_outputs and readers.get(o) and set(readers[o]) == {"QuantizeLinear"}
-                        for o in n.output[:1]))
+        if not (ins and all(i in dq_out for i in ins) and any(dq_out[i].input[0] not in inits for i in ins)):
+            return False
+        if n.op_type in FLOAT_OUTPUT:  # int8 in, fp32 out: MatMulIntegerToFloat / QGemm without a Q
+            return True
+        return all(o not in graph_outputs and readers.get(o) and set(readers[o]) == {"QuantizeLinear"}
+                   for o in n.output[:1])
 
     return [n for n in model.graph.node
             if (n.op_type in INTENDED and grouped(n)) or n.op_type in INT8_KERNELS]

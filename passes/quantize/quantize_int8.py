@@ -179,18 +179,31 @@ def stem_convs(graph: gs.Graph) -> list[gs.Node]:
     return found
 
 
-def _int8_readers(node: gs.Node, outputs: set[str]) -> bool:
-    """Some reader of the node's output (through a Relu/Clip it may fold) takes int8 input well."""
+def _int8_readers(node: gs.Node, outputs: set[str], depth: int = 0) -> bool:
+    """Some reader of the node's output (through a Relu/Clip it may fold) takes int8 input well.
+    An Add or Mul counts only when it adds two activations and is itself read in int8 (a bias Add,
+    or a residual Add feeding LayerNorm, runs in fp32)."""
     out = node.outputs[0]
+    if out.name in outputs:
+        return False
     readers = list(out.outputs)
     for r in list(readers):
         if r.op in FOLDABLE and r.outputs:
             readers += list(r.outputs[0].outputs)
-    return out.name not in outputs and any(r.op in INT8_READERS - FOLDABLE for r in readers)
+    for r in readers:
+        if r.op in FOLDABLE:
+            continue
+        if r.op in ELEMENTWISE:
+            if (depth < 4 and len(r.inputs) == 2 and all(map(is_float_activation, r.inputs)) and r.outputs
+                    and _int8_readers(r, outputs, depth + 1)):
+                return True
+        elif r.op in INT8_READERS:
+            return True
+    return False
 
 
 def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = True,
-                elementwise: bool = True) -> Plan:
+                elementwise: bool = True, output_fp32: bool = True) -> Plan:
     plan = Plan()
     outputs = {t.name for t in graph.outputs}
 
@@ -214,7 +227,11 @@ def plan_static(graph: gs.Graph, exclude: set[str], matmul_activations: bool = T
             plan.weights[id(node)] = (node, *weight)
             plan.nodes.append(node)
             plan.add_own(x.name)
-            take_output(node)
+            # a Conv needs its output quantized (QLinearConv); a MatMul/Gemm read only by fp32 ops
+            # keeps an fp32 output, which ORT runs as MatMulIntegerToFloat: no requantization of
+            # e.g. a transformer's projection before its bias, residual and LayerNorm
+            if node.op == "Conv" or not output_fp32 or _int8_readers(node, outputs):
+                take_output(node)
         elif node.op == "MatMul" and matmul_activations and len(node.inputs) == 2 and all(map(is_float_activation, node.inputs)):
             plan.nodes.append(node)
             for t in node.inputs:
