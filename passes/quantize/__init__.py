@@ -1,6 +1,10 @@
 """int8 quantization: calibration (observers over the model's activations), static QDQ insertion
 for ONNX Runtime's int8 kernels, dynamic int8 weights, the accuracy-recovery passes that run
 before them (cross-layer equalization, bias correction, SmoothQuant), and the checks and
-reports around them."""
+reports around them. ``infoptc.passes`` imports every module here; the passes register then.
 
-from . import correct_bias, equalize_cross_layer, quantize_int8, quantize_int8_dynamic, smooth_quant  # noqa: F401
+    quantize_int8.py          the static pass: plan.py (what) -> calibration.py (ranges) -> qdq.py (rewrite)
+    quantize_int8_dynamic.py  the dynamic pass
+    correct_bias.py, equalize_cross_layer.py, smooth_quant.py   accuracy recovery
+    observers.py  recipe.py  speed.py  fusion_check.py  common.py
+"""

@@ -21,7 +21,9 @@ from infoptc.rewrite import Namer
 
 from . import calibration
 from .equalize_cross_layer import set_constant
-from .quantize_int8 import const_float, excluded, is_float_activation, parse_exclude, quantize_weight, weight_axis
+from .common import const_float, excluded, is_float_activation, parse_exclude
+from .plan import weight_axis
+from .qdq import quantize_weight
 from .recipe import ISAS, recipe_for
 
 

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 from infoptc.rewrite import Namer
 
-from .quantize_int8 import const_float
+from .common import const_float
 
 
 def _conv_weights(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:

@@ -24,8 +24,8 @@ from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult
 from . import speed
 from .calibration import CalibrationData, model_inputs
 
-from .quantize_int8 import (COMMON_OPTIONS, Builder, const_float, excluded, is_float_activation, parse_exclude,
-                            quantize_embeddings, quantize_weight, refuse_quantized)
+from .common import COMMON_OPTIONS, const_float, excluded, is_float_activation, parse_exclude, refuse_quantized
+from .qdq import Builder, quantize_embeddings, quantize_weight
 from .recipe import recipe_for
 
 log = logging.getLogger("infoptc")

@@ -23,7 +23,7 @@ from infoptc.rewrite import Namer
 
 from . import calibration
 from .equalize_cross_layer import set_constant
-from .quantize_int8 import const_float
+from .common import const_float
 
 
 def smoothable(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
@@ -31,7 +31,6 @@ def smoothable(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
     per-channel vectors and at least one reader is a MatMul with a constant 2-D weight. When
     other ops read the LN too (a post-LN transformer's residual), the division is a Mul on the
     MatMuls' side instead of a change of the LN."""
-    outputs = {t.name for t in graph.outputs}
     found = []
     for ln in graph.nodes:
         if ln.op != "LayerNormalization" or int(ln.attrs.get("axis", -1)) not in (-1, len(ln.inputs[0].shape or [0]) - 1):
