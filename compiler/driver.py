@@ -52,6 +52,9 @@ def compile(
     """
     for path in load_plugins:
         plugins.load_plugin_file(path)
+    if quantize == "int8-dynamic" and target != "onnx":
+        raise UsageError(f"--quantize int8-dynamic writes ONNX Runtime's DynamicQuantizeMatMul, which the {target} "
+                         "target cannot run; use --target onnx, or --quantize int8 (standard QDQ)")
     backend = get_target(target)(**target_options)
     backend.check_available()
     with paused_gc():  # importing and exporting a graph makes as many node<->tensor cycles as passes do

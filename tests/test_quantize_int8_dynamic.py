@@ -104,3 +104,8 @@ def test_speed_check_decides_what_comes_out(monkeypatch, caplog, int8_faster):
         assert ops == ["MatMul", "Add"] and "not faster than fp32" in caplog.text
         x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
         np.testing.assert_array_equal(run(art.model, {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_dynamic_is_for_the_onnx_target_only():
+    with pytest.raises(UsageError, match="int8-dynamic .* --target onnx"):
+        infoptc.compile(mlp(), quantize="int8-dynamic", target="llvm")
