@@ -479,3 +479,22 @@ def test_a_clip_above_zero_is_not_folded():
     assert "Clip" in [n.op_type for n in art.model.graph.node]
     (z,) = run(art.model, feeds((1, 4, 8, 8), 1, seed=7, name="x")[0])
     assert z.min() >= 0.5
+
+
+def test_the_speed_decision_is_kept_in_the_cache_so_reruns_write_the_same_bytes(monkeypatch, golden, tmp_path):
+    from infoptc.passes.quantize import speed
+
+    cache = tmp_path / "ranges.json"
+    cal = feeds((1, 3, 224, 224), 2)
+    first = infoptc.compile(golden("resnet"), quantize="int8", calibration=cal, quantize_options={"cache": str(cache)})
+
+    def no_timing(*args):
+        raise AssertionError("the decision in the cache should have been used")
+
+    monkeypatch.setattr(speed, "compare", no_timing)
+    again = infoptc.compile(golden("resnet"), quantize="int8", calibration=cal, quantize_options={"cache": str(cache)})
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    assert again.reports["quantize-int8"]["speed"] == first.reports["quantize-int8"]["speed"]
+    with pytest.raises(Exception, match="decision in the cache"):  # other options: a new decision
+        infoptc.compile(golden("resnet"), quantize="int8", calibration=cal,
+                        quantize_options={"cache": str(cache), "method": "minmax"})

@@ -71,26 +71,46 @@ def model_digest(model: onnx.ModelProto) -> str:
 
 
 def cached_observers(model: onnx.ModelProto, tensors: list[str], data: CalibrationData,
-                     cache: str | os.PathLike | None) -> tuple[dict[str, Observer], bool]:
-    """``observe``, through the cache file when one is named. Returns (observers, cache hit)."""
+                     cache: str | os.PathLike | None) -> tuple[dict[str, Observer], bool, str | None]:
+    """``observe``, through the cache file when one is named. Returns (observers, cache hit, the
+    cache key of this model and data, None without a cache)."""
     if not cache:
-        return observe(model, tensors, data), False
+        return observe(model, tensors, data), False, None
     key = f"{model_digest(model)}:{data.digest()}:{data.limit}"
-    path = Path(cache)
-    entries = {}
-    if path.exists():
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            entries = {}  # a damaged cache is recomputed and rewritten, never trusted
-    entry = entries.get(key) if isinstance(entries, dict) else None
+    entries = _read_cache(cache)
+    entry = entries.get(key)
     if isinstance(entry, dict) and all(name in entry for name in tensors):
-        return {name: _from_json(entry[name]) for name in tensors}, True
+        return {name: _from_json(entry[name]) for name in tensors}, True, key
     observers = observe(model, tensors, data)
-    entries = entries if isinstance(entries, dict) else {}
     entries[key] = {name: _to_json(obs) for name, obs in observers.items()}
-    write_atomic(path, json.dumps(entries, sort_keys=True).encode())
-    return observers, False
+    write_atomic(Path(cache), json.dumps(entries, sort_keys=True).encode())
+    return observers, False, key
+
+
+def _read_cache(cache: str | os.PathLike) -> dict:
+    path = Path(cache)
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a damaged cache is recomputed and rewritten, never trusted
+    return entries if isinstance(entries, dict) else {}
+
+
+def cached_decision(cache: str | os.PathLike, key: str) -> dict | None:
+    """A decision stored under ``key`` (the speed check's, so that a rerun with the cache writes
+    the same model without timing anything)."""
+    value = _read_cache(cache).get("decisions", {}).get(key)
+    return value if isinstance(value, dict) else None
+
+
+def store_decision(cache: str | os.PathLike, key: str, value: dict) -> None:
+    entries = _read_cache(cache)
+    decisions = entries.get("decisions") if isinstance(entries.get("decisions"), dict) else {}
+    decisions[key] = value
+    entries["decisions"] = decisions
+    write_atomic(Path(cache), json.dumps(entries, sort_keys=True).encode())
 
 
 def _to_json(obs: Observer) -> dict:

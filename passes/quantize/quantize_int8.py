@@ -116,7 +116,7 @@ class QuantizeInt8(Pass):
         fp32 = from_graph(graph)
         data = calibration.CalibrationData(source, calibration.model_inputs(fp32), self.opts["samples"])
         observed = list(dict.fromkeys(name for k in coverages for name in plans[k].own))
-        observers, hit = calibration.cached_observers(fp32, observed, data, self.opts["cache"] or None)
+        observers, hit, cache_key = calibration.cached_observers(fp32, observed, data, self.opts["cache"] or None)
         # a model output or a Softmax output keeps its whole range whatever the method: clipping
         # the largest probabilities (or anything the user reads) flattens exactly what matters
         whole = {t.name for t in graph.outputs} | {n.outputs[0].name for n in graph.nodes if n.op == "Softmax"}
@@ -125,20 +125,21 @@ class QuantizeInt8(Pass):
 
         timing, chosen = None, "full"
         if self.opts["speed-check"]:
-            candidates = {}
-            for k, (e, extra) in coverages.items():
-                trial = to_graph(fp32)
-                self._apply(trial, plan_static(trial, exclude | extra, self.opts["matmul-activations"], e), ranges,
-                            recipe, exclude)
-                trial.cleanup().toposort()
-                candidates[k] = from_graph(trial)
-            timing = speed.compare(fp32, candidates, next(iter(data)))
-            if timing.best is None:
-                log.warning("quantize-int8: int8 is not faster than fp32 on this host (%s); the model stays fp32 "
-                            "(speed-check=false / --no-speed-check quantizes anyway)", timing.summary())
-                ctx.reports[self.name] = {"recipe": recipe.as_dict(), "speed": timing.as_dict(), "tensors": []}
+            # with a cache file the decision is kept there too: a rerun writes the same bytes
+            decision_key = cache_key and "|".join(
+                [cache_key, self.name, recipe.isa, ",".join(coverages), json.dumps(self.opts, sort_keys=True)])
+            timing = calibration.cached_decision(self.opts["cache"], decision_key) if decision_key else None
+            if timing is None:
+                timing = self._time(fp32, coverages, ranges, recipe, exclude, next(iter(data))).as_dict()
+                if decision_key:
+                    calibration.store_decision(self.opts["cache"], decision_key, timing)
+            if timing["chosen"] is None:
+                log.warning("quantize-int8: int8 is not faster than fp32 on this host (fp32 %.3f ms, best int8 "
+                            "%.3f ms); the model stays fp32 (speed-check=false / --no-speed-check quantizes anyway)",
+                            timing["fp32_ms"], min(timing["candidates_ms"].values()))
+                ctx.reports[self.name] = {"recipe": recipe.as_dict(), "speed": timing, "tensors": []}
                 return PassResult(False, {"quantized": 0, "kept_fp32_slower": 1})
-            chosen = timing.best
+            chosen = timing["chosen"]
             plan = plans[chosen]
 
         producers = {o.name: node.op for node in graph.nodes for o in node.outputs}
@@ -149,13 +150,24 @@ class QuantizeInt8(Pass):
              "samples": self.opts["samples"] or "all", "coverage": chosen}, sort_keys=True)
         report = {"recipe": recipe.as_dict(), "skipped": plan.skipped, "tensors": []}
         if timing is not None:
-            report["speed"] = timing.as_dict()
+            report["speed"] = timing
         if self.opts["report-samples"]:
             graph.cleanup().toposort()
             report["tensors"] = layer_report(fp32, from_graph(graph), list(params), params, producers, data,
                                              self.opts["report-samples"])
         ctx.reports[self.name] = report
         return PassResult(True, counters)
+
+    def _time(self, fp32, coverages: dict, ranges: dict, recipe, exclude: set[str], feed: dict) -> speed.Timing:
+        """fp32 against each coverage's int8 model, on this host."""
+        candidates = {}
+        for k, (e, extra) in coverages.items():
+            trial = to_graph(fp32)
+            self._apply(trial, plan_static(trial, exclude | extra, self.opts["matmul-activations"], e), ranges,
+                        recipe, exclude)
+            trial.cleanup().toposort()
+            candidates[k] = from_graph(trial)
+        return speed.compare(fp32, candidates, feed)
 
     def _apply(self, graph: gs.Graph, plan: Plan, ranges: dict, recipe, exclude: set[str]) -> tuple[dict, dict]:
         """Rewrite ``graph`` as ``plan`` says, with the observed ``ranges``. Returns (params, counters)."""
