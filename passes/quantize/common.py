@@ -32,6 +32,12 @@ def parse_exclude(text: str) -> set[str]:
 
 
 # options every quantizer takes
+# options of every pass that reads calibration data
+CALIBRATION_OPTIONS = {
+    "calibration": Option("", "calibration data: an .npz of stacked samples or a folder of .npz files"),
+    "samples": Option(0, "calibration samples to use (0: all)"),
+}
+
 COMMON_OPTIONS = {
     "exclude": Option("", "node names or op types left fp32, separated by ';'"),
     "isa": Option("auto", "the CPU the int8 kernels target (auto: this host)", choices=ISAS),

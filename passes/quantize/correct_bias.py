@@ -21,7 +21,7 @@ from infoptc.rewrite import Namer
 
 from . import calibration
 from .equalize_cross_layer import set_constant
-from .common import const_float, excluded, is_float_activation, parse_exclude
+from .common import CALIBRATION_OPTIONS, const_float, excluded, is_float_activation, parse_exclude
 from .plan import weight_axis
 from .qdq import quantize_weight
 from .recipe import ISAS, recipe_for
@@ -56,8 +56,7 @@ class CorrectBias(Pass):
     contract = Contract.LOSSY
     reports_changes = True
     options = {
-        "calibration": Option("", "calibration data: an .npz of stacked samples or a folder of .npz files"),
-        "samples": Option(0, "calibration samples to use (0: all)"),
+        **CALIBRATION_OPTIONS,
         "isa": Option("auto", "the CPU the int8 kernels target; must match quantize-int8's", choices=ISAS),
         "exclude": Option("", "node names or op types left alone, separated by ';'"),
         "per-channel": Option(True, "the weight scales quantize-int8 will use: per channel, or one per tensor"),

@@ -27,7 +27,7 @@ from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult
 from infoptc.verify import sqnr_db
 
 from . import calibration, speed
-from .common import COMMON_OPTIONS, parse_exclude, refuse_quantized
+from .common import CALIBRATION_OPTIONS, COMMON_OPTIONS, parse_exclude, refuse_quantized
 from .observers import METHODS, quant_params
 from .plan import Plan, fold, plan_static, stem_convs
 from .qdq import Builder, dq_weight, insert_qdq, quantize_embeddings
@@ -69,10 +69,9 @@ class QuantizeInt8(Pass):
     contract = Contract.LOSSY
     reports_changes = True
     options = {
-        "calibration": Option("", "calibration data: an .npz of stacked samples or a folder of .npz files"),
+        **CALIBRATION_OPTIONS,
         "method": Option("mse", "how activation ranges are chosen (mse: least expected squared error)", choices=METHODS),
         "percentile": Option(99.999, "the percentile kept by method=percentile"),
-        "samples": Option(0, "calibration samples to use (0: all)"),
         "cache": Option("", "file that keeps observed ranges, keyed by model and data hashes"),
         **COMMON_OPTIONS,
         "per-channel": Option(True, "one weight scale per output channel (false: one per tensor)"),

@@ -23,7 +23,7 @@ from infoptc.rewrite import Namer
 
 from . import calibration
 from .equalize_cross_layer import set_constant
-from .common import const_float
+from .common import CALIBRATION_OPTIONS, const_float
 
 
 def smoothable(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
@@ -56,8 +56,7 @@ class SmoothQuant(Pass):
     reports_changes = True
     options = {
         "alpha": Option(0.5, "migration strength: 0 leaves activations alone, 1 moves all of their range"),
-        "calibration": Option("", "calibration data: an .npz of stacked samples or a folder of .npz files"),
-        "samples": Option(0, "calibration samples to use (0: all)"),
+        **CALIBRATION_OPTIONS,
     }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
