@@ -84,6 +84,7 @@ class VerifyEach(Instrument):
         self.samples = samples
         self.seed = seed
         self.contracts: list[Contract] = []
+        self._feeds: list | None = None
 
     def after_pass(self, record: PassRecord, graph: gs.Graph, ctx: PassContext) -> None:
         from .verify import check_equivalent
@@ -99,18 +100,25 @@ class VerifyEach(Instrument):
         except Exception as e:
             raise VerificationError(f"--verify-each: {where} produced an invalid model: {str(e).splitlines()[0]}") from None
         contract = Contract.loosest(self.contracts)
-        feeds = None
-        if contract == Contract.LOSSY and ctx.options.get("calibration") is not None:
-            # a lossy pass is judged on the data it was calibrated for, not on noise
-            from .calibration_data import CalibrationData, model_inputs
-
-            feeds = list(CalibrationData(ctx.options["calibration"], model_inputs(self.reference),
-                                         limit=max(self.samples, 2)))
+        feeds = self._calibration_feeds(ctx) if contract == Contract.LOSSY else None
         try:
             check_equivalent(self.reference, model, contract, self.samples, self.seed,
                              what=f"the model after {where}", feeds=feeds)
         except InfoptcError as e:
             raise VerificationError(f"--verify-each: {e}") from None
+
+
+    def _calibration_feeds(self, ctx: PassContext) -> list | None:
+        """A lossy pass is judged on the data it was calibrated for, not on noise: the first
+        samples of the calibration data, read once for every pass after it."""
+        if ctx.options.get("calibration") is None:
+            return None
+        if self._feeds is None:
+            from .calibration_data import CalibrationData, model_inputs
+
+            self._feeds = list(CalibrationData(ctx.options["calibration"], model_inputs(self.reference),
+                                               limit=max(self.samples, 2)))
+        return self._feeds
 
 
 class BisectLimit(Instrument):
