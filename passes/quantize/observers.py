@@ -68,7 +68,7 @@ class Observer:
         if method == "entropy":
             return self._entropy()
         if method == "mse":
-            return self._search(_mse_cost)
+            return self._mse()
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
 
     def _edges(self) -> np.ndarray:
@@ -104,8 +104,9 @@ class Observer:
         threshold = top * best_i / half
         return max(self.lo, -threshold), min(self.hi, threshold)
 
-    def _search(self, cost) -> tuple[float, float]:
-        """Shrink the range toward zero in steps of the histogram and keep the cheapest.
+    def _mse(self) -> tuple[float, float]:
+        """Shrink the range toward zero in 96 steps and keep the one of least expected squared
+        error (``_mse_cost``).
 
         The range keeps the sign structure of the data: a one-signed tensor (after a Relu) is
         clipped only at its far end; a two-signed one symmetrically around zero in |x| terms
@@ -119,7 +120,7 @@ class Observer:
                 lo = self.lo
             if self.hi <= 0:
                 hi = self.hi
-            c = cost(self.hist, centres, lo, hi)
+            c = _mse_cost(self.hist, centres, lo, hi)
             if c < best_cost:
                 best, best_cost = (lo, hi), c
         return float(best[0]), float(best[1])
