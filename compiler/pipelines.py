@@ -57,6 +57,9 @@ OPT_LEVELS: dict[str, str] = {
 # level's own minus the fusions into ONNX-Runtime-only fp32 kernels (FusedConv, Attention would
 # hide the Conv/MatMuls from the quantizer), then the quantizer, then a final sort.
 QUANTIZERS = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic"}
+# Low-precision float and int4 weight-only modes, and the options the mode name implies.
+QUANTIZERS.update({"fp16": "convert-float", "bf16": "convert-float", "int4": "quantize-int4"})
+MODE_OPTIONS = {"fp16": {"to": "fp16"}, "bf16": {"to": "bf16"}}
 _HIDES_FROM_QUANTIZER = ("fuse-attention", "fuse-activation")
 
 
@@ -82,7 +85,7 @@ def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | N
         if mode != "int8":
             raise UsageError("bias correction needs the static int8 quantizer (--quantize int8)")
         items.append(get_pass("correct-bias")(**_shared(options, "calibration", "samples", "isa", "exclude", "per-channel")))
-    return items + [get_pass(QUANTIZERS[mode])(**options), get_pass("toposort")()]
+    return items + [get_pass(QUANTIZERS[mode])(**{**MODE_OPTIONS.get(mode, {}), **options}), get_pass("toposort")()]
 
 
 def _shared(options: dict, *keys: str) -> dict:

@@ -54,9 +54,10 @@ def add_parser(subparsers, common) -> dict:
     tv.add_argument("--target-opt", action="append", default=None, metavar="KEY=VALUE",
                     help="any other target option (repeatable), e.g. schedules=none, fast_math=false")
     q = c.add_argument_group("quantization (see docs/quantization.md)")
-    q.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"],
+    q.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "fp16", "bf16", "int4"],
                    help="int8: calibrated static (needs --calibration); int8-dynamic: int8 weights, "
-                        "activations quantized at run time")
+                        "activations quantized at run time; fp16/bf16: low-precision float weights and compute; "
+                        "int4: block-wise int4 MatMul/Gemm weights")
     q.add_argument("--calibration", default=None, metavar="CAL",
                    help=".npz with one array per input (samples stacked on a new first axis), "
                         "or a folder of one-sample .npz files")
@@ -78,6 +79,14 @@ def add_parser(subparsers, common) -> dict:
                    help="move the int8 weights' mean output error into the biases (static int8)")
     q.add_argument("--smooth-quant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant: migrate activation outliers of LayerNorm->MatMul into weights (e.g. 0.5)")
+    q.add_argument("--keep-io-types", action="store_true", default=None,
+                   help="fp16/bf16: keep the model's float inputs and outputs fp32 (Casts at the borders)")
+    q.add_argument("--block-size", type=int, default=None, choices=[16, 32, 64, 128, 256], metavar="N",
+                   help="int4: weights per scale along K (default 128)")
+    q.add_argument("--int4-method", default=None, choices=["rtn", "gptq"],
+                   help="int4: rtn (round to nearest, default) or gptq (error compensation; needs --calibration)")
+    q.add_argument("--int4-symmetric", action="store_true", default=None,
+                   help="int4: symmetric blocks (no zero points) instead of asymmetric")
     c.add_argument("--bisect", action="store_true",
                    help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     common(c)
@@ -159,11 +168,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
                       markup=False)
         if quant.get("tensors"):
             out.print(quantization_table(quant, None if args.stats else 10))
+        low_table = low_precision_table(name, quant, None if args.stats else 10)
+        if low_table is not None:
+            out.print(low_table)
+        if quant.get("not_measured"):
+            out.print(f"{name}: error not measured: {quant['not_measured']}", markup=False)
     return 0
 
 
 def _quantize_arguments(args: argparse.Namespace) -> dict:
     """compile()'s quantization keywords from the flags; flags without --quantize are an error."""
+    low = _low_precision_arguments(args)
+    if low is not None:
+        return low
     given = [f for f in ("calibration", "calibration_method", "calibration_samples", "calibration_cache",
                          "per_tensor", "exclude", "isa", "requantize", "no_speed_check", "equalize", "bias_correction", "smooth_quant")
              if getattr(args, f, None) not in (None, [], False)]
@@ -198,6 +215,67 @@ def _quantize_arguments(args: argparse.Namespace) -> dict:
     return {"quantize": args.quantize, "calibration": calibration, "quantize_options": options,
             "equalize": bool(args.equalize), "correct_bias": bool(args.bias_correction),
             "smooth_quant": args.smooth_quant}
+
+
+LOW_PRECISION_FLAGS = {"keep_io_types": ("fp16", "bf16"), "block_size": ("int4",), "int4_method": ("int4",),
+                       "int4_symmetric": ("int4",)}
+
+
+def _low_precision_arguments(args: argparse.Namespace) -> dict | None:
+    """compile()'s keywords for --quantize fp16|bf16|int4 (None for the other modes, after
+    refusing the flags of these modes there)."""
+    for flag, modes in LOW_PRECISION_FLAGS.items():
+        if getattr(args, flag, None) not in (None, False) and args.quantize not in modes:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --quantize {'|'.join(modes)}")
+    if args.quantize not in ("fp16", "bf16", "int4"):
+        return None
+    int8_only = [f for f in ("calibration_method", "calibration_cache", "per_tensor", "bias_correction", "isa",
+                             "no_speed_check", "equalize", "smooth_quant") if getattr(args, f, None) not in (None, False)]
+    if int8_only:
+        raise UsageError(f"--{int8_only[0].replace('_', '-')} applies to --quantize int8|int8-dynamic only")
+    if args.calibration_samples is not None and args.calibration_samples < 1:
+        raise UsageError("--calibration-samples must be at least 1")
+    options: dict = {}
+    if args.quantize == "int4":
+        if args.int4_method == "gptq" and not args.calibration:
+            raise UsageError("--int4-method gptq needs --calibration CAL (activations to compensate the rounding "
+                             "error with); --int4-method rtn needs none")
+        options.update({"block-size": args.block_size or 128, "method": args.int4_method or "rtn",
+                        "symmetric": bool(args.int4_symmetric)})
+        if args.requantize:
+            options["requantize"] = True
+    elif args.keep_io_types:
+        options["keep-io-types"] = True
+    if args.calibration_samples:
+        options["samples" if args.quantize == "int4" else "report-samples"] = args.calibration_samples
+    if args.exclude:
+        options["exclude"] = ";".join(args.exclude)
+    return {"quantize": args.quantize, "calibration": args.calibration, "quantize_options": options}
+
+
+def low_precision_table(name: str, report: dict, limit: int | None) -> Table | None:
+    """convert-float's error per output, or quantize-int4's layers (worst SQNR first)."""
+    if report.get("outputs"):
+        table = Table(title=f"{name} ({report.get('to', '')}): error per output against fp32", title_justify="left")
+        for col in ("output", "max abs err", "max rel err", "SQNR dB"):
+            table.add_column(col, justify="left" if col == "output" else "right")
+        for r in report["outputs"]:
+            table.add_row(r["output"], f"{r['max_abs']:.3g}", f"{r['max_rel']:.3g}",
+                          "inf" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}")
+        return table
+    rows = report.get("layers") or []
+    if not rows:
+        return None
+    shown = rows if limit is None else rows[:limit]
+    table = Table(title=f"{name}: int4 weights ({len(shown)} of {len(rows)} layers; --stats shows all)",
+                  title_justify="left")
+    for col in ("node", "K x N", "format", "weight SQNR dB", "output SQNR dB"):
+        table.add_column(col, justify="left" if col in ("node", "format") else "right")
+    for r in shown:
+        out_db = r.get("output_sqnr_db")
+        table.add_row(r["node"], f"{r['k']} x {r['n']}", r["format"], f"{r['weight_sqnr_db']:.1f}",
+                      "" if out_db is None else f"{out_db:.1f}")
+    return table
 
 
 def quantization_table(report: dict, limit: int | None) -> Table:
