@@ -854,6 +854,9 @@ def _constant_nbytes(t: gs.Constant) -> int:
 def _merged_opsets(graph: gs.Graph, template: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
     """Keep the template's opset imports, adding domains that passes introduced."""
     versions = {imp.domain: imp.version for imp in template.opset_import}
+    default = "ai.onnx" if "ai.onnx" in versions and "" not in versions else ""
+    if graph.opset and graph.opset > versions.get(default, 0):  # a pass upgraded the model (quantize-int4)
+        versions[default] = graph.opset
     for imp in gs_domains(graph):
         versions.setdefault(imp, 1)
     return [onnx.helper.make_opsetid(d, v) for d, v in versions.items()]
