@@ -238,14 +238,14 @@ class _Rewriter:
         key = (id(t), dtype.name)
         if key in self.casts:
             return self.casts[key]
-        if isinstance(t, gs.Constant):
-            values = np.asarray(t.values)
+        values = _constant_values(t)
+        if values is not None:
             if dtype != F32:
                 finite = float(ml_dtypes.finfo(dtype).max)
                 clipped = np.clip(values, -finite, finite)
                 self.counters["constants_clipped"] += int(np.count_nonzero((clipped != values) & np.isfinite(values)))
                 values = clipped
-            out = gs.Constant(self.name(f"{t.name}_{_short(dtype)}"), np.ascontiguousarray(values.astype(dtype)))
+            out = gs.Constant(self.name(f"{t.name}_{_short(dtype)}"), np.array(values.astype(dtype), order="C"))  # 0-d stays 0-d
             self.counters["constants_converted"] += 1
         else:
             out = gs.Variable(self.name(f"{t.name}_{_short(dtype)}"), dtype=dtype, shape=t.shape)
@@ -253,6 +253,16 @@ class _Rewriter:
             self.counters["casts_inserted"] += 1
         self.casts[key] = out
         return out
+
+
+def _constant_values(t: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer, or of a Constant node's output (-O0 keeps those)."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    producer = t.inputs[0] if len(t.inputs) == 1 else None
+    if producer is not None and producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
+        return np.asarray(producer.attrs["value"].values)
+    return None
 
 
 def _short(dtype: np.dtype) -> str:
