@@ -7,7 +7,8 @@ Every node is given a precision, then the graph is rewritten once:
     Range CumSum Instance/GroupNorm...   a decomposed LayerNorm keeps its statistics (ReduceMean, Pow) fp32
     LayerNormalization                   low input and output, statistics fp32 (its stash_type)
     elementwise and data movement        follow their inputs: low when some activation input is low
-    shape arithmetic                     fp32: anything computed only from Shape/Size outputs
+    shape arithmetic                     fp32: anything computed only from Shape/Size outputs (a
+                                         Gather from a position table at such indices is data: low)
     integer and bool tensors, Resize's   untouched
       roi and scales, contrib ops
 
@@ -174,7 +175,8 @@ def plan_precision(graph: gs.Graph, low: str, keep_io_types: bool, exclude: set[
     why: Counter = Counter()
     for node in graph.nodes:
         acts = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name]
-        if node.op in SHAPE_SOURCES or (acts and all(t.name in shape_derived for t in acts)):
+        reads_table = any(isinstance(t, gs.Constant) and _is_f32(t) and t.values.size > 64 for t in node.inputs)
+        if node.op in SHAPE_SOURCES or (acts and all(t.name in shape_derived for t in acts) and not reads_table):
             shape_derived.update(o.name for o in node.outputs)
             if any(_is_f32(o) for o in node.outputs):
                 why["shape_arithmetic"] += 1
