@@ -159,10 +159,12 @@ def test_already_quantized_model_is_refused():
         quantize_model_int4(once, 32)
 
 
-def test_gptq_without_calibration_is_a_usage_error():
+def test_gptq_without_calibration_and_tvm_targets_are_usage_errors():
     graph = to_graph(infer_shapes(matmul_model(64, 16)))
     with pytest.raises(UsageError, match="gptq needs calibration"):
         QuantizeInt4(method="gptq").run(graph, PassContext())
+    with pytest.raises(UsageError, match="llvm target cannot import"):
+        QuantizeInt4().run(graph, PassContext(target="llvm"))
 
 
 @pytest.mark.parametrize("args, message", [

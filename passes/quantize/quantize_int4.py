@@ -15,7 +15,7 @@ The ``standard`` form needs ONNX opset 21 (int4 types, blocked DequantizeLinear)
 converted to opset 21 when it imports an older one (counter ``opset_upgraded``). ONNX Runtime fuses
 DequantizeLinear(int4) -> MatMul into MatMulNBits at load time, so both forms run the same kernel
 there. ``format=auto`` takes the ``ops`` policy of the compile (``ort`` or ``standard``) when one is
-set, else ``ort`` for the onnx target and ``standard`` for the others.
+set, else ``ort``. The onnx target only: TVM's ONNX importer reads no int4 tensors.
 
 Embedding tables (Gather of 4096+ elements) are stored in int8 with a scale per row, as
 quantize-int8-dynamic does (``embeddings=false`` keeps them fp32).
@@ -272,7 +272,7 @@ def resolve_format(form: str, ctx: PassContext) -> str:
     ops = ctx.options.get("ops")
     if ops in ("ort", "standard"):
         return ops
-    return "ort" if ctx.target == "onnx" else "standard"
+    return "ort"
 
 
 @register_pass
@@ -287,7 +287,7 @@ class QuantizeInt4(Pass):
                          choices=METHODS),
         "symmetric": Option(False, "symmetric blocks (int4, no zero point) instead of asymmetric (uint4 + zero point)"),
         "format": Option("auto", "ort: com.microsoft MatMulNBits; standard: DequantizeLinear(int4) + MatMul (opset 21); "
-                                 "auto: the compile's ops policy, else ort for the onnx target", choices=FORMATS),
+                                 "auto: the compile's ops policy (ctx.options['ops']), else ort", choices=FORMATS),
         "accuracy-level": Option(0, "MatMulNBits accuracy_level (0: unset; 4: int8 activations on CPU)"),
         **CALIBRATION_OPTIONS,
         "exclude": Option("", "node names or op types left fp32, separated by ';'"),
@@ -301,6 +301,9 @@ class QuantizeInt4(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         refuse_quantized(graph, self.opts["requantize"])
+        if ctx.target != "onnx":  # TVM's ONNX importer reads no int4 tensor (and no MatMulNBits)
+            raise UsageError(f"--quantize int4 writes int4 weights, which the {ctx.target} target cannot import "
+                             "(TVM's ONNX frontend has no int4 tensors); use --target onnx")
         bs, method, symmetric = self.opts["block-size"], self.opts["method"], self.opts["symmetric"]
         form = resolve_format(self.opts["format"], ctx)
         has_data = "calibration" in ctx.options or bool(self.opts["calibration"])
