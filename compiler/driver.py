@@ -47,6 +47,8 @@ def compile(
     pipeline (see ``pipelines.quantize_pipeline``); ``calibration`` is its data (a path, or an
     iterable of feed dicts) and ``quantize_options`` the quantizer pass's options; ``equalize``,
     ``correct_bias`` and ``smooth_quant`` (an alpha) add the accuracy-recovery passes before it.
+    ``quantize="fp16"``/``"bf16"`` appends convert-float, ``"int4"`` quantize-int4 (their options,
+    e.g. ``{"keep-io-types": True}`` or ``{"block-size": 64, "method": "gptq"}``, in ``quantize_options``).
     The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
     ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
     """
