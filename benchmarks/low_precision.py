@@ -1,7 +1,7 @@
 """fp16 and int4 against the converters users would otherwise reach for, side by side in one run.
 
     .venv/bin/python benchmarks/low_precision.py [--fp16 MODELS...] [--int4 MODELS...] [--rounds 10]
-                                                 [--threads 2] [--gptq] [--json out.json]
+                                                 [--llvm MODELS...] [--threads 2] [--gptq] [--json out.json]
 
 fp16 (default models resnet18, bert_small), each variant run by ONNX Runtime (CPU):
 - ``ort fp32``: the model as given.
@@ -16,6 +16,9 @@ int4 (default model gpt2_small), ORT CPU:
 - ``ort int4``: ``MatMulNBitsQuantizer(model, block_size=128, is_symmetric=False)`` on the fp32 model.
 Columns: cosine of the logits against fp32's (mean over evaluation sequences), next-token top-1
 agreement, latency and size over fp32's.
+
+``--llvm MODELS``: fp32, fp16 and bf16 (the latter on CPUs with bf16 arithmetic) compiled for
+the llvm target (TVM, untuned), errors against the llvm fp32 build.
 
 Latencies are medians over rounds in which every variant takes a turn (``compiler/bench.py``
 ``run_interleaved``, as benchmarks/quantize.py). Data as benchmarks/quantize.py (``feeds_for``):
@@ -167,6 +170,33 @@ def bench_int4(name: str, args, work: Path) -> list[dict]:
              "build_s": build.get(label)} for label, r in res.items()]
 
 
+def bench_llvm(name: str, args) -> list[dict]:
+    """fp32, fp16 and bf16 (keep-io-types) through the llvm target (TVM, untuned), side by side."""
+    import golden_models
+
+    from infoptc.passes.quantize.convert_float import host_has_bf16
+
+    model = golden_models.module(name).build()
+    feeds = feeds_for(model, MODELS[name], args.samples, "evaluation")
+    arts, build = {}, {}
+    for mode in ("fp32", "fp16", "bf16"):
+        if mode == "bf16" and not host_has_bf16():
+            print(f"  {name}: bf16 skipped, this CPU has no bf16 arithmetic", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        arts[mode] = infoptc.compile(model, opt_level=3, target="llvm", threads=args.threads,
+                                     quantize=None if mode == "fp32" else mode,
+                                     quantize_options=None if mode == "fp32" else {"keep-io-types": True})
+        build[mode] = time.perf_counter() - t0
+    outputs = {k: [list(a.run(f).values()) for f in feeds] for k, a in arts.items()}
+    labels = list(arts)
+    times = run_interleaved([lambda a=arts[k]: a.run(feeds[0]) for k in labels], iterations=args.rounds, warmup=2,
+                            settle=0.05, block=5, wake=2)
+    med = {k: statistics.median(t) for k, t in zip(labels, times)}
+    return [{"model": name, "variant": f"llvm {k}", "ms": med[k] * 1e3, "time_vs_fp32": med[k] / med["fp32"],
+             **error_columns(outputs["fp32"], outputs[k]), "build_s": build[k]} for k in labels]
+
+
 def print_rows(title: str, rows: list[dict], columns: list[str]) -> None:
     print(f"\n{title}")
     print(" | ".join(["model", "variant"] + columns))
@@ -182,13 +212,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fp16", nargs="*", default=["resnet18", "bert_small"], metavar="MODEL")
     parser.add_argument("--int4", nargs="*", default=["gpt2_small"], metavar="MODEL")
+    parser.add_argument("--llvm", nargs="*", default=[], metavar="MODEL",
+                        help="also fp32/fp16/bf16 through the llvm target (TVM), e.g. resnet18")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=4, help="evaluation feeds per model")
     parser.add_argument("--gptq", action="store_true", help="also int4 with GPTQ (16 calibration sequences)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    out: dict[str, list] = {"fp16": [], "int4": []}
+    out: dict[str, list] = {"fp16": [], "int4": [], "llvm": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.fp16:
             work = Path(tmp) / f"fp16_{name}"
@@ -198,6 +230,11 @@ def main(argv=None) -> int:
             work = Path(tmp) / f"int4_{name}"
             work.mkdir()
             out["int4"] += bench_int4(name, args, work)
+    for name in args.llvm:
+        out["llvm"] += bench_llvm(name, args)
+    if out["llvm"]:
+        print_rows("llvm target (TVM, untuned; errors against llvm fp32)", out["llvm"],
+                   ["max_abs", "max_rel", "sqnr_db", "time_vs_fp32", "ms", "build_s"])
     if out["fp16"]:
         print_rows("fp16 (ORT CPU; errors against ORT fp32, worst output)", out["fp16"],
                    ["casts", "max_abs", "max_rel", "sqnr_db", "time_vs_fp32", "size_vs_fp32", "ms", "build_s"])

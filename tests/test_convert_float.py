@@ -171,6 +171,15 @@ def test_bf16_numerics_on_the_reference_evaluator():
     assert sqnr_db(ref, got.astype(np.float32)) >= 30.0
 
 
+def test_bf16_raises_the_opset_to_22_where_conv_admits_bf16():
+    low = convert_model(BUILDERS["resnet"](), "bf16", keep_io_types=True)
+    assert next(o.version for o in low.opset_import if o.domain == "") == 22
+    weights = {t.name: t.data_type for t in low.graph.initializer}
+    convs = [n for n in low.graph.node if n.op_type == "Conv"]
+    assert convs and all(weights[n.input[1]] == TensorProto.BFLOAT16 for n in convs)
+    assert sum(n.op_type == "Cast" for n in low.graph.node) == 2  # the input and the output
+
+
 def test_bf16_for_llvm_without_host_support_is_refused(monkeypatch):
     monkeypatch.setattr(convert_float, "cpu_flags", lambda: {"avx2", "fma"})
     graph = to_graph(infer_shapes(BUILDERS["mlp"]()))

@@ -4,8 +4,10 @@ quantizer takes, and small predicates on graphsurgeon tensors and nodes."""
 from __future__ import annotations
 
 import numpy as np
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
+from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Option
 
 from .recipe import ISAS
@@ -57,3 +59,17 @@ def const_float(t: gs.Tensor) -> np.ndarray | None:
 
 def excluded(node: gs.Node, exclude: set[str]) -> bool:
     return node.name in exclude or node.op in exclude
+
+
+def upgrade_opset(graph: gs.Graph, opset: int, why: str) -> None:
+    """Rewrite ``graph`` in place at ``opset`` (ONNX's version converter); ``why`` names the need."""
+    try:
+        upgraded = onnx.version_converter.convert_version(from_graph(graph), opset)
+    except Exception as e:  # the converter raises bare RuntimeErrors on ops it does not know
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{why} needs opset {opset}; converting this opset-{graph.opset} model "
+                         f"failed: {first}") from None
+    new = to_graph(upgraded)
+    graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
+    graph.opset = opset
+    graph.import_domains = new.import_domains

@@ -36,12 +36,12 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from infoptc.errors import MissingDependencyError
+from infoptc.errors import MissingDependencyError, UsageError
 from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 from infoptc.rewrite import Namer
 
-from .common import excluded, parse_exclude
+from .common import excluded, parse_exclude, upgrade_opset
 from .recipe import cpu_flags
 
 log = logging.getLogger("infoptc")
@@ -71,6 +71,7 @@ ANY_TYPE_READERS = {"Shape", "Size", "Cast", "CastLike"}
 # Inputs kept fp32 even when the node goes low (Resize's coordinates: roi and scales).
 KEEP_INPUTS = {"Resize": {1, 2, 3}, "Upsample": {1}}
 SHAPE_SOURCES = {"Shape", "Size"}
+BF16_CONV_OPSET = 22  # the first opset whose Conv, ConvTranspose, MaxPool, AveragePool admit bf16
 
 
 def host_has_bf16(flags: set[str] | None = None) -> bool:
@@ -358,12 +359,17 @@ def fold_casts(graph: gs.Graph) -> int:
 
 def convert_model(model: onnx.ModelProto, to: str = "fp16", keep_io_types: bool = False,
                   exclude: set[str] | str = frozenset(), nodes: set[str] | None = None) -> onnx.ModelProto:
-    """``model`` with its float compute in ``to`` (fp16 or bf16); a new model, the input untouched.
-    ``nodes``: convert only these node names (the rest stays fp32); ``exclude``: names or op types
-    left fp32."""
-    graph = to_graph(model)
-    convert_graph(graph, to, keep_io_types, parse_exclude(exclude) if isinstance(exclude, str) else set(exclude),
-                  nodes)
+    """``model`` with its float compute in ``to`` (fp16 or bf16), as the pass makes it; a new
+    model, the input untouched. ``nodes``: convert only these node names (the rest stays fp32);
+    ``exclude``: names or op types left fp32."""
+    from infoptc.ir import infer_shapes
+
+    if nodes is not None and not nodes:  # an empty selection converts nothing
+        return model.__class__.FromString(model.SerializeToString())
+    graph = to_graph(infer_shapes(model))
+    exclude = exclude if isinstance(exclude, str) else ";".join(sorted(exclude))
+    ConvertFloat(to=to, keep_io_types=keep_io_types, exclude=exclude, nodes=";".join(sorted(nodes or ())),
+                 report_samples=0).run(graph, PassContext(opset=graph.opset))
     graph.cleanup().toposort()
     return from_graph(graph, model)
 
@@ -411,6 +417,8 @@ class ConvertFloat(Pass):
         "exclude": Option("", "node names or op types left fp32, separated by ';'"),
         "nodes": Option("", "convert only these node names (';'-separated; empty: every node)"),
         "report-samples": Option(1, "samples the per-output error report runs on ONNX Runtime (0: none)"),
+        "upgrade-opset": Option(True, "bf16: convert an older model to opset 22, where Conv, ConvTranspose and "
+                                      "the pools first admit bf16"),
     }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -426,11 +434,19 @@ class ConvertFloat(Pass):
             ctx.reports[self.name] = {"to": to, "already_low": True, "outputs": []}
             return PassResult(False, {"already_low": 1})
         reference = from_graph(graph) if self.opts["report-samples"] else None
+        upgraded = 0
+        if to == "bf16" and self.opts["upgrade-opset"] and graph.opset < BF16_CONV_OPSET:
+            try:
+                upgrade_opset(graph, BF16_CONV_OPSET, "bf16 convolutions and pools")
+                upgraded = 1
+            except UsageError as e:  # those ops then stay fp32, as at the model's own opset
+                log.warning("convert-float: %s; Conv and pools stay fp32", e)
         nodes = set(parse_exclude(self.opts["nodes"])) or None
         counters = convert_graph(graph, to, self.opts["keep-io-types"], parse_exclude(self.opts["exclude"]), nodes)
+        counters["opset_upgraded"] = upgraded
         if not counters["converted"]:
             log.warning("convert-float: no node can compute in %s; the model stays fp32", to)
-            return PassResult(False, dict(counters))
+            return PassResult(bool(upgraded), dict(counters))
         graph.cleanup().toposort()
         report: dict = {"to": to, "keep_io_types": self.opts["keep-io-types"],
                         "kept_fp32": {k[len("kept_fp32_"):]: v for k, v in counters.items() if k.startswith("kept_fp32_")},

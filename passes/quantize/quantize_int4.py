@@ -28,7 +28,6 @@ import logging
 
 import numpy as np
 import onnx
-import onnx.version_converter
 import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
 from infoptc.ir import from_graph, to_graph
@@ -36,7 +35,8 @@ from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult
 from infoptc.verify import sqnr_db
 
 from . import calibration
-from .common import CALIBRATION_OPTIONS, const_float, excluded, is_float_activation, parse_exclude, refuse_quantized
+from .common import (CALIBRATION_OPTIONS, const_float, excluded, is_float_activation, parse_exclude,
+                     refuse_quantized, upgrade_opset)
 from .qdq import Builder, quantize_embeddings
 
 log = logging.getLogger("infoptc")
@@ -252,20 +252,6 @@ def _replace(graph: gs.Graph, b: Builder, node: gs.Node, codes, scale, zp, k: in
         b.node("Add", f"{node.name}_bias", [out, bias], y)
 
 
-def upgrade_opset(graph: gs.Graph, opset: int) -> None:
-    """Rewrite ``graph`` in place at ``opset`` (ONNX's version converter)."""
-    try:
-        upgraded = onnx.version_converter.convert_version(from_graph(graph), opset)
-    except Exception as e:  # the converter raises bare RuntimeErrors on ops it does not know
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"int4 in standard ops needs opset {opset}; converting this opset-{graph.opset} model "
-                         f"failed: {first}") from None
-    new = to_graph(upgraded)
-    graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
-    graph.opset = opset
-    graph.import_domains = new.import_domains
-
-
 def resolve_format(form: str, ctx: PassContext) -> str:
     if form != "auto":
         return form
@@ -325,7 +311,7 @@ class QuantizeInt4(Pass):
             acts = hessians(model, list(dict.fromkeys(node.inputs[0].name for node, _ in found)), data, limit)
         if form == "standard" and graph.opset < STANDARD_OPSET:
             names = {id(node): node.name for node, _ in found}
-            upgrade_opset(graph, STANDARD_OPSET)
+            upgrade_opset(graph, STANDARD_OPSET, "int4 in standard ops")
             counters["opset_upgraded"] = 1
             by_name = {node.name: node for node in graph.nodes}
             found = [(by_name[names[id(node)]], w) for node, w in found]
@@ -369,6 +355,8 @@ def quantize_model_int4(model: onnx.ModelProto, block_size: int = 128, method: s
     a path or an iterable of feed dicts (gptq needs it); ``nodes``: quantize only these node names."""
     from infoptc.ir import infer_shapes
 
+    if nodes is not None and not nodes:  # an empty selection converts nothing
+        return model.__class__.FromString(model.SerializeToString())
     graph = to_graph(infer_shapes(model))
     ctx = PassContext(opset=graph.opset, options={} if calibration_data is None else {"calibration": calibration_data})
     QuantizeInt4(**{"block-size": block_size, "method": method, "symmetric": symmetric, "format": form,
