@@ -286,7 +286,6 @@ def convert_graph(graph: gs.Graph, to: str = "fp16", keep_io_types: bool = False
         return counters
     rw = _Rewriter(graph, low)
     originally_f32 = {name for name, t in graph.tensors().items() if _is_f32(t)}
-    out_names = {t.name for t in graph.outputs}
     opset = graph.opset
     for node in graph.nodes:
         if id(node) in chosen:
@@ -311,13 +310,15 @@ def convert_graph(graph: gs.Graph, to: str = "fp16", keep_io_types: bool = False
                 node.inputs[i] = rw.as_type(t, F32)
     # graph outputs: fp32 with keep-io-types, the low type otherwise (a Cast under the output's name)
     want = F32 if keep_io_types else low
-    for k, t in enumerate(list(graph.outputs)):
-        if t.name in out_names and t.name in originally_f32 and _dtype(t) != want:
+    for t in list(graph.outputs):
+        if t.inputs and t.name in originally_f32 and _dtype(t) != want:  # (a graph input passed through keeps its type)
             inner = gs.Variable(rw.name(f"{t.name}_{_short(np.dtype(t.dtype))}"), dtype=t.dtype, shape=t.shape)
-            for producer in list(t.inputs):
-                producer.outputs[producer.outputs.index(t)] = inner
+            producer = t.inputs[0]
+            producer.outputs[producer.outputs.index(t)] = inner
             for reader in list(t.outputs):
-                reader.inputs[reader.inputs.index(t)] = inner
+                for i, x in enumerate(reader.inputs):
+                    if x is t:
+                        reader.inputs[i] = inner
             t.dtype = want
             graph.nodes.append(gs.Node("Cast", rw.name(f"{t.name}_Cast"), {"to": _ONNX_TYPES[want]}, [inner], [t]))
             rw.counters["casts_inserted"] += 1
