@@ -197,3 +197,21 @@ def test_bad_flags_exit_2(cli, golden, tmp_path, args, message):
     code, _, stderr = cli(golden("mlp"), *args, "-o", tmp_path / "out.onnx")
     assert code == 2 and message in stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("keep_io", [True, False])
+def test_an_output_read_by_another_node(keep_io):
+    """y is a graph output and Softmax (fp32) reads it too: one Cast keeps y's name and type."""
+    w = numpy_helper.from_array(np.random.default_rng(5).standard_normal((8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             helper.make_node("Softmax", ["y"], ["z"], axis=-1, name="softmax")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [2, 8])],
+                              [helper.make_tensor_value_info("y", F, [2, 8]), helper.make_tensor_value_info("z", F, [2, 8])],
+                              [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    low = convert_model(model, "fp16", keep_io_types=keep_io)
+    assert [o.type.tensor_type.elem_type for o in low.graph.output] == ([F, F] if keep_io else [H, H])
+    assert_casts_at_borders(low)
+    x = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
+    for e in output_errors(model, low, [{"x": x}]):
+        assert e["max_rel"] <= FP16_MAX_REL, e
