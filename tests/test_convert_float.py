@@ -215,3 +215,15 @@ def test_an_output_read_by_another_node(keep_io):
     x = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
     for e in output_errors(model, low, [{"x": x}]):
         assert e["max_rel"] <= FP16_MAX_REL, e
+
+
+def test_cli_reports_the_error_per_output(cli, golden, tmp_path):
+    out = tmp_path / "m.fp16.onnx"
+    code, stdout, _ = cli(golden("mlp"), "-O2", "--quantize", "fp16", "--keep-io-types", "-o", out)
+    assert code == 0 and "error per output against fp32" in stdout
+    code, stdout, _ = cli(golden("mlp"), "-O2", "--quantize", "fp16", "-o", out, "--json")
+    import json
+
+    (row,) = json.loads(stdout)["reports"]["convert-float"]["outputs"]
+    assert row["output"] == "y" and 0 < row["max_rel"] <= FP16_MAX_REL
+    assert onnx.load(out).graph.input[0].type.tensor_type.elem_type == H
