@@ -11,9 +11,11 @@ Columns: Casts in the graph, max abs error and max error relative to the output'
 magnitude (worst output, over the evaluation feeds), SQNR, latency and size over fp32's.
 
 int4 (default model gpt2_small), ORT CPU:
-- ``ort fp32``; ``infoptc int4``: ``-O3 --quantize int4`` (rtn, asymmetric, block 128);
+- ``ort fp32``; ``infoptc int4``: ``-O3 --quantize int4`` (rtn, asymmetric, block 128, accuracy level 4);
   ``infoptc int4 gptq`` with ``--gptq`` (16 calibration sequences);
-- ``ort int4``: ``MatMulNBitsQuantizer(model, block_size=128, is_symmetric=False)`` on the fp32 model.
+- ``ort int4``: ``MatMulNBitsQuantizer(model, block_size=128, is_symmetric=False)`` on the fp32 model
+  (accuracy level unset: fp32 products); ``ort int4 acc4``: the same with ``accuracy_level=4``
+  (int8 products, infoptc's default).
 Columns: cosine of the logits against fp32's (mean over evaluation sequences), next-token top-1
 agreement, latency and size over fp32's.
 
@@ -57,13 +59,14 @@ def occ_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return float16.convert_float_to_float16(model, keep_io_types=True)
 
 
-def ort_int4(model: onnx.ModelProto, block_size: int = 128, symmetric: bool = False) -> onnx.ModelProto:
+def ort_int4(model: onnx.ModelProto, block_size: int = 128, symmetric: bool = False,
+             accuracy_level: int | None = None) -> onnx.ModelProto:
     """ONNX Runtime's own MatMulNBits quantizer (round to nearest) on a copy of ``model``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # the quantizer edits the model it is given
-    quantizer = MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=symmetric)
+    quantizer = MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level)
     quantizer.process()
     return quantizer.model.model
 
@@ -162,6 +165,7 @@ def bench_int4(name: str, args, work: Path) -> list[dict]:
     t0 = time.perf_counter()
     variants["ort int4"] = ort_int4(model)
     build["ort int4"] = time.perf_counter() - t0
+    variants["ort int4 acc4"] = ort_int4(model, accuracy_level=4)  # infoptc's default accuracy level
     res = measure(variants, feeds, work, args)
     ref = res["ort fp32"]["outputs"]
     return [{"model": name, "variant": label, "ms": r["ms"], "time_vs_fp32": r["time_vs_fp32"],

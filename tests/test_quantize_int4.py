@@ -39,10 +39,10 @@ def session(model, optimize=True, level=None):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_quantized(model, block_size, symmetric):
+def ort_quantized(model, block_size, symmetric, accuracy_level=None):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # ORT's quantizer edits the model it is given
-    q = MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=symmetric)
+    q = MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level)
     q.process()
     return q.model.model
 
@@ -56,8 +56,8 @@ def initializers(model):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_matmulnbits_is_what_orts_quantizer_writes(k, block_size, symmetric):
     model = matmul_model(k)
-    ours = quantize_model_int4(model, block_size, symmetric=symmetric, form="ort")
-    theirs = ort_quantized(model, block_size, symmetric)
+    ours = quantize_model_int4(model, block_size, symmetric=symmetric, form="ort")  # accuracy level 4
+    theirs = ort_quantized(model, block_size, symmetric, accuracy_level=4)
     (node,) = ours.graph.node
     (ref_node,) = theirs.graph.node
     assert node.op_type == ref_node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
@@ -90,7 +90,8 @@ def test_dequantized_weights_match_the_packed_layout():
 def test_standard_form_runs_on_ort_and_matches_matmulnbits(symmetric):
     model = matmul_model(200)
     std = quantize_model_int4(model, 64, symmetric=symmetric, form="standard")
-    nbits = quantize_model_int4(model, 64, symmetric=symmetric, form="ort")
+    nbits = quantize_model_int4(model, 64, symmetric=symmetric, form="ort", accuracy_level=0)
+    nbits4 = quantize_model_int4(model, 64, symmetric=symmetric, form="ort")
     assert [n.op_type for n in std.graph.node] == ["DequantizeLinear", "MatMul"]
     assert next(o.version for o in std.opset_import if o.domain == "") == 21  # int4 and block_size need 21
     weight = next(t for t in std.graph.initializer if t.data_type in (TensorProto.INT4, TensorProto.UINT4))
@@ -99,8 +100,9 @@ def test_standard_form_runs_on_ort_and_matches_matmulnbits(symmetric):
     want = session(nbits).run(None, {"x": x})[0]
     # as written (no ORT rewriting): the same weights, the same fp32 product
     np.testing.assert_allclose(session(std, optimize=False).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
-    # ORT fuses DQ(int4) -> MatMul into MatMulNBits itself, at accuracy level 0 when asked
+    # ORT fuses DQ(int4) -> MatMul into MatMulNBits itself: at accuracy level 4 by default, 0 when asked
     np.testing.assert_array_equal(session(std, level=0).run(None, {"x": x})[0], want)
+    np.testing.assert_array_equal(session(std).run(None, {"x": x})[0], session(nbits4).run(None, {"x": x})[0])
 
 
 def test_gemm_with_transposed_weight_and_bias():
@@ -110,7 +112,7 @@ def test_gemm_with_transposed_weight_and_bias():
                               [helper.make_tensor_value_info("x", F, [5, 64])], [helper.make_tensor_value_info("y", F, [5, 24])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    q = quantize_model_int4(model, 32, form="ort")
+    q = quantize_model_int4(model, 32, form="ort", accuracy_level=0)  # fp32 products: the weights alone differ
     assert [n.op_type for n in q.graph.node] == ["MatMulNBits", "Add"]
     x = rng.standard_normal((5, 64)).astype(np.float32)
     codes, s, z = quantize_rtn(w.T, 32, False)

@@ -274,7 +274,8 @@ class QuantizeInt4(Pass):
         "symmetric": Option(False, "symmetric blocks (int4, no zero point) instead of asymmetric (uint4 + zero point)"),
         "format": Option("auto", "ort: com.microsoft MatMulNBits; standard: DequantizeLinear(int4) + MatMul (opset 21); "
                                  "auto: the compile's ops policy (ctx.options['ops']), else ort", choices=FORMATS),
-        "accuracy-level": Option(0, "MatMulNBits accuracy_level (0: unset; 4: int8 activations on CPU)"),
+        "accuracy-level": Option(4, "MatMulNBits accuracy_level: 4 multiplies in int8 on CPU (activations quantized per "
+                                    "block; what ORT gives the standard form too); 0: fp32"),
         **CALIBRATION_OPTIONS,
         "exclude": Option("", "node names or op types left fp32, separated by ';'"),
         "nodes": Option("", "quantize only these node names (';'-separated; empty: every MatMul/Gemm)"),
@@ -350,7 +351,7 @@ class QuantizeInt4(Pass):
 
 def quantize_model_int4(model: onnx.ModelProto, block_size: int = 128, method: str = "rtn", symmetric: bool = False,
                         form: str = "ort", calibration_data=None, nodes: set[str] | None = None,
-                        exclude: str = "", embeddings: bool = True) -> onnx.ModelProto:
+                        exclude: str = "", embeddings: bool = True, accuracy_level: int = 4) -> onnx.ModelProto:
     """``model`` with int4 MatMul/Gemm weights; a new model, the input untouched. ``calibration_data``:
     a path or an iterable of feed dicts (gptq needs it); ``nodes``: quantize only these node names."""
     from infoptc.ir import infer_shapes
@@ -361,6 +362,6 @@ def quantize_model_int4(model: onnx.ModelProto, block_size: int = 128, method: s
     ctx = PassContext(opset=graph.opset, options={} if calibration_data is None else {"calibration": calibration_data})
     QuantizeInt4(**{"block-size": block_size, "method": method, "symmetric": symmetric, "format": form,
                     "nodes": ";".join(sorted(nodes or ())), "exclude": exclude, "embeddings": embeddings,
-                    "report-samples": 0}).run(graph, ctx)
+                    "report-samples": 0, "accuracy-level": accuracy_level}).run(graph, ctx)
     graph.cleanup().toposort()
     return from_graph(graph, model)
