@@ -303,6 +303,10 @@ class QuantizeInt4(Pass):
             log.warning("quantize-int4: no MatMul/Gemm with a constant 2-D fp32 weight; the model stays as it is")
             return PassResult(False, {"quantized": 0})
         counters = {"quantized": 0, "opset_upgraded": 0, "embeddings": 0, "fp32_bytes": 0, "int4_bytes": 0}
+        if form == "standard" and graph.opset < STANDARD_OPSET:
+            upgrade_opset(graph, STANDARD_OPSET, "int4 in standard ops")
+            counters["opset_upgraded"] = 1
+            found = candidates(graph, parse_exclude(self.opts["exclude"]), nodes, self.opts["min-k"])
         acts: dict[str, np.ndarray] = {}
         if has_data and (method == "gptq" or self.opts["report-samples"]):
             model = from_graph(graph)
@@ -310,12 +314,6 @@ class QuantizeInt4(Pass):
             data = calibration.CalibrationData(source, calibration.model_inputs(model), self.opts["samples"])
             limit = 0 if method == "gptq" else self.opts["report-samples"]
             acts = hessians(model, list(dict.fromkeys(node.inputs[0].name for node, _ in found)), data, limit)
-        if form == "standard" and graph.opset < STANDARD_OPSET:
-            names = {id(node): node.name for node, _ in found}
-            upgrade_opset(graph, STANDARD_OPSET, "int4 in standard ops")
-            counters["opset_upgraded"] = 1
-            by_name = {node.name: node for node in graph.nodes}
-            found = [(by_name[names[id(node)]], w) for node, w in found]
         b = Builder(graph)
         layers = []
         for node, w in found:
