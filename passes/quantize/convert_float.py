@@ -13,7 +13,8 @@ Every node is given a precision, then the graph is rewritten once:
       roi and scales, contrib ops
 
 A node goes low only where the ONNX schema of its op at the model's opset allows the low type for
-each of its float inputs and outputs (Conv has no bf16 before opset 22, for example). Casts are
+each of its float inputs and outputs (Conv has no bf16 before opset 22: for bf16 an older model is
+first converted to opset 22). Casts are
 inserted only where a low tensor meets an fp32 reader or the reverse, one per tensor and
 direction; a Cast pair that cancels (fp16 -> fp32 -> fp16) is then removed and a Cast to fp32
 followed by one to the low type becomes one Cast. Constants read by low nodes are converted
@@ -22,7 +23,8 @@ become low too, unless ``keep-io-types``. A model that already holds fp16 or bf1
 left as it is (converting twice would only add casts).
 
 ``convert_model(model, ...)`` does the same on a ModelProto, for Python callers (the precision
-benchmark, mixed-precision searches: ``nodes`` restricts the conversion to a set of node names).
+benchmark, mixed-precision searches: ``nodes`` names the compute nodes (MatMul, Gemm, Conv,
+ConvTranspose) allowed to go low; the others stay fp32 and elementwise ops follow their inputs).
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def plan_precision(graph: gs.Graph, low: str, keep_io_types: bool, exclude: set[
 def _decide(node: gs.Node, opset: int, low: str, floats_in: list[int], exclude: set[str], nodes: set[str] | None,
             acts: list, is_low: dict) -> bool | str:
     """True: the node goes low; otherwise the reason it stays fp32 (empty: it follows fp32 inputs)."""
-    if excluded(node, exclude) or (nodes is not None and node.name not in nodes):
+    if excluded(node, exclude) or (nodes is not None and node.op in ANCHORS and node.name not in nodes):
         return "excluded"
     if node.domain not in (None, "", "ai.onnx") or any(isinstance(v, gs.Graph) for v in node.attrs.values()):
         return "contrib_or_subgraph"
@@ -361,8 +363,8 @@ def fold_casts(graph: gs.Graph) -> int:
 def convert_model(model: onnx.ModelProto, to: str = "fp16", keep_io_types: bool = False,
                   exclude: set[str] | str = frozenset(), nodes: set[str] | None = None) -> onnx.ModelProto:
     """``model`` with its float compute in ``to`` (fp16 or bf16), as the pass makes it; a new
-    model, the input untouched. ``nodes``: convert only these node names (the rest stays fp32);
-    ``exclude``: names or op types left fp32."""
+    model, the input untouched. ``nodes``: only these compute nodes (MatMul/Gemm/Conv/ConvTranspose,
+    by name) go low, the ops between follow their inputs; ``exclude``: names or op types left fp32."""
     from infoptc.ir import infer_shapes
 
     if nodes is not None and not nodes:  # an empty selection converts nothing
@@ -416,7 +418,8 @@ class ConvertFloat(Pass):
         "to": Option("fp16", "the low type", choices=tuple(LOW_TYPES)),
         "keep-io-types": Option(False, "keep the model's float inputs and outputs fp32 (Casts at the borders)"),
         "exclude": Option("", "node names or op types left fp32, separated by ';'"),
-        "nodes": Option("", "convert only these node names (';'-separated; empty: every node)"),
+        "nodes": Option("", "only these MatMul/Gemm/Conv/ConvTranspose go low, by name (';'-separated; empty: all); "
+                            "elementwise ops follow their inputs"),
         "report-samples": Option(1, "samples the per-output error report runs on ONNX Runtime (0: none)"),
         "upgrade-opset": Option(True, "bf16: convert an older model to opset 22, where Conv, ConvTranspose and "
                                       "the pools first admit bf16"),
