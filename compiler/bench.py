@@ -538,3 +538,124 @@ def plot_latencies(results: Sequence[BenchResult], path: str | os.PathLike) -> P
         plt.close(fig)
     write_atomic(target, buf.getvalue())
     return target
+
+
+# ----------------------------------------------------------------------------- batch sweep
+
+
+@dataclass
+class SweepRow:
+    """One batch size of a sweep: its latency statistics (``throughput``: samples per second)."""
+
+    batch: int
+    stats: LatencyStats
+    speedup_per_sample: float = 1.0  # (batch-1 p50) / (this p50 / batch)
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second at the median latency (the mean is too noisy on a shared machine)."""
+        return self.batch / self.stats.p50 if self.stats.p50 > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {"batch": self.batch, "p50_ms": self.stats.p50 * 1e3, "p99_ms": self.stats.percentiles[99] * 1e3,
+                "throughput_per_s": self.throughput, "speedup_per_sample": self.speedup_per_sample,
+                "runs": self.stats.runs, "cv": self.stats.cv}
+
+
+def parse_batches(text: str) -> list[int]:
+    """``"1,2,4,8"`` -> ``[1, 2, 4, 8]`` (sorted, distinct, each >= 1)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise UsageError(f"bad --batch {text!r}; expected N or a list like 1,2,4,8,16 (each >= 1)")
+    return values
+
+
+def batch_sweep(artifact: Artifact, batches: Sequence[int], *, iterations: int = 30, warmup: int = 3,
+                dims: dict[str, int] | None = None, seed: int = 0, settle: float = 0.0, block: int = 1,
+                on_round: Callable[[int, float], None] | None = None) -> list[SweepRow]:
+    """Latency and throughput of ``artifact`` at each batch size, measured side by side (one run
+    of every size per round, see run_interleaved). The inputs must lead with a symbolic batch."""
+    specs = list(artifact.inputs)
+    if not any(s.shape and isinstance(s.shape[0], str) for s in specs):
+        raise UsageError("the model's batch dimension is fixed (no input leads with a symbolic dimension); make it "
+                         "symbolic first: infoptc compile MODEL --passes make-batch-dynamic")
+    feeds = []
+    for b in batches:
+        bound, _ = bind_dims(specs, b, dims or {})
+        feeds.append(inputs_for(artifact, bound, seed))
+        with stage(f"first run at batch {b}"):
+            artifact.run(feeds[-1])
+    runners = [(lambda f=f: artifact.run(f)) for f in feeds]
+    samples = run_interleaved(runners, iterations=iterations, warmup=warmup, on_round=on_round, settle=settle,
+                              block=block, wake=2)
+    rows = [SweepRow(b, LatencyStats.of(s, b)) for b, s in zip(batches, samples)]
+    base = rows[0].stats.p50 / rows[0].batch
+    for r in rows:
+        r.speedup_per_sample = base / (r.stats.p50 / r.batch) if r.stats.p50 > 0 else float("inf")
+    return rows
+
+
+# Throughput must grow by more than this from one swept size to the next for the larger to be worth waiting for.
+BATCH_GROWTH = 0.10
+
+
+def choose_batching(rows: Sequence[SweepRow], budget_ms: float, growth: float = BATCH_GROWTH) -> dict:
+    """Triton dynamic batching from a sweep: the preferred batch sizes are the swept sizes above 1
+    up to the knee (the last size whose throughput beat the previous size's by more than
+    ``growth``) whose p99 fits ``budget_ms``; the queue delay is what the budget leaves after the
+    p99 of the largest of them (a request waits at most that long, then runs)."""
+    if budget_ms <= 0:
+        raise UsageError("the latency budget must be positive (ms)")
+    fits = [r for r in sorted(rows, key=lambda r: r.batch) if r.stats.percentiles[99] * 1e3 <= budget_ms]
+    if not fits:
+        best = min(rows, key=lambda r: r.stats.percentiles[99])
+        return {"preferred": [], "max_queue_delay_us": 0, "knee": None,
+                "reason": f"no batch size fits {budget_ms:g} ms: p99 at batch {best.batch} is "
+                          f"{best.stats.percentiles[99] * 1e3:.2f} ms; no queue delay"}
+    knee = fits[0]
+    for prev, cur in zip(fits, fits[1:]):
+        if cur.throughput <= prev.throughput * (1 + growth):
+            break
+        knee = cur
+    preferred = [r.batch for r in fits if 1 < r.batch <= knee.batch]
+    delay_ms = max(0.0, budget_ms - knee.stats.percentiles[99] * 1e3) if preferred else 0.0
+    reason = (f"throughput grows by more than {growth:.0%} per step up to batch {knee.batch} "
+              f"({knee.throughput:.1f}/s, p99 {knee.stats.percentiles[99] * 1e3:.2f} ms)"
+              if preferred else "batching does not raise throughput enough here; no queue delay")
+    return {"preferred": preferred, "max_queue_delay_us": int(delay_ms * 1e3), "knee": knee.batch, "reason": reason}
+
+
+def plot_sweep(rows: Sequence[SweepRow], path: str | os.PathLike, title: str = "") -> Path:
+    """Throughput and p50/p99 latency against batch size, written atomically."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError("--plot needs matplotlib (pip install matplotlib)") from None
+    import io
+
+    sizes = [r.batch for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    try:
+        top.plot(sizes, [r.throughput for r in rows], "o-")
+        top.set_ylabel("throughput (samples/s)")
+        top.set_title(title or "batch sweep")
+        bottom.plot(sizes, [r.stats.p50 * 1e3 for r in rows], "o-", label="p50")
+        bottom.plot(sizes, [r.stats.percentiles[99] * 1e3 for r in rows], "s--", label="p99")
+        bottom.set_xscale("log", base=2)
+        bottom.set_xticks(sizes, [str(s) for s in sizes])
+        bottom.set_xlabel("batch size")
+        bottom.set_ylabel("latency (ms)")
+        bottom.legend(loc="best")
+        fig.tight_layout()
+        data = io.BytesIO()
+        fig.savefig(data, format=Path(path).suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    write_atomic(Path(path), data.getvalue())
+    return Path(path)
