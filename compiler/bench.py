@@ -604,8 +604,8 @@ BATCH_GROWTH = 0.10
 
 def choose_batching(rows: Sequence[SweepRow], budget_ms: float, growth: float = BATCH_GROWTH) -> dict:
     """Triton dynamic batching from a sweep: the preferred batch sizes are the swept sizes above 1
-    up to the knee (the last size whose throughput beat the previous size's by more than
-    ``growth``) whose p99 fits ``budget_ms``; the queue delay is what the budget leaves after the
+    whose p99 fits ``budget_ms``, up to the knee (the smallest fitting size whose throughput no
+    larger fitting size beats by more than ``growth``); the queue delay is what the budget leaves after the
     p99 of the largest of them (a request waits at most that long, then runs)."""
     if budget_ms <= 0:
         raise UsageError("the latency budget must be positive (ms)")
@@ -615,14 +615,13 @@ def choose_batching(rows: Sequence[SweepRow], budget_ms: float, growth: float = 
         return {"preferred": [], "max_queue_delay_us": 0, "knee": None,
                 "reason": f"no batch size fits {budget_ms:g} ms: p99 at batch {best.batch} is "
                           f"{best.stats.percentiles[99] * 1e3:.2f} ms; no queue delay"}
-    knee = fits[0]
-    for prev, cur in zip(fits, fits[1:]):
-        if cur.throughput <= prev.throughput * (1 + growth):
-            break
-        knee = cur
+    # the knee: the smallest size that no larger one beats by more than ``growth`` (robust to a
+    # noisy dip between two sizes, which a first-stop-growing rule would take for the end)
+    knee = next(r for i, r in enumerate(fits)
+                if all(later.throughput <= r.throughput * (1 + growth) for later in fits[i + 1:]))
     preferred = [r.batch for r in fits if 1 < r.batch <= knee.batch]
     delay_ms = max(0.0, budget_ms - knee.stats.percentiles[99] * 1e3) if preferred else 0.0
-    reason = (f"throughput grows by more than {growth:.0%} per step up to batch {knee.batch} "
+    reason = (f"throughput grows by more than {growth:.0%} up to batch {knee.batch} "
               f"({knee.throughput:.1f}/s, p99 {knee.stats.percentiles[99] * 1e3:.2f} ms)"
               if preferred else "batching does not raise throughput enough here; no queue delay")
     return {"preferred": preferred, "max_queue_delay_us": int(delay_ms * 1e3), "knee": knee.batch, "reason": reason}
