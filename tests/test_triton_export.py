@@ -160,3 +160,22 @@ def test_a_real_size_cnn_exports_and_serves_every_preferred_batch(tmp_path):
     assert config.max_batch_size == 8 and list(config.input[0].dims) == [3, 224, 224]
     assert [r["batch"] for r in result.sweep] == [1, 2, 4, 8]
     check_batches(original, onnx.load(tmp_path / "repo" / "resnet18" / "1" / "model.onnx"), served_sizes(config))
+
+
+def test_bench_sweeps_batch_sizes_side_by_side(golden, tmp_path, capsys):
+    import json
+
+    plot = tmp_path / "sweep.png"
+    assert main(["bench", str(golden("mlp")), "--batch", "4,1,2", "--iterations", "3", "--plot", str(plot),
+                 "--json", "-", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    assert [r["batch"] for r in rows] == [1, 2, 4] and all(r["runs"] == 3 for r in rows)
+    for r in rows:
+        assert r["p50_ms"] <= r["p99_ms"]
+        assert r["throughput_per_s"] == pytest.approx(r["batch"] / r["p50_ms"] * 1e3)
+        assert r["speedup_per_sample"] == pytest.approx(rows[0]["p50_ms"] / (r["p50_ms"] / r["batch"]))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", str(golden("resnet")), "--batch", "1,2", "-q"]) == 2  # a fixed batch: make it dynamic first
+    assert "make-batch-dynamic" in capsys.readouterr().err
+    assert main(["bench", str(golden("mlp")), "--batch", "0,2", "-q"]) == 2
