@@ -603,10 +603,12 @@ BATCH_GROWTH = 0.10
 
 
 def choose_batching(rows: Sequence[SweepRow], budget_ms: float, growth: float = BATCH_GROWTH) -> dict:
-    """Triton dynamic batching from a sweep: the preferred batch sizes are the swept sizes above 1
-    whose p99 fits ``budget_ms``, up to the knee (the smallest fitting size whose throughput no
-    larger fitting size beats by more than ``growth``); the queue delay is what the budget leaves after the
-    p99 of the largest of them (a request waits at most that long, then runs)."""
+    """Triton dynamic batching from a sweep. Among the swept sizes whose p99 fits ``budget_ms``,
+    the knee is the smallest one whose throughput no larger one beats by more than ``growth``;
+    the preferred batch sizes are the sizes above 1, up to the knee, whose throughput beats every
+    smaller fitting size's by more than ``growth`` (a size that gains less is not worth waiting
+    for); the queue delay is what the budget leaves after the p99 of the largest preferred size
+    (a request waits at most that long, then runs)."""
     if budget_ms <= 0:
         raise UsageError("the latency budget must be positive (ms)")
     fits = [r for r in sorted(rows, key=lambda r: r.batch) if r.stats.percentiles[99] * 1e3 <= budget_ms]
@@ -619,12 +621,19 @@ def choose_batching(rows: Sequence[SweepRow], budget_ms: float, growth: float = 
     # noisy dip between two sizes, which a first-stop-growing rule would take for the end)
     knee = next(r for i, r in enumerate(fits)
                 if all(later.throughput <= r.throughput * (1 + growth) for later in fits[i + 1:]))
-    preferred = [r.batch for r in fits if 1 < r.batch <= knee.batch]
-    delay_ms = max(0.0, budget_ms - knee.stats.percentiles[99] * 1e3) if preferred else 0.0
-    reason = (f"throughput grows by more than {growth:.0%} up to batch {knee.batch} "
-              f"({knee.throughput:.1f}/s, p99 {knee.stats.percentiles[99] * 1e3:.2f} ms)"
-              if preferred else "batching does not raise throughput enough here; no queue delay")
-    return {"preferred": preferred, "max_queue_delay_us": int(delay_ms * 1e3), "knee": knee.batch, "reason": reason}
+    # a size is worth waiting for when it beats every smaller fitting size by more than ``growth``
+    chosen = [r for i, r in enumerate(fits) if 1 < r.batch <= knee.batch
+              and r.throughput > max((s.throughput for s in fits[:i]), default=0.0) * (1 + growth)]
+    if not chosen:
+        return {"preferred": [], "max_queue_delay_us": 0, "knee": knee.batch,
+                "reason": f"no batch size beats a smaller one's throughput by more than {growth:.0%} within "
+                          f"{budget_ms:g} ms; no queue delay"}
+    last = chosen[-1]
+    delay_ms = max(0.0, budget_ms - last.stats.percentiles[99] * 1e3)
+    reason = (f"throughput grows by more than {growth:.0%} up to batch {last.batch} "
+              f"({last.throughput:.1f}/s, p99 {last.stats.percentiles[99] * 1e3:.2f} ms)")
+    return {"preferred": [r.batch for r in chosen], "max_queue_delay_us": int(delay_ms * 1e3), "knee": knee.batch,
+            "reason": reason}
 
 
 def plot_sweep(rows: Sequence[SweepRow], path: str | os.PathLike, title: str = "") -> Path:

@@ -139,9 +139,11 @@ def test_batching_stops_where_throughput_stops_growing_and_the_delay_keeps_the_b
     p99_at_knee = rows[2].stats.percentiles[99] * 1e3
     assert chosen["max_queue_delay_us"] == int((20 - p99_at_knee) * 1e3)
     assert chosen["max_queue_delay_us"] / 1e3 + p99_at_knee <= 20
-    # a dip between two sizes (noise) does not end the growth
+    # a dip between two sizes (noise) does not end the growth; the size in the dip is no gain
     noisy = [_row(1, 4.0, 5.0), _row(2, 9.0, 10.0), _row(4, 4.0, 6.0)]
-    assert choose_batching(noisy, budget_ms=20)["preferred"] == [2, 4]
+    assert choose_batching(noisy, budget_ms=20)["preferred"] == [4]
+    flat = [_row(1, 4.0, 5.0), _row(2, 7.5, 9.0), _row(4, 15.0, 16.0)]  # per-sample time never drops by 10%
+    assert choose_batching(flat, budget_ms=20)["preferred"] == []
     none = choose_batching(rows, budget_ms=1)
     assert none["preferred"] == [] and none["max_queue_delay_us"] == 0 and "batch 1" in none["reason"]
 
