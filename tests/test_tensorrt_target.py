@@ -26,7 +26,7 @@ from infoptc.errors import UnsupportedOpError, UsageError
 from infoptc.verify import run_onnx, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
-BITS_LOST_TO_SYMMETRY_DB = 6.03  # a symmetric range spends one of 8 bits on a sign a one-sided range lacks
+BITS_LOST_TO_SYMMETRY_DB = 6.02  # a symmetric range spends one of 8 bits on a sign a one-sided range lacks
 
 
 def calibration(shape, n=6, seed=0):
