@@ -118,6 +118,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         instruments.append(PrintAfter(set(args.print_after), lambda text: sys.stderr.write(text)))
     target_options = _target_options(args)
     shape_specs = args.input_shape or []
+    trt_flags = [f for f in ("emit_onnx", "timing_cache", "workspace", "builder_opt_level") if getattr(args, f, None)]
+    if trt_flags and target != "tensorrt":
+        raise UsageError(f"--{trt_flags[0].replace('_', '-')} applies to --target tensorrt")
     if target == "tensorrt":  # NAME:MIN,OPT,MAX is an optimization profile, not a shape to bind
         from ..backends.tensorrt import split_profiles
 
