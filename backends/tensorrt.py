@@ -447,4 +447,18 @@ class TensorRTTarget(Target):
         model = ir.load_model(beside) if beside.exists() else None
         if model is None:
             raise InvalidModelError(f"{path}: the prepared ONNX {beside} (its inputs and outputs) is not beside it")
-        return TensorRTArtifact(model, {}, {"precision": precision(model)}, plan=path.read_bytes())
+        return TensorRTArtifact(model, read_settings(_paths(path)["script"]), {"precision": precision(model)},
+                                plan=path.read_bytes())
+
+
+def read_settings(script: Path) -> dict:
+    """The SETTINGS a written build script holds (profiles, ...), read without running it; {} when
+    there is no script."""
+    import ast
+
+    if not script.is_file():
+        return {}
+    for node in ast.parse(script.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["SETTINGS"]:
+            return ast.literal_eval(node.value)
+    return {}

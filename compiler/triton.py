@@ -68,10 +68,10 @@ class TritonExport:
 # ----------------------------------------------------------------------------- the batch dimension
 
 
-def batch_dimension(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool, str]:
+def batch_dimension(model: onnx.ModelProto, rewrite: bool = True) -> tuple[onnx.ModelProto, bool, str]:
     """(the model to serve, whether it batches, why): a symbolic leading dim on every input and
-    output that computes batch 2 as two batch-1 runs; or a fixed 1 that make-batch-dynamic turns
-    into one (the returned model is then the rewritten one)."""
+    output that computes batch 2 as two batch-1 runs; or (``rewrite``) a fixed 1 that
+    make-batch-dynamic turns into one (the returned model is then the rewritten one)."""
     from infoptc.passes.shape.make_batch_dynamic import batch_mismatch, make_batch_dynamic
 
     inputs = _specs(model, "input")
@@ -82,6 +82,8 @@ def batch_dimension(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool, str]
         if mismatch:
             return model, False, f"the leading dimension is not a batch: {mismatch}"
         return model, True, f"inputs and outputs lead with the symbolic dimension {inputs[0].shape[0]!r}"
+    if not rewrite:
+        return model, False, "no batch dimension: the engine's inputs do not lead with a symbolic dimension"
     dynamic, why, _ = make_batch_dynamic(model)
     if dynamic is None:
         return model, False, f"no batch dimension: {why}"
@@ -221,11 +223,16 @@ def export_triton(source: ir.ModelSource, repo: str | os.PathLike, name: str, *,
     folder = repo / name
     if folder.exists() and not force:
         raise UsageError(f"{folder} exists; pass --force to replace it")
-    model, payload = _load(source, backend)
+    model, payload, profile_max = _load(source, backend)
     model = ir.infer_shapes(model)
     batched, note = False, "max_batch_size 0 asked for"
     if max_batch_size != 0:
-        model, batched, note = batch_dimension(model)
+        # an engine's batch is what its profiles allow: no rewriting of the signature model then
+        model, batched, note = batch_dimension(model, rewrite=payload is None)
+    if batched and profile_max:
+        if max_batch_size and max_batch_size > profile_max:
+            raise UsageError(f"--max-batch-size {max_batch_size}: the engine's profiles allow at most {profile_max}")
+        max_batch_size = max_batch_size or profile_max
     if batched:
         max_batch_size = max_batch_size or DEFAULT_MAX_BATCH
     else:
@@ -256,17 +263,20 @@ def export_triton(source: ir.ModelSource, repo: str | os.PathLike, name: str, *,
     return TritonExport(folder, text, max_batch_size, note, files, batching, sweep)
 
 
-def _load(source: ir.ModelSource, backend: str) -> tuple[onnx.ModelProto, bytes | None]:
-    """(the ONNX model giving the signature, the engine's bytes for tensorrt)."""
+def _load(source: ir.ModelSource, backend: str) -> tuple[onnx.ModelProto, bytes | None, int | None]:
+    """(the ONNX model giving the signature, the engine's bytes for tensorrt, the largest batch its
+    profiles allow where its build script says)."""
     if backend == "onnxruntime":
         if isinstance(source, (str, os.PathLike)) and Path(source).suffix == ".plan":
             raise UsageError(f"{source} is a TensorRT engine; export it with --backend tensorrt")
-        return ir.load_model(source), None
+        return ir.load_model(source), None, None
     if not isinstance(source, (str, os.PathLike)) or Path(source).suffix != ".plan":
         raise UsageError("--backend tensorrt takes the .plan that `infoptc compile MODEL --target tensorrt` builds "
                          "(with its prepared .onnx beside it)")
     artifact = _plan_artifact(source)
-    return artifact.model, artifact.plan
+    profiles = artifact.settings.get("profiles") or {}
+    leads = [shapes[2][0] for shapes in profiles.values() if shapes and shapes[2]]
+    return artifact.model, artifact.plan, min(leads) if leads else None
 
 
 def _plan_artifact(source):

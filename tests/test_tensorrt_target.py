@@ -315,3 +315,32 @@ def test_where_tensorrt_imports_the_target_builds_the_engine_itself(fake_tensorr
     assert ["builder_optimization_level", 2] in _calls(log)
     assert (tmp_path / "t.cache").exists()
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+
+
+def test_an_engine_exports_to_triton_with_the_batch_its_profiles_allow(fake_tensorrt, tmp_path, monkeypatch, resnet):
+    from golden_models import BUILDERS
+    from infoptc import triton
+
+    fake, _ = fake_tensorrt
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    mlp = tmp_path / "mlp.onnx"
+    onnx.save(BUILDERS["mlp"](), mlp)
+    assert main([str(mlp), "--target", "tensorrt", "-o", str(tmp_path / "mlp.plan"),
+                 "--input-shape", "x:1x64,4x64,16x64", "-q"]) == 0
+    assert main([str(resnet), "--target", "tensorrt", "-o", str(tmp_path / "r.plan"), "-q"]) == 0
+    result = triton.export_triton(tmp_path / "mlp.plan", tmp_path / "repo", "mlp", backend="tensorrt")
+    config = triton.parse_config(result.config)
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 16 and list(config.input[0].dims) == [64]
+    assert config.instance_group[0].kind == 1  # KIND_GPU
+    assert (tmp_path / "repo" / "mlp" / "1" / "model.plan").read_bytes() == (tmp_path / "mlp.plan").read_bytes()
+    with pytest.raises(UsageError, match="allow at most 16"):
+        triton.export_triton(tmp_path / "mlp.plan", tmp_path / "repo", "mlp2", backend="tensorrt", max_batch_size=32)
+    fixed = triton.export_triton(tmp_path / "r.plan", tmp_path / "repo", "r", backend="tensorrt", max_batch_size=8)
+    assert fixed.max_batch_size == 0 and "engine" in fixed.batch_note  # built for batch 1: no rewriting an engine
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+
+
+def test_tensorrt_flags_with_another_target_are_usage_errors(resnet, tmp_path):
+    assert main([str(resnet), "--emit-onnx", "-o", str(tmp_path / "x.onnx"), "-q"]) == 2
+    assert not any(tmp_path.iterdir())
