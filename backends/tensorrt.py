@@ -147,7 +147,7 @@ def make_symmetric(graph: gs.Graph) -> dict[str, int]:
         qmin, qmax = (0, 255) if zdtype == np.uint8 else (-128, 127)
         lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
         bound = np.maximum(np.abs(lo), np.abs(hi))
-        new_scale = np.where(bound > 0, bound / 127, 1.0).astype(np.float32).reshape(scale.shape)
+        new_scale = np.where(bound > 0, bound / 127, 1.0).astype(scale.dtype).reshape(scale.shape)  # fp16 stays fp16
         s = gs.Constant(f"{q.name}_scale_sym", new_scale)
         z = gs.Constant(f"{q.name}_zero_point_sym", np.zeros(scale.shape, dtype=np.int8))
         if zdtype == np.uint8 and not zp.any():  # [0, hi]: the Q clipped negatives; Relu keeps that
@@ -169,7 +169,7 @@ def make_symmetric(graph: gs.Graph) -> dict[str, int]:
             scale, zero = _const(dq, 1), _const(dq, 2)
             values = (np.asarray(x.values, dtype=np.float64) - (0 if zero is None else zero)) * scale
             out = dq.outputs[0]
-            const = gs.Constant(f"{out.name}_fp32", values.astype(np.float32))
+            const = gs.Constant(f"{out.name}_fp32", values.astype(scale.dtype))  # the scale's float type
             for consumer in list(out.outputs):
                 for i, t in enumerate(consumer.inputs):
                     if t is out:

@@ -344,3 +344,21 @@ def test_an_engine_exports_to_triton_with_the_batch_its_profiles_allow(fake_tens
 def test_tensorrt_flags_with_another_target_are_usage_errors(resnet, tmp_path):
     assert main([str(resnet), "--emit-onnx", "-o", str(tmp_path / "x.onnx"), "-q"]) == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_a_model_already_in_fp16_passes_through_as_fp16():
+    """The fp16 conversion is another pass's job (--quantize fp16): this target takes its output as it is."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["input"], ["x16"], name="to_fp16", to=TensorProto.FLOAT16),
+             helper.make_node("Conv", ["x16", "w"], ["y16"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["y16"], ["y"], name="to_fp32", to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    art = infoptc.compile(model, target="tensorrt", opt_level=1, emit_onnx=True)
+    assert art.describe()["precision"] == "fp16"
+    assert [n.op_type for n in art.model.graph.node] == ["Cast", "Conv", "Cast"]
+    x = calibration((1, 3, 8, 8), 1)[0]
+    assert np.array_equal(run_onnx(art.model, x)["y"], run_onnx(model, x)["y"])
