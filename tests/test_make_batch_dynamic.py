@@ -95,3 +95,20 @@ def test_a_golden_cnn_after_o2(golden):
     got = run_onnx(optimized, {"input": np.concatenate(xs)})["logits"]
     want = np.concatenate([run_onnx(model, {"input": x})["logits"] for x in xs])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # O2 reassociates (conv-bn folding)
+
+
+def test_a_batch_1_constant_concatenated_with_batched_tensors_is_expanded_to_the_batch():
+    """A ViT's class token: Concat(cls[1,1,D], x[1,N,D], axis=1) would stay batch 1 forever."""
+    rng = np.random.default_rng(3)
+    cls = numpy_helper.from_array(rng.standard_normal((1, 1, 4)).astype(np.float32), "cls")
+    nodes = [helper.make_node("Concat", ["cls", "x"], ["tokens"], name="with_cls", axis=1),
+             helper.make_node("Relu", ["tokens"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 3, 4])],
+                              [helper.make_tensor_value_info("y", F, [1, 4, 4])], [cls])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    done, why, count = make_batch_dynamic(model)
+    assert done is not None and count == 1 and "1 batch-1 Concat input(s) expanded" in why
+    onnx.checker.check_model(done, full_check=True)
+    xs = [rng.standard_normal((1, 3, 4)).astype(np.float32) for _ in range(3)]
+    got = run_onnx(done, {"x": np.concatenate(xs)})["y"]
+    assert np.array_equal(got, np.concatenate([run_onnx(model, {"x": x})["y"] for x in xs]))  # copies only
