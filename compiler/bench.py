@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MissingDependencyError, UsageError, first_line
-from .ir import write_atomic
+from .errors import UsageError, first_line
+from .plotting import figure
 from .progress import stage
 from .targets import Artifact, TensorSpec
 
@@ -498,20 +498,8 @@ def _mpl_version() -> tuple[int, int]:
 
 def plot_latencies(results: Sequence[BenchResult], path: str | os.PathLike) -> Path:
     """A violin per subject with its p50/p99 marked, written atomically (format from the suffix)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("--plot needs matplotlib (pip install matplotlib)") from None
-    import io
-
-    target = Path(path)
-    fmt = target.suffix.lstrip(".").lower() or "png"
     data = [np.asarray(r.samples) * 1e3 for r in results]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.8 * len(results)))
-    try:
+    with figure(path, figsize=(7, 1.2 + 0.8 * len(results))) as (fig, ax):
         positions = list(range(1, len(results) + 1))
         horizontal = {"orientation": "horizontal"} if _mpl_version() >= (3, 10) else {"vert": False}
         if all(len(d) > 1 for d in data):
@@ -528,16 +516,7 @@ def plot_latencies(results: Sequence[BenchResult], path: str | os.PathLike) -> P
         ax.set_title(f"latency distribution, batch {results[0].stats.batch}, {results[0].stats.runs} runs each")
         ax.invert_yaxis()  # the first subject on top, as in the table
         ax.legend(loc="best")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        try:
-            fig.savefig(buf, format=fmt)
-        except ValueError as e:
-            raise UsageError(f"--plot {target}: {str(e).splitlines()[0]}") from None
-    finally:
-        plt.close(fig)
-    write_atomic(target, buf.getvalue())
-    return target
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- batch sweep
@@ -638,18 +617,8 @@ def choose_batching(rows: Sequence[SweepRow], budget_ms: float, growth: float = 
 
 def plot_sweep(rows: Sequence[SweepRow], path: str | os.PathLike, title: str = "") -> Path:
     """Throughput and p50/p99 latency against batch size, written atomically."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("--plot needs matplotlib (pip install matplotlib)") from None
-    import io
-
     sizes = [r.batch for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
-    try:
+    with figure(path, nrows=2, ncols=1, figsize=(6, 6), sharex=True) as (fig, (top, bottom)):
         top.plot(sizes, [r.throughput for r in rows], "o-")
         top.set_ylabel("throughput (samples/s)")
         top.set_title(title or "batch sweep")
@@ -660,10 +629,4 @@ def plot_sweep(rows: Sequence[SweepRow], path: str | os.PathLike, title: str = "
         bottom.set_xlabel("batch size")
         bottom.set_ylabel("latency (ms)")
         bottom.legend(loc="best")
-        fig.tight_layout()
-        data = io.BytesIO()
-        fig.savefig(data, format=Path(path).suffix.lstrip(".").lower() or "png")
-    finally:
-        plt.close(fig)
-    write_atomic(Path(path), data.getvalue())
     return Path(path)
