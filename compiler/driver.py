@@ -57,6 +57,8 @@ def compile(
                          "target cannot run; use --target onnx, or --quantize int8 (standard QDQ)")
     backend = get_target(target)(**target_options)
     backend.check_available()
+    if quantize is not None:  # what --quantize means for the target (tensorrt: all 8 weight bits, no CPU timing)
+        quantize_options = {**getattr(backend, "quantize_defaults", {}).get(quantize, {}), **(quantize_options or {})}
     with paused_gc():  # importing and exporting a graph makes as many node<->tensor cycles as passes do
         source = ir.load_model(model)
         working = upgrade_for_quantization(source) if quantize is not None else source

@@ -91,6 +91,14 @@ def add_parser(subparsers, common) -> dict:
                    help="when no int8 assignment meets the budget, write the best one found instead of exit 3")
     a.add_argument("--pareto-plot", default=None, metavar="FILE.png",
                    help="draw the assignments tried (latency, size, metric) and their Pareto front (matplotlib)")
+    trt = c.add_argument_group("TensorRT target (see docs/targets/tensorrt.md)")
+    trt.add_argument("--emit-onnx", action="store_true", default=None,
+                     help="write the prepared ONNX and its build script and stop (exit 0 without TensorRT/GPU); "
+                          "--input-shape NAME:MIN,OPT,MAX gives an optimization profile")
+    trt.add_argument("--timing-cache", default=None, metavar="FILE", help="TensorRT timing cache, reused across builds")
+    trt.add_argument("--workspace", type=int, default=None, metavar="MIB", help="TensorRT workspace limit in MiB")
+    trt.add_argument("--builder-opt-level", type=int, default=None, metavar="0-5",
+                     help="TensorRT builder optimization level (default 3)")
     c.add_argument("--bisect", action="store_true",
                    help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     common(c)
@@ -122,9 +130,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.print_after:
         instruments.append(PrintAfter(set(args.print_after), lambda text: sys.stderr.write(text)))
     target_options = _target_options(args)
+    shape_specs = args.input_shape or []
+    trt_flags = [f for f in ("emit_onnx", "timing_cache", "workspace", "builder_opt_level") if getattr(args, f, None)]
+    if trt_flags and target != "tensorrt":
+        raise UsageError(f"--{trt_flags[0].replace('_', '-')} applies to --target tensorrt")
+    if target == "tensorrt":  # NAME:MIN,OPT,MAX is an optimization profile, not a shape to bind
+        from ..backends.tensorrt import split_profiles
+
+        shape_specs, profiles = split_profiles(shape_specs)
+        if profiles:
+            target_options["profiles"] = profiles
     artifact = compile_model(
         input_path, target=target, opt_level=opt_level, passes=args.passes,
-        input_shapes=parse_input_shapes(args.input_shape or []), instruments=instruments,
+        input_shapes=parse_input_shapes(shape_specs), instruments=instruments,
         freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
         **_quantize_arguments(args), **target_options,
@@ -291,6 +309,10 @@ def _target_options(args: argparse.Namespace) -> dict:
     options = {key: getattr(args, key) for key in ("threads", "tune", "tune_time", "tuning_db", "arch", "mcpu", "mattr",
                                                    "mtriple")
                if getattr(args, key, None) is not None}
+    for flag, key in (("emit_onnx", "emit_onnx"), ("timing_cache", "timing_cache"), ("workspace", "workspace_mib"),
+                      ("builder_opt_level", "optimization_level")):  # the TensorRT group
+        if getattr(args, flag, None) is not None:
+            options[key] = getattr(args, flag)
     for item in args.target_opt or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
