@@ -239,3 +239,23 @@ def test_auto_flags_need_quantize_auto(files, cli):
     code, _, err = cli(str(files / "chain.onnx"), "--quantize", "int8", "--calibration", str(files / "cal.npz"),
                        "--metric", "cosine")
     assert code == 2 and "--metric applies to --quantize auto only" in err
+
+
+def test_embedding_tables_are_layers_the_search_can_give_back(golden):
+    from infoptc.driver import prepare_for_quantization
+
+    model = prepare_for_quantization(golden("bert"))
+    gathers = [n for n in sensitivity.layers(model) if n.endswith("Gather")]
+    assert gathers and not [n for n in sensitivity.layers(model, embeddings=False) if n.endswith("Gather")]
+    ids = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    rng = np.random.default_rng(0)
+    data = [{i.name: rng.integers(1, 50, size=[d.dim_value or 8 for d in i.type.tensor_type.shape.dim]).astype(np.int64)
+             for i in ids}]
+    with sensitivity.range_cache() as cache:
+        kept = sensitivity.quantize_except(model, data, set(gathers), cache)
+        stored = sensitivity.quantize_except(model, data, (), cache)
+    def int8_tables(m):
+        s8 = {t.name for t in m.graph.initializer if t.data_type == TensorProto.INT8}
+        return sum(1 for n in m.graph.node if n.op_type == "Gather" and n.input[0] in s8)
+
+    assert int8_tables(kept) == 0 < int8_tables(stored)

@@ -98,7 +98,7 @@ class QuantizeAuto(Pass):
         if budget < 0:
             budget = DEFAULT_BUDGET.get(metric if isinstance(metric, str) else "", 0.01)
         fp32 = from_graph(graph)
-        names = layers(fp32)
+        names = layers(fp32, self.opts["embeddings"])
         if not names:
             log.warning("quantize-auto: nothing worth quantizing (no Conv, Gemm or MatMul with constant fp32 "
                         "weights); the model stays fp32")

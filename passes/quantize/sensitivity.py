@@ -1,6 +1,7 @@
 """Which layers can go to int8: per-layer sensitivity, measured on the calibration data.
 
-A layer is a Conv, Gemm or MatMul that ``quantize-int8`` would quantize. Two models are scored
+A layer is a Conv, Gemm or MatMul that ``quantize-int8`` would quantize, or an embedding table
+(a Gather) it would store in int8. Two models are scored
 per layer with a metric (``metrics.py``) against the fp32 model:
 
 - *alone*: only this layer int8, every other one fp32 (how much error the layer brings by itself);
@@ -30,6 +31,7 @@ from infoptc.progress import stage
 from . import calibration
 from .metrics import Metric, resolve_metric
 from .plan import plan_static
+from .qdq import embedding_table
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -60,11 +62,15 @@ class Evaluator:
         return self.metric.meets(score, self.reference_score, budget)
 
 
-def layers(model: onnx.ModelProto) -> list[str]:
-    """The names of the compute nodes ``quantize-int8`` quantizes, in graph order."""
+def layers(model: onnx.ModelProto, embeddings: bool = True) -> list[str]:
+    """The names of the compute nodes ``quantize-int8`` quantizes, in graph order, and (with
+    ``embeddings``) of the Gathers whose tables it stores in int8."""
     graph = to_graph(model)
     plan = plan_static(graph, set(), True, True)
-    return [n.name for n in plan.nodes if n.op in LAYER_OPS]
+    names = [n.name for n in plan.nodes if n.op in LAYER_OPS]
+    if embeddings:
+        names += [n.name for n in graph.nodes if embedding_table(n) is not None]
+    return names
 
 
 def quantize_except(fp32: onnx.ModelProto, source: Any, keep_fp32: Iterator[str], cache: str,
@@ -106,7 +112,7 @@ def analyze(model: onnx.ModelProto, source: Any, metric: str | Callable | Metric
             cache: str = "", leave_out: bool = True, **options: Any) -> Sensitivity:
     """Score every layer alone in int8 and (with ``leave_out``) every layer left out of an
     otherwise int8 model; ``options`` go to ``quantize-int8`` (method, per-channel, isa...)."""
-    names = layers(model)
+    names = layers(model, options.get("embeddings", True))
     if not names:
         raise UsageError("the model has no layer quantize-int8 quantizes (Conv, Gemm or MatMul with constant "
                          "fp32 weights)")
