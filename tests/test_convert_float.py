@@ -195,7 +195,7 @@ def test_bf16_for_llvm_without_host_support_is_refused(monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--keep-io-types"], "needs --quantize fp16|bf16"),
     (["--quantize", "fp16", "--block-size", "64"], "needs --quantize int4"),
-    (["--quantize", "fp16", "--per-tensor"], "applies to --quantize int8"),
+    (["--quantize", "fp16", "--per-tensor"], "does not apply to --quantize fp16"),
 ])
 def test_bad_flags_exit_2(cli, golden, tmp_path, args, message):
     code, _, stderr = cli(golden("mlp"), *args, "-o", tmp_path / "out.onnx")

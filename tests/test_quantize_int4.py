@@ -173,7 +173,7 @@ def test_gptq_without_calibration_and_tvm_targets_are_usage_errors():
     (["--quantize", "int4", "--int4-method", "gptq"], "needs --calibration"),
     (["--quantize", "int4", "--block-size", "48"], "invalid choice"),
     (["--quantize", "int8-dynamic", "--block-size", "64"], "needs --quantize int4"),
-    (["--quantize", "int4", "--isa", "avx2"], "applies to --quantize int8"),
+    (["--quantize", "int4", "--isa", "avx2"], "does not apply to --quantize int4"),
 ])
 def test_bad_flags_exit_2(cli, golden, tmp_path, args, message):
     code, _, stderr = cli(golden("mlp"), *args, "-o", tmp_path / "out.onnx")
