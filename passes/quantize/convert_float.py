@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 from infoptc.errors import MissingDependencyError, UsageError
 from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
-from infoptc.rewrite import Namer
+from infoptc.rewrite import Namer, replace_uses
 
 from .common import excluded, parse_exclude, upgrade_opset
 from .recipe import cpu_flags
@@ -317,10 +317,7 @@ def convert_graph(graph: gs.Graph, to: str = "fp16", keep_io_types: bool = False
             inner = gs.Variable(rw.name(f"{t.name}_{_short(np.dtype(t.dtype))}"), dtype=t.dtype, shape=t.shape)
             producer = t.inputs[0]
             producer.outputs[producer.outputs.index(t)] = inner
-            for reader in list(t.outputs):
-                for i, x in enumerate(reader.inputs):
-                    if x is t:
-                        reader.inputs[i] = inner
+            replace_uses(t, inner)
             t.dtype = want
             graph.nodes.append(gs.Node("Cast", rw.name(f"{t.name}_Cast"), {"to": _ONNX_TYPES[want]}, [inner], [t]))
             rw.counters["casts_inserted"] += 1
@@ -346,10 +343,7 @@ def fold_casts(graph: gs.Graph) -> int:
             out = node.outputs[0]
             if id(out) in outputs:
                 continue  # the graph output keeps its name: keep the Cast
-            for reader in list(out.outputs):
-                for i, t in enumerate(reader.inputs):
-                    if t is out:
-                        reader.inputs[i] = src
+            replace_uses(out, src)
             node.inputs.clear()
             node.outputs.clear()
             removed += 1
