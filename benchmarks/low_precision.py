@@ -161,7 +161,8 @@ def bench_int4(name: str, args, work: Path) -> list[dict]:
         calib = feeds_for(model, kind, 16, "calibration")
         t0 = time.perf_counter()
         variants["infoptc int4 gptq"] = infoptc.compile(model, opt_level=3, quantize="int4", calibration=calib,
-                                                        quantize_options={"method": "gptq"}).model
+                                                        quantize_options={"method": "gptq",
+                                                                          "block-size": args.block_size}).model
         build["infoptc int4 gptq"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     variants["ort int4"] = ort_int4(model)
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=4, help="evaluation feeds per model")
     parser.add_argument("--gptq", action="store_true", help="also int4 with GPTQ (16 calibration sequences)")
+    parser.add_argument("--block-size", type=int, default=128, help="the GPTQ variant's block size (default 128)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     out: dict[str, list] = {"fp16": [], "int4": [], "llvm": []}
