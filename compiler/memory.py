@@ -595,27 +595,17 @@ def _exact(prog: Program, order: list[int], first: int, block: list[int], max_st
 
 
 def plot_live_bytes(rep: MemoryReport, path, title: str = "") -> None:
-    """A PNG of the bytes live at each step, with the lower bound and the planned arena; written
-    atomically."""
-    import io
-    from pathlib import Path
+    """A figure of the bytes live at each step, with the lower bound and the planned arena;
+    written atomically in the format of ``path``'s suffix."""
+    from .plotting import figure
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 3.5), dpi=100)
-    steps = list(range(rep.steps))
-    ax.fill_between(steps, [b / 1e6 for b in rep.live], step="mid", alpha=0.4, label="live")
-    ax.axhline(rep.planned / 1e6, color="C3", lw=1, label=f"planned arena {rep.planned / 1e6:.2f} MB")
-    ax.axhline(rep.lower_bound / 1e6, color="C2", lw=1, ls="--", label=f"lower bound {rep.lower_bound / 1e6:.2f} MB")
-    ax.set_xlabel("step (node in schedule order)")
-    ax.set_ylabel("MB live")
-    ax.set_title(title or "activation memory over the schedule", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    ir.write_atomic(Path(path), buf.getvalue())
+    with figure(path, figsize=(9, 3.5)) as (_, ax):
+        steps = list(range(rep.steps))
+        ax.fill_between(steps, [b / 1e6 for b in rep.live], step="mid", alpha=0.4, label="live")
+        ax.axhline(rep.planned / 1e6, color="C3", lw=1, label=f"planned arena {rep.planned / 1e6:.2f} MB")
+        ax.axhline(rep.lower_bound / 1e6, color="C2", lw=1, ls="--",
+                   label=f"lower bound {rep.lower_bound / 1e6:.2f} MB")
+        ax.set_xlabel("step (node in schedule order)")
+        ax.set_ylabel("MB live")
+        ax.set_title(title or "activation memory over the schedule", fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)

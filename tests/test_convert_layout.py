@@ -7,56 +7,19 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import onnx
 from onnx import TensorProto as T
 from onnx import helper as h
-from onnx import numpy_helper as nh
 
 import infoptc
 from infoptc import testing
 
-TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
+from golden_models.nhwc_cnn import TO_NCHW, TO_NHWC, NhwcGraph, build
 
 
-class _TfStyle:
-    """Builds graphs as tf2onnx leaves NHWC models: every Conv/pool wrapped in Transposes."""
-
-    def __init__(self, seed=0):
-        self.nodes, self.inits, self.k, self.rng = [], [], 0, np.random.default_rng(seed)
-
-    def name(self, base):
-        self.k += 1
-        return f"{base}{self.k}"
-
-    def node(self, op, inputs, **attrs):
-        out = self.name(op.lower())
-        self.nodes.append(h.make_node(op, inputs, [out], name=out + "_node", **attrs))
-        return out
-
-    def const(self, array):
-        name = self.name("c")
-        self.inits.append(nh.from_array(np.asarray(array), name))
-        return name
-
-    def nchw_op(self, op, x, *extra, **attrs):
-        inner = self.node(op, [self.node("Transpose", [x], perm=TO_NCHW), *extra], **attrs)
-        return self.node("Transpose", [inner], perm=TO_NHWC)
-
-    def conv(self, x, cin, cout):
-        w = self.const((self.rng.standard_normal((cout, cin, 3, 3)) * 0.3).astype(np.float32))
-        return self.nchw_op("Conv", x, w, pads=[1, 1, 1, 1])
-
-    def model(self, inputs, outputs, opset=17):
-        m = h.make_model(h.make_graph(self.nodes, "tf", inputs, outputs, self.inits),
-                         opset_imports=[h.make_opsetid("", opset)])
-        m.ir_version = 8
-        return m
-
-
-def tf_style_cnn() -> onnx.ModelProto:
+def tf_style_cnn():
     """conv -> +bias -> relu -> {conv, maxpool} -> concat(axis 3) -> pad -> slice -> conv
     -> + residual -> softmax(axis 3) -> mean over H, W."""
-    b = _TfStyle()
+    b = NhwcGraph()
     x = b.conv("x", 3, 8)
     x = b.node("Relu", [b.node("Add", [x, b.const(np.linspace(-1, 1, 8, dtype=np.float32))])])
     left = b.conv(x, 8, 4)
@@ -91,7 +54,7 @@ def test_only_the_boundary_transpose_is_left():
 
 
 def test_keepdims_reduction_and_output_boundary():
-    b = _TfStyle(1)
+    b = NhwcGraph(1)
     y = b.conv("x", 3, 4)
     y = b.node("ReduceMax", [b.node("Sigmoid", [y])], axes=[3], keepdims=1)  # max: exact in any order
     b.nodes[-1].output[0] = "y"
@@ -103,7 +66,7 @@ def test_keepdims_reduction_and_output_boundary():
 
 
 def test_a_transpose_with_other_readers_stays_and_nothing_gets_worse():
-    b = _TfStyle(2)
+    b = NhwcGraph(2)
     t = b.node("Transpose", ["x"], perm=TO_NCHW)
     r = b.node("Relu", [t])
     s = b.node("Add", [t, "z"])  # z is not transposed: the Add cannot take the Transpose
@@ -126,7 +89,7 @@ def test_nchw_models_are_left_alone():
 
 
 def test_data_movement_and_elementwise_sinking_is_bit_exact():
-    b = _TfStyle(3)
+    b = NhwcGraph(3)
     x = b.conv("x", 3, 6)
     x = b.node("Concat", [b.node("Relu", [x]), b.node("Neg", [x])], axis=3)
     x = b.node("Slice", [x, b.const(np.array([0, 2], np.int64)), b.const(np.array([4, 11], np.int64)),
@@ -151,3 +114,10 @@ def test_random_graphs_keep_outputs_and_never_gain_transposes(model, data):
     out = infoptc.optimize(model, passes="convert-layout")
     assert len(_transposes(out)) <= len(_transposes(model))
     testing.assert_equivalent(model, out, "reassociating", data.draw(testing.model_inputs(model)))
+
+
+def test_residual_nhwc_cnn_keeps_one_transpose():
+    m = build(size=8, channels=4, blocks=2)
+    out = infoptc.optimize(m, passes="convert-layout")
+    assert len(_transposes(m)) == 6 and len(_transposes(out)) == 1
+    testing.assert_equivalent(m, out, "reassociating")

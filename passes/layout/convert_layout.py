@@ -10,7 +10,7 @@ layout-agnostic ops, with their axes remapped:
 for elementwise ops and activations (constants broadcast and permuted: ``c' = c`` moved by the
 inverse of ``p``), Concat/Split/Softmax (axis ``p[axis]``), Pad (pads), Slice (axes), Resize
 (scales, sizes, roi) and reductions (axes; ``p'`` drops the reduced axes without keepdims).
-A Transpose goes down when all its readers can take it (unary ops each take a copy); a
+A Transpose goes down when all its readers are ops it can sink through (each takes a copy); a
 sinking step removes the Transposes on a node's inputs and adds one per output, and meeting
 Transposes are then merged or removed by fuse-transposes. The rewrite is applied to a copy, and kept only when it leaves
 fewer Transposes, or as many that move fewer elements (one sunk below a reduction). Elementwise ops, Concat, Split, Pad, Slice and Resize give bit-identical
@@ -105,9 +105,9 @@ class _Sinker:
             if found is None or (perm is not None and found[1] != perm):
                 return False
             perm = found[1]
-            if t in self.graph.outputs or not all(c is node or c.op in UNARY for c in t.outputs):
-                # Other readers: sinking adds a Transpose unless every reader takes one in turn,
-                # which unary ops do (the whole rewrite is dropped if it ends with more).
+            if t in self.graph.outputs or not all(c is node or c.op in SINKABLE for c in t.outputs):
+                # Other readers: sinking adds a Transpose unless every reader takes one in turn
+                # (the whole rewrite is dropped if it ends with more).
                 return False
             sources[k] = found[0].inputs[0]
         if perm is None or perm == sorted(perm):
