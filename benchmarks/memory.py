@@ -15,6 +15,10 @@ during the first run, in a fresh process per model: the kernel high-water mark i
 activation arena plus its kernels' scratch (im2col, packed weights made at first run) and the
 outputs, not the weights. glibc is told to serve and return large blocks by mmap, so that the
 growth is not hidden by heap pages freed earlier. It is given for the model's order and for the reordered model.
+"TVM storage" is what TVM's llvm build allocates for the model's activations: the module after
+our relax passes (backends/tvm/build.py optimize, NHWC convs) and relax's default pipeline, whose
+StaticPlanBlockMemory pools tensors of equal size; the sum of its alloc_storage sizes (weights
+excluded), for the model's order and for the reordered model. --no-tvm skips it.
 Default models: resnet18 mobilenetv2 efficientnet_b0 vit_tiny bert_small, and golden_models.branchy
 (Inception-like blocks at ResNet-stage size, in breadth-first order).
 """
@@ -94,7 +98,31 @@ def ort_peak(model: onnx.ModelProto, seq: int) -> int | None:
     return int(proc.stdout.split()[-1])
 
 
-def measure(name: str, seq: int, ort: bool) -> dict:
+def tvm_storage(model: onnx.ModelProto, bind: dict) -> int | None:
+    """Bytes of activation storage TVM's llvm build plans for ``model`` (see the docstring)."""
+    import re
+
+    import tvm
+    from infoptc.backends.tvm import build as tvm_build
+    from infoptc.targets import get_target
+    from tvm import relax
+
+    backend = get_target("llvm")(threads=1)
+    target = tvm.target.Target(backend.tvm_target()[0])
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    for vi in bound.graph.input:
+        for d, v in zip(vi.type.tensor_type.shape.dim, bind.get(vi.name, ())):
+            d.Clear()
+            d.dim_value = v
+    _, mod, _ = backend._import(bound, False)
+    mod, _ = tvm_build.optimize(mod, target, cpu_layout=True, schedules="rules")
+    with target:
+        mod = relax.get_pipeline("default")(mod)
+    return sum(int(n) for n in re.findall(r"alloc_storage\(R\.shape\(\[(\d+)\]\)", mod["main"].script()))
+
+
+def measure(name: str, seq: int, ort: bool, tvm: bool = False) -> dict:
     model = build(name)
     start = time.perf_counter()
     prog = memory.program_of(model, bindings(model, seq))
@@ -106,11 +134,15 @@ def measure(name: str, seq: int, ort: bool) -> dict:
            "lower_bound": given.lower_bound, "reordered_lower_bound": best.lower_bound,
            "reordered_planned": best.planned, "weights": given.weights, "analysis_s": round(seconds, 2),
            "symbols": given.symbols}
+    reordered = onnx.ModelProto()
+    reordered.CopyFrom(model)
+    del reordered.graph.node[:]
+    reordered.graph.node.extend(model.graph.node[i] for i in order)
+    if tvm:
+        row["tvm_storage"] = tvm_storage(model, bindings(model, seq))
+        row["tvm_storage_reordered"] = (tvm_storage(reordered, bindings(model, seq)) if order != prog.identity()
+                                        else row["tvm_storage"])
     if ort:
-        reordered = onnx.ModelProto()
-        reordered.CopyFrom(model)
-        del reordered.graph.node[:]
-        reordered.graph.node.extend(model.graph.node[i] for i in order)
         row["ort_peak"] = ort_peak(model, seq)
         row["ort_peak_reordered"] = ort_peak(reordered, seq) if order != prog.identity() else row["ort_peak"]
     return row
@@ -122,14 +154,16 @@ def mb(n) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | nodes | no reuse MB | planned MB | lower bound MB | planned / LB | reordered LB MB (change) "
-            "| reordered planned MB | weights MB | ORT peak MB | ORT peak reordered MB |")
+            "| reordered planned MB | weights MB | ORT peak MB | ORT peak reordered MB | TVM storage MB "
+            "| TVM storage reordered MB |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         change = (r["reordered_lower_bound"] - r["lower_bound"]) / r["lower_bound"] if r["lower_bound"] else 0.0
         lines.append(f"| {r['model']} | {r['nodes']} | {mb(r['no_reuse'])} | {mb(r['planned'])} | "
                      f"{mb(r['lower_bound'])} | {r['planned'] / max(r['lower_bound'], 1):.3f} | "
                      f"{mb(r['reordered_lower_bound'])} ({100 * change:+.1f}%) | {mb(r['reordered_planned'])} | "
-                     f"{mb(r['weights'])} | {mb(r.get('ort_peak'))} | {mb(r.get('ort_peak_reordered'))} |")
+                     f"{mb(r['weights'])} | {mb(r.get('ort_peak'))} | {mb(r.get('ort_peak_reordered'))} | "
+                     f"{mb(r.get('tvm_storage'))} | {mb(r.get('tvm_storage_reordered'))} |")
     return "\n".join(lines)
 
 
@@ -138,11 +172,12 @@ def main(argv=None) -> int:
     ap.add_argument("models", nargs="*", default=list(DEFAULT_MODELS))
     ap.add_argument("--seq", type=int, default=128, help="value of symbolic sequence dims (batch is 1)")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's measured peaks")
+    ap.add_argument("--no-tvm", action="store_true", help="skip TVM's planned storage")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models:
-        rows.append(measure(name, args.seq, not args.no_ort))
+        rows.append(measure(name, args.seq, not args.no_ort, not args.no_tvm))
         print(f"  {name}: done in {rows[-1]['analysis_s']} s of analysis", file=sys.stderr)
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     failed = [r["model"] for r in rows if r["planned"] > 1.05 * r["lower_bound"]
