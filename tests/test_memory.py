@@ -18,7 +18,7 @@ from infoptc import memory
 
 from _models import fvi, model
 
-QUICK = settings(max_examples=150, deadline=None, derandomize=True, database=None)
+QUICK = settings(max_examples=100, deadline=None, derandomize=True, database=None)
 
 
 @st.composite
