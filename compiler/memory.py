@@ -276,19 +276,35 @@ _PLACEMENT_KEYS = (
     lambda b, k: (-b.size, b.start - b.end, k),
     lambda b, k: (-b.size * (b.end - b.start + 1), k),
 )
+# Rounds of "squeaky wheel" repair per placement order: the buffers that end at the top of the
+# arena move forward in the order (by a tenth of it) and everything is placed again. ViT-Ti after
+# -O2 went from 1.10x its lower bound to 1.00x in 13 to 21 rounds (0.2 s).
+# Each round costs time quadratic in the buffers: graphs of over ~300 get fewer rounds.
+REPAIR_ROUNDS = 32
+REPAIR_BUDGET = 3_000_000  # rounds x buffers^2
 
 
 def plan_memory(prog: Program, order: Sequence[int] | None = None, alignment: int = ALIGNMENT) -> Plan:
-    """Offsets in one arena for the buffers of ``order``: greedy by size, best fit (the
-    smallest arena of the placement orders in ``_PLACEMENT_KEYS``)."""
+    """Offsets in one arena for the buffers of ``order``: greedy by size, best fit, from each
+    placement order of ``_PLACEMENT_KEYS`` repaired for ``REPAIR_ROUNDS``; the smallest arena."""
     order = prog.identity() if order is None else list(order)
     bufs = buffers(prog, order)
+    sizes = [_aligned(b.size, alignment) for b in bufs]
+    floor = max(live_bytes([Buffer([], z, b.start, b.end) for z, b in zip(sizes, bufs)], len(order)), default=0)
     best: Plan | None = None
     for key in _PLACEMENT_KEYS:
         ranked = sorted(range(len(bufs)), key=lambda k: key(bufs[k], k))
-        plan = Plan(order, bufs, _best_fit(bufs, ranked, alignment), alignment)
-        if best is None or plan.planned < best.planned:
-            best = plan
+        for _ in range(max(1, min(REPAIR_ROUNDS, REPAIR_BUDGET // max(1, len(bufs) ** 2)))):
+            plan = Plan(order, bufs, _best_fit(bufs, ranked, alignment), alignment)
+            arena = plan.planned
+            if best is None or arena < best.planned:
+                best = plan
+            if best.planned <= floor:
+                return best
+            step = max(1, len(ranked) // 10)
+            for k in [k for k in range(len(bufs)) if plan.offsets[k] + sizes[k] == arena]:
+                i = ranked.index(k)
+                ranked.insert(max(0, i - step), ranked.pop(i))
     return best
 
 
