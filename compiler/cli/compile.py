@@ -39,6 +39,10 @@ def add_parser(subparsers, common) -> dict:
     c.add_argument("--opt-bisect-limit", type=int, default=None, metavar="N",
                    help="run only the first N pass applications (find a bad pass by bisection)")
     c.add_argument("--threads", type=int, default=None, help="threads for the runtime of the artifact")
+    c.add_argument("--ops", default=None, choices=["standard", "ort"],
+                   help="op policy of the fusions: ort (default) may emit ONNX Runtime's com.microsoft ops "
+                        "(FusedConv, Gelu, SkipLayerNormalization, MultiHeadAttention...); standard emits only "
+                        "ai.onnx ops at the model's opset. Recorded in the output's metadata as infoptc.ops")
     tv = c.add_argument_group("TVM targets (llvm, cuda)")
     tv.add_argument("--tune", type=int, default=None, metavar="TRIALS",
                     help="MetaSchedule trial budget (default: untuned rule-based schedules)")
@@ -114,7 +118,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         input_shapes=parse_input_shapes(args.input_shape or []), instruments=instruments,
         freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
-        **_quantize_arguments(args), **target_options,
+        **_quantize_arguments(args), **target_options, ops=args.ops,
     )
     if args.opt_bisect_limit is not None:
         for rec in artifact.pass_records:

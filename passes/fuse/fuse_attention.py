@@ -19,6 +19,7 @@ entries, or one built from Shape/Gather/Unsqueeze/Concat of the tensor being res
 from __future__ import annotations
 
 import numpy as np
+from infoptc.op_policy import contrib_allowed, policy
 from infoptc.pass_manager import Option
 from infoptc.pattern import Const, Rule, rewrite_pass
 
@@ -129,27 +130,88 @@ def _scalar_dim(ctx, t):
     return ("dim", shape.inputs[0], i)
 
 
-def _keeps_leading(ctx, reshape, tail: list[int]) -> str | None:
-    """None when Reshape(src, shape) keeps src's first two dims and then has ``tail``."""
+KEEPS_DIMS = {"Add", "Sub", "Mul", "Div", "Cast", "Relu", "Gelu", "Tanh", "Erf", "Sigmoid", "Softmax", "Identity",
+              "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+              "SkipSimplifiedLayerNormalization", "FastGelu", "BiasGelu", "Neg", "Sqrt", "Pow"}
+
+
+def _origin(ctx, t, i, depth: int = 0):
+    """(tensor, axis) where dim ``i`` of ``t`` comes from, followed up through ops that keep it:
+    elementwise ops whose other operands are constants of size 1 on that axis, normalizations,
+    and MatMul by a 2-D weight (every axis but the last)."""
+    node = ctx.producer(t)
+    rank = ctx.rank(t)
+    if node is None or rank is None or depth > 32 or not node.inputs:
+        return t, i
+    src = node.inputs[0]
+    if node.op == "MatMul":
+        w = ctx.shape(node.inputs[1])
+        if w is None or len(w) != 2 or ctx.rank(src) != rank or i >= rank - 1:
+            return t, i
+        return _origin(ctx, src, i, depth + 1)
+    if node.op not in KEEPS_DIMS or ctx.rank(src) != rank:
+        return t, i
+    here, there = ctx.shape(t), ctx.shape(src)
+    if there[i] == 1 and here[i] != 1:  # broadcast from another operand
+        return t, i
+    for other in node.inputs[1:]:
+        shape = ctx.shape(other) if other.name else ()
+        if shape is None:
+            return t, i
+        k = i - (rank - len(shape))
+        if k >= 0 and shape[k] != 1 and (ctx.value(other) is not None or ctx.rank(other) != rank
+                                         or _origin(ctx, other, k, depth + 1) != _origin(ctx, src, i, depth + 1)):
+            return t, i
+    return _origin(ctx, src, i, depth + 1)
+
+
+def _same_dim(ctx, entry, src, i) -> bool:
+    """Whether a ("dim", t, j) shape entry provably equals dim ``i`` of ``src``: the same
+    dim followed up to where it comes from, or a dim shape inference gave the same symbol."""
+    _, t, j = entry
+    ot, oj = _origin(ctx, t, j)
+    os_, oi = _origin(ctx, src, i)
+    if ot is os_ and oj == oi:
+        return True
+    a, b = ctx.shape(t), ctx.shape(src)
+    if not a or not b or j >= len(a) or i >= len(b):
+        return False
+    da, db = a[j], b[i]
+    return da == db and ((isinstance(da, str) and da != "") or (isinstance(da, int) and da > 0))
+
+
+def _keeps_leading(ctx, reshape, tail: list[int], like=None) -> str | None:
+    """None when Reshape(src, shape) keeps src's first two dims and then has ``tail`` (one entry
+    of the tail may be -1 when src's other dims are known, as the exporters write [B, S, -1, H]).
+    ``like``: a tensor whose first two dims src is known to have (the merge's q)."""
     src = reshape.inputs[0]
+    same = like if like is not None else src
     entries = _dims(ctx, reshape.inputs[1])
     if entries is None or len(entries) != 2 + len(tail):
         return f"cannot read the target shape of {reshape.name!r}"
-    if list(entries[2:]) != tail and not (entries[-1] == -1 and list(entries[2:-1]) == tail[:-1]):
-        return f"{reshape.name!r} reshapes to {entries[2:]}, expected {tail}"
+    rest = list(entries[2:])
     src_shape = ctx.shape(src)
     free = 0
     for i, e in enumerate(entries[:2]):
         if isinstance(e, tuple):
-            if e[1] is not src or e[2] != i:
-                return f"{reshape.name!r} takes dim {i} from another tensor"
+            if not (_same_dim(ctx, e, src, i) or _same_dim(ctx, e, same, i)):
+                return f"{reshape.name!r} takes dim {i} from a tensor not known to match"
         elif e == 0 and not ctx.attr(reshape, "allowzero", 0):
             continue
         elif e == -1:
             free += 1
         elif not (src_shape and isinstance(src_shape[i], int) and src_shape[i] == e):
             return f"{reshape.name!r} sets dim {i} to {e}"
-    if free + (entries[-1] == -1) > 1:
+    if rest.count(-1) == 1 and all(isinstance(d, int) for d in rest):
+        # -1 in the tail: the other dims must pin it, so the leading two must be exact
+        inner = src_shape[2:] if src_shape else None
+        known = inner and all(isinstance(d, int) and d > 0 for d in inner)
+        if free or not known or int(np.prod(inner)) != int(np.prod(tail)):
+            return f"{reshape.name!r} has a -1 that the known dims do not pin down"
+        rest = [t if d == -1 else d for d, t in zip(rest, tail)]
+    if rest != tail:
+        return f"{reshape.name!r} reshapes to {entries[2:]}, expected {tail}"
+    if free > 1:
         return f"{reshape.name!r} has more than one -1"
     return None
 
@@ -172,7 +234,7 @@ def _form(ctx, dtype) -> str | None:
     wanted = ctx.options.get("form", "auto")
     if wanted == "standard" or (wanted == "auto" and ctx.opset >= STANDARD_OPSET):
         return "standard" if ctx.opset >= STANDARD_OPSET else None
-    if (wanted == "contrib" or ctx.target == "onnx") and dtype is not None and dtype.name in CONTRIB_DTYPES:
+    if (wanted == "contrib" or (wanted == "auto" and contrib_allowed(ctx.pass_ctx))) and dtype is not None and dtype.name in CONTRIB_DTYPES:
         return "contrib"
     return None
 
@@ -181,7 +243,8 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None,
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
-        return (f"no attention op for opset {ctx.opset}, target {ctx.target!r}, dtype {dtype} "
+        return (f"no attention op for opset {ctx.opset}, target {ctx.target!r}, ops {policy(ctx.pass_ctx)!r}, "
+                f"dtype {dtype} "
                 f"(standard Attention needs opset {STANDARD_OPSET}; MultiHeadAttention is float32 on ONNX Runtime)")
     geometry = [_heads(ctx, s) for s in (q_split, k_split, v_split)]
     if any(g is None for g in geometry):
@@ -197,7 +260,7 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None,
         reason = _keeps_leading(ctx, split, [heads, size])
         if reason:
             return reason
-    reason = _keeps_leading(ctx, merge, [heads * size])
+    reason = _keeps_leading(ctx, merge, [heads * size], like=q)
     if reason:
         return reason
     scale_value = 1.0 if scale is None else float(ctx.value(scale).reshape(-1)[0])
@@ -268,5 +331,5 @@ FuseAttention = rewrite_pass(
     "scaled-dot-product attention (head split, QK^T, scale, mask, Softmax, V, merge) -> one attention op",
     RULES,
     options={"form": Option("auto", "auto: Attention at opset >= 23, else com.microsoft MultiHeadAttention "
-                                    "for the onnx target; standard; contrib", choices=("auto", "standard", "contrib"))},
+                                    "where the op policy allows it (--ops ort, onnx target); standard; contrib", choices=("auto", "standard", "contrib"))},
 )
