@@ -152,7 +152,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.time_passes:
         out.print(_time_table(timing.rows()))
     if args.stats:
-        out.print(_stats_table(stats.as_dict()))
+        out.print(_stats_table(stats.as_dict(), artifact.reports))
     for name, quant in artifact.reports.items():
         speed = quant.get("speed")
         if speed:
@@ -280,12 +280,15 @@ def _time_table(rows) -> Table:
     return table
 
 
-def _stats_table(stats: dict) -> Table:
+def _stats_table(stats: dict, reports: dict | None = None) -> Table:
+    """Counters per pass; a ``rejected`` row also says why each rule was first refused."""
     table = Table(title="pass statistics", title_justify="left")
     table.add_column("pass")
     table.add_column("counter")
     table.add_column("value", justify="right")
+    table.add_column("first reason")
     for name, counters in stats.items():
         for key, value in counters.items():
-            table.add_row(name, key, str(value))
+            reasons = ((reports or {}).get(name) or {}).get("rejected", {}) if key == "rejected" else {}
+            table.add_row(name, key, str(value), "; ".join(f"{rule} {why}" for rule, why in reasons.items()))
     return table

@@ -23,6 +23,9 @@ from infoptc.op_policy import contrib_allowed, policy
 from infoptc.pass_manager import Option
 from infoptc.pattern import Const, Rule, rewrite_pass
 
+from ._dims import dims as _dims
+from ._dims import same_dim as _same_dim
+
 STANDARD_OPSET = 23
 CONTRIB_DTYPES = {"float32"}  # com.microsoft MultiHeadAttention on ONNX Runtime's CPU provider
 MASK_FILL_LIMIT = -1e30  # a Where fill this negative zeroes a softmax weight exactly, like a -inf bias
@@ -80,104 +83,6 @@ PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s 
 
 
 # ----------------------------------------------------------------------------- shape facts
-
-
-def _dims(ctx, t, depth: int = 0) -> list | None:
-    """A 1-D int64 shape tensor as entries: ints, or ("dim", tensor, i) for a dimension of a tensor."""
-    value = ctx.value(t)
-    if value is not None:
-        return [int(d) for d in value.reshape(-1)] if value.ndim <= 1 else None
-    node = ctx.producer(t)
-    if node is None or depth > 8:
-        return None
-    if node.op == "Concat":
-        parts = [_dims(ctx, i, depth + 1) for i in node.inputs]
-        return None if any(p is None for p in parts) else [d for p in parts for d in p]
-    if node.op == "Unsqueeze":
-        scalar = _scalar_dim(ctx, node.inputs[0])
-        return None if scalar is None else [scalar]
-    if node.op == "Shape":
-        rank = ctx.rank(node.inputs[0])
-        if rank is None:
-            return None
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
-        return [("dim", node.inputs[0], i) for i in range(rank)[start:end]]
-    if node.op == "Gather" and ctx.attr(node, "axis", 0) == 0:
-        whole, idx = _dims(ctx, node.inputs[0], depth + 1), ctx.value(node.inputs[1])
-        if whole is None or idx is None or idx.ndim != 1:
-            return None
-        return [whole[int(i)] for i in idx]
-    return None
-
-
-def _scalar_dim(ctx, t):
-    """A 0-d ``Gather(Shape(x), i)`` as ("dim", x, i), or a 0-d constant as an int."""
-    value = ctx.value(t)
-    if value is not None:
-        return int(value) if value.size == 1 else None
-    node = ctx.producer(t)
-    if node is None or node.op != "Gather" or ctx.attr(node, "axis", 0) != 0:
-        return None
-    idx, shape = ctx.value(node.inputs[1]), ctx.producer(node.inputs[0])
-    if idx is None or idx.ndim != 0 or shape is None or shape.op != "Shape" or shape.attrs.get("start", 0):
-        return None
-    rank = ctx.rank(shape.inputs[0])
-    i = int(idx)
-    if i < 0:
-        if rank is None:
-            return None
-        i += rank
-    return ("dim", shape.inputs[0], i)
-
-
-KEEPS_DIMS = {"Add", "Sub", "Mul", "Div", "Cast", "Relu", "Gelu", "Tanh", "Erf", "Sigmoid", "Softmax", "Identity",
-              "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
-              "SkipSimplifiedLayerNormalization", "FastGelu", "BiasGelu", "Neg", "Sqrt", "Pow"}
-
-
-def _origin(ctx, t, i, depth: int = 0):
-    """(tensor, axis) where dim ``i`` of ``t`` comes from, followed up through ops that keep it:
-    elementwise ops whose other operands are constants of size 1 on that axis, normalizations,
-    and MatMul by a 2-D weight (every axis but the last)."""
-    node = ctx.producer(t)
-    rank = ctx.rank(t)
-    if node is None or rank is None or depth > 32 or not node.inputs:
-        return t, i
-    src = node.inputs[0]
-    if node.op == "MatMul":
-        w = ctx.shape(node.inputs[1])
-        if w is None or len(w) != 2 or ctx.rank(src) != rank or i >= rank - 1:
-            return t, i
-        return _origin(ctx, src, i, depth + 1)
-    if node.op not in KEEPS_DIMS or ctx.rank(src) != rank:
-        return t, i
-    here, there = ctx.shape(t), ctx.shape(src)
-    if there[i] == 1 and here[i] != 1:  # broadcast from another operand
-        return t, i
-    for other in node.inputs[1:]:
-        shape = ctx.shape(other) if other.name else ()
-        if shape is None:
-            return t, i
-        k = i - (rank - len(shape))
-        if k >= 0 and shape[k] != 1 and (ctx.value(other) is not None or ctx.rank(other) != rank
-                                         or _origin(ctx, other, k, depth + 1) != _origin(ctx, src, i, depth + 1)):
-            return t, i
-    return _origin(ctx, src, i, depth + 1)
-
-
-def _same_dim(ctx, entry, src, i) -> bool:
-    """Whether a ("dim", t, j) shape entry provably equals dim ``i`` of ``src``: the same
-    dim followed up to where it comes from, or a dim shape inference gave the same symbol."""
-    _, t, j = entry
-    ot, oj = _origin(ctx, t, j)
-    os_, oi = _origin(ctx, src, i)
-    if ot is os_ and oj == oi:
-        return True
-    a, b = ctx.shape(t), ctx.shape(src)
-    if not a or not b or j >= len(a) or i >= len(b):
-        return False
-    da, db = a[j], b[i]
-    return da == db and ((isinstance(da, str) and da != "") or (isinstance(da, int) and da > 0))
 
 
 def _keeps_leading(ctx, reshape, tail: list[int], like=None) -> str | None:
@@ -239,7 +144,23 @@ def _form(ctx, dtype) -> str | None:
     return None
 
 
-def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None, fill=None):
+def _reshape_uses(ctx, shape_uses) -> str | None:
+    """Reshapes may read only the merged heads [B, S, N, H] (GPT-2's Conv1D views it as
+    [-1, N*H]): reading the merge's output instead gives the same elements in the same order,
+    unless a 0 in the target shape copies a dim of the input."""
+    for name, nodes in shape_uses.items():
+        for node in nodes:
+            if node.op != "Reshape":
+                continue
+            if name != "merged":
+                return f"Reshape {node.name!r} reads the attention intermediate {name!r}"
+            target = ctx.value(node.inputs[1])
+            if target is None or (0 in target.reshape(-1) and not ctx.attr(node, "allowzero", 0)):
+                return f"Reshape {node.name!r} of the merged heads has a target shape that is not a constant without 0"
+    return None
+
+
+def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, scale=None, fill=None):
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
@@ -260,14 +181,17 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None,
         reason = _keeps_leading(ctx, split, [heads, size])
         if reason:
             return reason
-    reason = _keeps_leading(ctx, merge, [heads * size], like=q)
+    target = ctx.value(merge.inputs[1])
+    flat = target is not None and target.reshape(-1).tolist() == [-1, heads * size]  # the view of Conv1D
+    reason = (None if flat else _keeps_leading(ctx, merge, [heads * size], like=q)) or _reshape_uses(ctx, shape_uses)
     if reason:
         return reason
     scale_value = 1.0 if scale is None else float(ctx.value(scale).reshape(-1)[0])
     divided = any(n.op == "Div" for n in ctx.nodes)
     if divided and scale_value == 0:
         return "division by a zero scale"
-    found = {"form": form, "heads": heads, "size": size, "scale": 1.0 / scale_value if divided else scale_value, "bias": None}
+    found = {"form": form, "heads": heads, "size": size, "scale": 1.0 / scale_value if divided else scale_value,
+             "bias": None, "flat": flat}
     if fill is not None:
         fill_value = float(ctx.value(fill).reshape(-1)[0])
         if fill_value > MASK_FILL_LIMIT:
@@ -307,10 +231,13 @@ class _Dims:
         return parts[0] if len(parts) == 1 else self.op.Concat(*parts, axis=0)
 
 
-def attention(op, q, k, v, form, heads, size, scale, bias, shape_uses, mask=None, fill=None):
+def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, fill=None):
     dims = _Dims(op, q, k, heads, size)
     for name, nodes in shape_uses.items():
         for shape in nodes:
+            if shape.op == "Reshape":  # of the merged heads: the same elements as the result
+                shape.inputs[0] = merge.outputs[0]
+                continue
             layout = LAYOUTS[name]
             start, end = shape.attrs.get("start", 0), shape.attrs.get("end", len(layout))
             op.replace_uses(shape.outputs[0], dims.shape(layout[start:end]))
@@ -320,11 +247,13 @@ def attention(op, q, k, v, form, heads, size, scale, bias, shape_uses, mask=None
             mask = op.Where(mask, zero, fill) if bias == "where" else op.Where(mask, fill, zero)
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
     if form == "standard":
-        return op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)
-    return op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale)
+        y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)
+    else:
+        y = op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale)
+    return op.Reshape(y, merge.inputs[1]) if flat else y
 
 
-RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=True)]
+RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=("Shape", "Reshape"))]
 
 FuseAttention = rewrite_pass(
     "fuse-attention",

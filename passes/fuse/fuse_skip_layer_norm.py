@@ -19,6 +19,8 @@ from __future__ import annotations
 from infoptc.op_policy import contrib_allowed, policy
 from infoptc.pattern import Const, Rule, rewrite_pass
 
+from ._dims import same_shape
+
 SKIP_DTYPES = {"float32", "float16"}  # ONNX Runtime's SkipLayerNormalization
 
 
@@ -64,9 +66,10 @@ def check_skip(ctx, a, b, gamma, norm, residual, beta=None, bias=None):
     if [ctx.attr(norm, "axis", -1) % 3, ctx.attr(norm, "stash_type", 1)] != [2, 1] or len(norm.outputs) > 1 \
             and any(t.outputs for t in norm.outputs[1:]):
         return "LayerNormalization is not over the last axis in fp32, or its mean/inv-std outputs are read"
-    for t in (a, b):
-        if ctx.shape(t) != shape:
-            return f"{t.name!r} is {ctx.shape(t)}, not the sum's shape {shape}: no broadcasting in SkipLayerNormalization"
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    if not (sa == sb == shape or same_shape(ctx, a, b)):
+        return (f"addends {a.name!r} {sa} and {b.name!r} {sb} are not provably of one shape "
+                "(SkipLayerNormalization does not broadcast)")
     for key, t in (("gamma", gamma), ("beta", beta), ("bias", bias)):
         if t is not None and not (_vector(ctx, t, shape[2]) and ctx.dtype(t) == dtype):
             return f"{key} {t.name!r} is not a [{shape[2]}] {dtype} vector"
