@@ -387,8 +387,8 @@ class _Matcher:
         self.pattern, self.info, self.opset = pattern, info, opset
         self.best: tuple[int, str] | None = None
 
-    def fail(self, st: _State, msg: str) -> None:
-        depth = len(st.nodes)
+    def fail(self, st: _State, msg: str, depth: int | None = None) -> None:
+        depth = len(st.nodes) if depth is None else depth
         if self.best is None or depth > self.best[0]:
             self.best = (depth, msg)
 
@@ -632,8 +632,8 @@ def _try(rule: Rule, pattern: Pattern, node: gs.Node, info: _GraphInfo, pass_ctx
                 reason = f"check: {verdict}"
             elif verdict is not True:
                 reason = "check returned False"
-        if reason is not None:
-            matcher.fail(_State(nodes={i: v for i, v in enumerate(st.nodes.values())}), reason)
+        if reason is not None:  # a whole structure matched: its refusal outranks any partial mismatch
+            matcher.fail(_State(), reason, depth=len(pattern.nodes) + 1)
             continue
         outputs = [_output_tensor(st, o) for o in pattern.outputs]
         return Match(rule, pattern, node, st.bindings, nodes, outputs), True

@@ -119,13 +119,14 @@ def versions() -> dict[str, str]:
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__}
 
 
-def build_torch_model(name: str):
-    """The transformers module for ``name``, seeded, in eval mode, eager attention."""
+def build_torch_model(name: str, overrides: dict | None = None):
+    """The transformers module for ``name``, seeded, in eval mode, eager attention; ``overrides``
+    change config fields (the test fixtures shrink the models this way)."""
     import torch
     import transformers
 
     spec = SPECS[name]
-    config = getattr(transformers, spec.config)(**spec.kwargs)
+    config = getattr(transformers, spec.config)(**{**spec.kwargs, **(overrides or {})})
     config._attn_implementation = "eager"  # the decomposed attention real exports contain
     torch.manual_seed(SEED)
     cls = getattr(transformers, spec.model_class)
@@ -141,18 +142,20 @@ def build_torch_model(name: str):
     return model
 
 
-def example_inputs(name: str, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(name: str, batch: int = 2, seq: int = 16, seed: int = 0,
+                   overrides: dict | None = None) -> dict[str, np.ndarray]:
     """Valid inputs: token ids inside the vocabulary, an attention mask whose first row pads its
     last quarter; pixels / log-mel features in [-1, 1]. ``seq`` is ignored for images and audio."""
     spec = SPECS[name]
+    kw = {**spec.kwargs, **(overrides or {})}
     rng = np.random.default_rng(seed)
     if spec.kind == "image":
-        size = spec.kwargs["image_size"]
+        size = kw["image_size"]
         return {"pixel_values": rng.uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)}
     if spec.kind == "audio":
-        frames = 2 * spec.kwargs["max_source_positions"]  # the encoder insists on its full 30 s window
-        return {"input_features": rng.uniform(-1, 1, (batch, spec.kwargs["num_mel_bins"], frames)).astype(np.float32)}
-    vocab = spec.kwargs.get("vocab_size", 30522)
+        frames = 2 * kw["max_source_positions"]  # the encoder insists on its full 30 s window
+        return {"input_features": rng.uniform(-1, 1, (batch, kw["num_mel_bins"], frames)).astype(np.float32)}
+    vocab = kw.get("vocab_size", 30522)
     ids = rng.integers(5, vocab, size=(batch, seq), dtype=np.int64)
     mask = np.ones((batch, seq), dtype=np.int64)
     mask[0, seq - max(1, seq // 4):] = 0
@@ -185,13 +188,13 @@ class _Wrapper:
         return Last().eval()
 
 
-def export(name: str, exporter: str, opset: int, out: Path) -> Path:
+def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | None = None) -> Path:
     """Export ``name`` with ``exporter`` at ``opset`` to ``out`` (atomically)."""
     import torch
 
     spec = SPECS[name]
-    module = _Wrapper.make(build_torch_model(name), spec.kind)
-    feeds = example_inputs(name, batch=2, seq=16)
+    module = _Wrapper.make(build_torch_model(name, overrides), spec.kind)
+    feeds = example_inputs(name, batch=2, seq=16, overrides=overrides)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     names = list(feeds)
     if spec.kind in ("image", "audio"):
@@ -218,6 +221,8 @@ def export(name: str, exporter: str, opset: int, out: Path) -> Path:
                                         optimize=True, verbose=False)
             model = program.model_proto
     facts = {**versions(), "exporter": exporter, "infoptc.real_export": name, "seed": str(SEED)}
+    if overrides:
+        facts["config_overrides"] = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     for key, value in facts.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -122,14 +122,21 @@ def _keeps_leading(ctx, reshape, tail: list[int], like=None) -> str | None:
 
 
 def _heads(ctx, split) -> tuple[int, int] | None:
-    """(heads, head size) that a head-split Reshape produces."""
+    """(heads, head size) that a head-split Reshape produces (a -1 for either is resolved from
+    the known last dim of its input)."""
     shape = ctx.shape(split.outputs[0])
     if shape and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
         return shape[2], shape[3]
     entries = _dims(ctx, split.inputs[1])
-    if entries and len(entries) == 4 and all(isinstance(d, int) and d > 0 for d in entries[2:]):
-        return entries[2], entries[3]
-    return None
+    if not entries or len(entries) != 4 or not all(isinstance(d, int) for d in entries[2:]):
+        return None
+    n, h = entries[2:]
+    width = (ctx.shape(split.inputs[0]) or [None])[-1]
+    if (n == -1) != (h == -1) and isinstance(width, int) and width > 0:
+        known = h if n == -1 else n
+        if known > 0 and width % known == 0:
+            n, h = (width // known, h) if n == -1 else (n, width // known)
+    return (n, h) if n > 0 and h > 0 else None
 
 
 # ----------------------------------------------------------------------------- condition and replacement
