@@ -9,7 +9,8 @@
 
 q, k, v are the 3-D [B, S, N*H] projections before the head split, y the merged result, so the
 head split/merge Reshapes and Transposes disappear too. The scale may be a Div, a Mul or absent.
-An additive float mask is passed as the attention bias; a Where mask with a fill of -1e30 or
+An additive float mask is passed as the attention bias (two of them, as T5 adds its relative
+position bias and then the padding mask, are summed first); a Where mask with a fill of -1e30 or
 below (finfo.min, -inf) becomes the bias Where(cond, 0, fill): adding it gives the same softmax.
 ONNX Runtime wants the bias as [B|1, N|1, S, L], so it is expanded along S and L (cheap: no
 head or batch copies). Both Reshapes must provably keep B and S: a constant shape with 0/-1
@@ -43,7 +44,8 @@ def _last_axis(axis) -> bool:
 
 
 def _attention_pattern(keys, scaling, masking):
-    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, scale=Const(_scalar), fill=Const(_scalar)):
+    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, scale=Const(_scalar),
+                fill=Const(_scalar)):
         qh = op.Transpose(op.Reshape(q, q_shape, _bind="q_split"), perm=[0, 2, 1, 3], _bind="qh")
         vh = op.Transpose(op.Reshape(v, v_shape, _bind="v_split"), perm=[0, 2, 1, 3], _bind="vh")
         k_split = op.Reshape(k, k_shape, _bind="k_split")
@@ -59,6 +61,8 @@ def _attention_pattern(keys, scaling, masking):
             scores = op.Mul(scores, scale, _bind="scaled")
         if masking == "add":
             scores = op.Add(scores, mask, _bind="masked")
+        elif masking == "add_add":  # T5: the relative position bias, then the padding mask
+            scores = op.Add(op.Add(scores, mask, _bind="masked0"), mask2, _bind="masked")
         elif masking == "where":
             scores = op.Where(mask, scores, fill, _bind="masked")
         elif masking == "where_inverted":
@@ -75,11 +79,11 @@ def _attention_pattern(keys, scaling, masking):
 # The layout of every intermediate, for Shape nodes that read one (B batch, S queries, L keys,
 # N heads, H head size): the replacement computes their value from q and k instead.
 LAYOUTS = {"q_split": "BSNH", "k_split": "BLNH", "v_split": "BLNH", "qh": "BNSH", "kh": "BNLH", "vh": "BNLH",
-           "kt": "BNHL", "scores": "BNSL", "scaled": "BNSL", "masked": "BNSL", "probs": "BNSL",
+           "kt": "BNHL", "scores": "BNSL", "scaled": "BNSL", "masked0": "BNSL", "masked": "BNSL", "probs": "BNSL",
            "context": "BNSH", "merged": "BSNH"}
 
 PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s in ("div", "mul", "none")
-            for m in ("add", "where", "where_inverted", "none")]
+            for m in ("add_add", "add", "where", "where_inverted", "none")]
 
 
 # ----------------------------------------------------------------------------- shape facts
@@ -167,7 +171,7 @@ def _reshape_uses(ctx, shape_uses) -> str | None:
     return None
 
 
-def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, scale=None, fill=None):
+def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, mask2=None, scale=None, fill=None):
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
@@ -206,9 +210,10 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
         inverted = any(n.op == "Where" and n.inputs[1] is fill for n in ctx.nodes)
         found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(fill_value, dtype))
     elif mask is not None:
-        shape = ctx.shape(mask)
-        if shape is None or len(shape) > 4 or ctx.dtype(mask) != dtype:
-            return f"mask {mask.name!r} is not a {dtype} tensor of rank <= 4"
+        for m in (mask, mask2):
+            shape = ctx.shape(m) if m is not None else ()
+            if shape is None or len(shape) > 4 or (m is not None and ctx.dtype(m) != dtype):
+                return f"mask {m.name!r} is not a {dtype} tensor of rank <= 4"
         found["bias"] = "add"
     return found
 
@@ -238,7 +243,7 @@ class _Dims:
         return parts[0] if len(parts) == 1 else self.op.Concat(*parts, axis=0)
 
 
-def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, fill=None):
+def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, mask2=None, fill=None):
     dims = _Dims(op, q, k, heads, size)
     for name, nodes in shape_uses.items():
         for shape in nodes:
@@ -252,6 +257,8 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
         if bias != "add":
             zero = np.zeros((), fill.dtype)
             mask = op.Where(mask, zero, fill) if bias == "where" else op.Where(mask, fill, zero)
+        if mask2 is not None:
+            mask = op.Add(mask, mask2)
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
     if form == "standard":
         y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)
