@@ -51,12 +51,16 @@ class Spec:
     ort_type: str = "bert"
     model_class: str = "AutoModel"
     note: str = ""
+    attn: str = "eager"  # transformers' attention implementation; "sdpa" is its default
 
 
 SPECS: dict[str, Spec] = {
     "bert": Spec("BertConfig", dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                                     intermediate_size=1024, vocab_size=30522, max_position_embeddings=512),
                  note="BERT-small class: 4 layers, hidden 256, 4 heads"),
+    "bert_sdpa": Spec("BertConfig", dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
+                                         intermediate_size=1024, vocab_size=30522, max_position_embeddings=512),
+                      attn="sdpa", note="bert with transformers' default attention, torch's scaled_dot_product_attention"),
     "minilm": Spec("BertConfig", dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12,
                                       intermediate_size=1536, vocab_size=30522, max_position_embeddings=512),
                    note="all-MiniLM-L6 geometry (BertModel): 6 layers, hidden 384, 12 heads"),
@@ -120,14 +124,14 @@ def versions() -> dict[str, str]:
 
 
 def build_torch_model(name: str, overrides: dict | None = None):
-    """The transformers module for ``name``, seeded, in eval mode, eager attention; ``overrides``
+    """The transformers module for ``name``, seeded, in eval mode, its attention implementation; ``overrides``
     change config fields (the test fixtures shrink the models this way)."""
     import torch
     import transformers
 
     spec = SPECS[name]
     config = getattr(transformers, spec.config)(**{**spec.kwargs, **(overrides or {})})
-    config._attn_implementation = "eager"  # the decomposed attention real exports contain
+    config._attn_implementation = spec.attn  # eager: the decomposed attention; sdpa: as the exporters write SDPA
     torch.manual_seed(SEED)
     cls = getattr(transformers, spec.model_class)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)  # T5EncoderModel has no Auto*

@@ -43,9 +43,9 @@ def _last_axis(axis) -> bool:
 # ----------------------------------------------------------------------------- patterns
 
 
-def _attention_pattern(keys, scaling, masking):
-    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, scale=Const(_scalar),
-                fill=Const(_scalar)):
+def _attention_pattern(keys, scaling, masking, view=False):
+    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, view_shape, scale=Const(_scalar),
+                scale2=Const(_scalar), fill=Const(_scalar)):
         qh = op.Transpose(op.Reshape(q, q_shape, _bind="q_split"), perm=[0, 2, 1, 3], _bind="qh")
         vh = op.Transpose(op.Reshape(v, v_shape, _bind="v_split"), perm=[0, 2, 1, 3], _bind="vh")
         k_split = op.Reshape(k, k_shape, _bind="k_split")
@@ -54,6 +54,9 @@ def _attention_pattern(keys, scaling, masking):
         else:
             kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
             kt = op.Transpose(kh, perm=[0, 1, 3, 2], _bind="kt")
+        if scaling == "sdpa":  # torch's scaled_dot_product_attention: sqrt(scale) on both Q and K^T
+            qh = op.Mul(qh, scale, _bind="q_scaled")
+            kt = op.Mul(kt, scale2, _bind="k_scaled")
         scores = op.MatMul(qh, kt, _bind="scores")
         if scaling == "div":
             scores = op.Div(scores, scale, _bind="scaled")
@@ -68,11 +71,15 @@ def _attention_pattern(keys, scaling, masking):
         elif masking == "where_inverted":
             scores = op.Where(mask, fill, scores, _bind="masked")
         probs = op.Softmax(scores, axis=_last_axis, _bind="probs")
+        if scaling == "sdpa":  # rows of -inf give NaN; the exporter zeroes them
+            probs = op.Where(op.IsNaN(probs, _bind="nan"), 0.0, probs, _bind="guarded")
         context = op.MatMul(probs, vh, _bind="context")
+        if view:  # a Reshape of the context to its own shape [B, N, S, H], built from Shape nodes
+            context = op.Reshape(context, view_shape, _bind="context_view")
         merged = op.Transpose(context, perm=[0, 2, 1, 3], _bind="merged")
         return op.Reshape(merged, out_shape, _bind="merge")
 
-    pattern.__name__ = f"attention_{keys}_{scaling}_{masking}"
+    pattern.__name__ = f"attention_{keys}_{scaling}_{masking}{'_view' if view else ''}"
     return pattern
 
 
@@ -80,19 +87,22 @@ def _attention_pattern(keys, scaling, masking):
 # N heads, H head size): the replacement computes their value from q and k instead.
 LAYOUTS = {"q_split": "BSNH", "k_split": "BLNH", "v_split": "BLNH", "qh": "BNSH", "kh": "BNLH", "vh": "BNLH",
            "kt": "BNHL", "scores": "BNSL", "scaled": "BNSL", "masked0": "BNSL", "masked": "BNSL", "probs": "BNSL",
-           "context": "BNSH", "merged": "BSNH"}
+           "context": "BNSH", "merged": "BSNH", "q_scaled": "BNSH", "k_scaled": "BNHL", "nan": "BNSL",
+           "guarded": "BNSL", "context_view": "BNSH"}
 
 PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s in ("div", "mul", "none")
             for m in ("add_add", "add", "where", "where_inverted", "none")]
+PATTERNS += [_attention_pattern("kt", "sdpa", m, view) for m in ("add", "none") for view in (True, False)]
 
 
 # ----------------------------------------------------------------------------- shape facts
 
 
-def _keeps_leading(ctx, reshape, tail: list[int], like=None) -> str | None:
+def _keeps_leading(ctx, reshape, tail: list[int], like=None, inner=None) -> str | None:
     """None when Reshape(src, shape) keeps src's first two dims and then has ``tail`` (one entry
     of the tail may be -1 when src's other dims are known, as the exporters write [B, S, -1, H]).
-    ``like``: a tensor whose first two dims src is known to have (the merge's q)."""
+    ``like``: a tensor whose first two dims src is known to have (the merge's q); ``inner``: its
+    other dims where the match proves them (the merge's [N, H])."""
     src = reshape.inputs[0]
     same = like if like is not None else src
     entries = _dims(ctx, reshape.inputs[1])
@@ -113,7 +123,7 @@ def _keeps_leading(ctx, reshape, tail: list[int], like=None) -> str | None:
             return f"{reshape.name!r} sets dim {i} to {e}"
     if rest.count(-1) == 1 and all(isinstance(d, int) for d in rest):
         # -1 in the tail: the other dims must pin it, so the leading two must be exact
-        inner = src_shape[2:] if src_shape else None
+        inner = inner if inner is not None else src_shape[2:] if src_shape else None
         known = inner and all(isinstance(d, int) and d > 0 for d in inner)
         if free or not known or int(np.prod(inner)) != int(np.prod(tail)):
             return f"{reshape.name!r} has a -1 that the known dims do not pin down"
@@ -171,7 +181,22 @@ def _reshape_uses(ctx, shape_uses) -> str | None:
     return None
 
 
-def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, mask2=None, scale=None, fill=None):
+def _noop_view(ctx, view, heads, size, context, same_s) -> str | None:
+    """None when the Reshape ``view`` of ``context`` [B, N, S, H] provably keeps its shape."""
+    entries = _dims(ctx, view.inputs[1])
+    if entries is None or len(entries) != 4:
+        return f"cannot read the target shape of {view.name!r}"
+    e0, e1, e2, e3 = entries
+    keep = not ctx.attr(view, "allowzero", 0)
+    ok = [(e0 == 0 and keep) or (isinstance(e0, tuple) and e0[1] is context and e0[2] == 0),
+          e1 in (-1, heads) or (e1 == 0 and keep),
+          (e2 == 0 and keep) or (isinstance(e2, tuple) and any(e2[1] is t and e2[2] == 2 for t in same_s)),
+          e3 == size or (e3 == -1 and e1 != -1)]
+    return None if all(ok) else f"{view.name!r} reshapes the context to {entries}, not to its own shape"
+
+
+def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, mask2=None, scale=None,
+          scale2=None, fill=None, context=None, context_view=None, qh=None, q_scaled=None):
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
@@ -194,10 +219,17 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
             return reason
     target = ctx.value(merge.inputs[1])
     flat = target is not None and target.reshape(-1).tolist() == [-1, heads * size]  # the view of Conv1D
-    reason = (None if flat else _keeps_leading(ctx, merge, [heads * size], like=q)) or _reshape_uses(ctx, shape_uses)
+    reason = (None if flat else _keeps_leading(ctx, merge, [heads * size], like=q, inner=[heads, size])) or _reshape_uses(ctx, shape_uses)
     if reason:
         return reason
+    if context_view is not None:
+        reason = _noop_view(ctx, context_view, heads, size, context.outputs[0],
+                            [n.outputs[0] for n in (qh, q_scaled, context) if n is not None])
+        if reason:
+            return reason
     scale_value = 1.0 if scale is None else float(ctx.value(scale).reshape(-1)[0])
+    if scale2 is not None:
+        scale_value *= float(ctx.value(scale2).reshape(-1)[0])
     divided = any(n.op == "Div" for n in ctx.nodes)
     if divided and scale_value == 0:
         return "division by a zero scale"
