@@ -64,7 +64,21 @@ KEEPS_DIMS = {"Add", "Sub", "Mul", "Div", "Cast", "Relu", "Gelu", "Tanh", "Erf",
               "SkipSimplifiedLayerNormalization", "FastGelu", "BiasGelu", "Neg", "Sqrt", "Pow"}
 
 
+def _same(a, b) -> bool:
+    return a[0] is b[0] and a[1] == b[1]
+
+
 def origin(ctx, t, i, depth: int = 0):
+    """See ``_origin``; memoized per match context (one check sees one unchanging graph), which
+    keeps the walk linear where a residual stream's every Add has two computed operands."""
+    memo = ctx.__dict__.setdefault("_dim_origins", {})
+    key = (id(t), i)
+    if key not in memo:
+        memo[key] = _origin(ctx, t, i, depth)
+    return memo[key]
+
+
+def _origin(ctx, t, i, depth: int = 0):
     """(tensor, axis) where dim ``i`` of ``t`` comes from, followed up through ops that keep it:
     elementwise ops whose other operands are constants of size 1 on that axis (or tensors whose
     dim has the same origin), normalizations, MatMul by a 2-D weight (every axis but the last),
@@ -107,7 +121,7 @@ def origin(ctx, t, i, depth: int = 0):
             return t, i
         k = i - (rank - len(shape))
         if k >= 0 and shape[k] != 1 and (ctx.value(other) is not None or ctx.rank(other) != rank
-                                         or origin(ctx, other, k, depth + 1) != origin(ctx, src, i, depth + 1)):
+                                         or not _same(origin(ctx, other, k, depth + 1), origin(ctx, src, i, depth + 1))):
             return t, i
     return origin(ctx, src, i, depth + 1)
 
@@ -116,9 +130,7 @@ def same_dim(ctx, entry, src, i) -> bool:
     """Whether a ("dim", t, j) shape entry provably equals dim ``i`` of ``src``: the same
     dim followed up to where it comes from, or a dim shape inference gave the same symbol."""
     _, t, j = entry
-    ot, oj = origin(ctx, t, j)
-    os_, oi = origin(ctx, src, i)
-    if ot is os_ and oj == oi:
+    if _same(origin(ctx, t, j), origin(ctx, src, i)):
         return True
     a, b = ctx.shape(t), ctx.shape(src)
     if not a or not b or j >= len(a) or i >= len(b):
