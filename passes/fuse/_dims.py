@@ -36,6 +36,15 @@ def dims(ctx, t, depth: int = 0) -> list | None:
         if whole is None or idx is None or idx.ndim != 1:
             return None
         return [whole[int(i)] for i in idx]
+    if node.op == "Slice":  # of a shape: constant starts/ends on axis 0, step 1
+        whole = dims(ctx, node.inputs[0], depth + 1)
+        bounds = [ctx.value(x) if len(node.inputs) > k and x.name else None for k, x in enumerate(node.inputs[1:5], 1)]
+        starts, ends, axes, steps = (bounds + [None] * 4)[:4]
+        if whole is None or starts is None or ends is None or starts.size != 1 or ends.size != 1:
+            return None
+        if (axes is not None and int(axes.reshape(-1)[0]) not in (0, -1)) or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+            return None
+        return whole[int(starts.reshape(-1)[0]):int(ends.reshape(-1)[0])]  # ONNX clamps as Python slicing does
     return None
 
 

@@ -44,13 +44,18 @@ def _last_axis(axis) -> bool:
 
 
 def _attention_pattern(keys, scaling, masking, view=False):
-    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, view_shape, scale=Const(_scalar),
+    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, view_shape, k3_shape, kt_shape,
+                scale=Const(_scalar),
                 scale2=Const(_scalar), fill=Const(_scalar)):
         qh = op.Transpose(op.Reshape(q, q_shape, _bind="q_split"), perm=[0, 2, 1, 3], _bind="qh")
         vh = op.Transpose(op.Reshape(v, v_shape, _bind="v_split"), perm=[0, 2, 1, 3], _bind="vh")
         k_split = op.Reshape(k, k_shape, _bind="k_split")
         if keys == "kt":
             kt = op.Transpose(k_split, perm=[0, 2, 3, 1], _bind="kt")
+        elif keys == "kt_3d":  # the dynamo exporter's SDPA: K^T through a 3-D [-1, L, H] view
+            kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
+            k3t = op.Transpose(op.Reshape(kh, k3_shape, _bind="k3"), perm=[0, 2, 1], _bind="k3t")
+            kt = op.Reshape(k3t, kt_shape, _bind="kt")
         else:
             kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
             kt = op.Transpose(kh, perm=[0, 1, 3, 2], _bind="kt")
@@ -92,7 +97,8 @@ LAYOUTS = {"q_split": "BSNH", "k_split": "BLNH", "v_split": "BLNH", "qh": "BNSH"
 
 PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s in ("div", "mul", "none")
             for m in ("add_add", "add", "where", "where_inverted", "none")]
-PATTERNS += [_attention_pattern("kt", "sdpa", m, view) for m in ("add", "none") for view in (True, False)]
+PATTERNS += [_attention_pattern(k, "sdpa", m, view) for k in ("kt", "kt_3d") for m in ("add", "none")
+             for view in (True, False)]
 
 
 # ----------------------------------------------------------------------------- shape facts
@@ -172,6 +178,8 @@ def _reshape_uses(ctx, shape_uses) -> str | None:
     for name, nodes in shape_uses.items():
         for node in nodes:
             if node.op != "Reshape":
+                if name not in LAYOUTS:
+                    return f"Shape {node.name!r} reads {name!r}, whose shape the replacement does not rebuild"
                 continue
             if name != "merged":
                 return f"Reshape {node.name!r} reads the attention intermediate {name!r}"
@@ -195,8 +203,24 @@ def _noop_view(ctx, view, heads, size, context, same_s) -> str | None:
     return None if all(ok) else f"{view.name!r} reshapes the context to {entries}, not to its own shape"
 
 
+def _transposed_through_3d(ctx, kh, k3, kt, size) -> str | None:
+    """None when Reshape(Transpose(Reshape(kh, [-1, L, H]), [0, 2, 1]), [B, N, H, L]) is K^T."""
+    src = kh.outputs[0]
+    first, second = _dims(ctx, k3.inputs[1]), _dims(ctx, kt.inputs[1])
+
+    def dim(entry, i) -> bool:  # the entry is dim i of kh (or its known head size)
+        return (isinstance(entry, tuple) and _same_dim(ctx, entry, src, i)) or (i == 3 and entry == size)
+
+    if not (first and len(first) == 3 and first[0] == -1 and dim(first[1], 2) and dim(first[2], 3)):
+        return f"{k3.name!r} does not view the keys as [-1, L, H]"
+    if not (second and len(second) == 4 and all(dim(e, i) for e, i in zip(second, (0, 1, 3, 2)))):
+        return f"{kt.name!r} does not restore [B, N, H, L]"
+    return None
+
+
 def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, mask2=None, scale=None,
-          scale2=None, fill=None, context=None, context_view=None, qh=None, q_scaled=None):
+          scale2=None, fill=None, context=None, context_view=None, qh=None, q_scaled=None, kh=None, k3=None,
+          kt=None):
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
@@ -222,6 +246,10 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
     reason = (None if flat else _keeps_leading(ctx, merge, [heads * size], like=q, inner=[heads, size])) or _reshape_uses(ctx, shape_uses)
     if reason:
         return reason
+    if k3 is not None:
+        reason = _transposed_through_3d(ctx, kh, k3, kt, size)
+        if reason:
+            return reason
     if context_view is not None:
         reason = _noop_view(ctx, context_view, heads, size, context.outputs[0],
                             [n.outputs[0] for n in (qh, q_scaled, context) if n is not None])
