@@ -121,6 +121,8 @@ def _origin(ctx, t, i, depth: int = 0):
         return origin(ctx, src, i, depth + 1)  # the rows of A; every leading dim when B is a 2-D weight
     if node.op not in KEEPS_DIMS or ctx.rank(src) != rank:
         return t, i
+    if t is not node.outputs[0] and not (node.op.startswith("Skip") and len(node.outputs) > 3 and t is node.outputs[3]):
+        return t, i  # a normalization's mean / inv-std output is [..., 1]: not the input's shape
     here, there = ctx.shape(t), ctx.shape(src)
     if there[i] == 1 and here[i] != 1:  # broadcast from another operand
         return t, i
