@@ -42,7 +42,7 @@ OPT_LEVELS: dict[str, str] = {
           "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,fuse-conv-bn,cse,"
           "dedup-initializers),"
           "fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
-          "fuse-rms-norm,fuse-attention,fuse-activation,fuse-skip-layer-norm,fuse-bias-gelu,"
+          "fuse-rms-norm,fuse-attention,fuse-gemm-reshape,fuse-activation,fuse-skip-layer-norm,fuse-bias-gelu,"
           "toposort",
     # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node, weights
     # included (ConstantOfShape/Expand/Tile stay as ops), and identical initializers always merge.

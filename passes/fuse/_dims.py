@@ -107,6 +107,11 @@ def _origin(ctx, t, i, depth: int = 0):
         if e == 0 and not ctx.attr(node, "allowzero", 0):
             return origin(ctx, src, i, depth + 1)
         return t, i
+    if node.op == "Gather" and ctx.attr(node, "axis", 0) == 0 and ctx.value(src) is not None:
+        indices = node.inputs[1]  # an embedding lookup: [*indices.shape, H]
+        ri = ctx.rank(indices)
+        return origin(ctx, indices, i, depth + 1) if ri is not None and i < ri and rank == ri + ctx.rank(src) - 1 \
+            else (t, i)
     if node.op == "Transpose":
         perm = ctx.attr(node, "perm", None)
         return (t, i) if perm is None else origin(ctx, src, int(perm[i]), depth + 1)

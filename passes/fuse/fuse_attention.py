@@ -320,10 +320,12 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
         if mask2 is not None:
             mask = op.Add(mask, mask2)
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
+    typed = {"_dtype": q.dtype, "_shape": op.ctx.shape(q)}  # [B, S, N*H], for the passes that follow
     if form == "standard":
-        y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)
+        y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale, **typed)
     else:
-        y = op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale)
+        y = op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale,
+                                  **typed)
     return op.Reshape(y, merge.inputs[1]) if flat else y
 
 
