@@ -104,3 +104,10 @@ def test_unknown_policy_exits_2(tmp_path, cli):
     assert code == 2 and "invalid choice: 'tensorrt'" in err and not (tmp_path / "o.onnx").exists()
     with pytest.raises(infoptc.errors.UsageError, match="unknown op policy 'tensorrt'"):
         infoptc.optimize(str(path), ops="tensorrt")
+
+
+def test_a_pass_option_cannot_override_the_standard_policy():
+    path = fixture_path("bert", "torchscript", 17)
+    out = infoptc.optimize(str(path), passes="default<O2>,fuse-gelu{form=contrib},fuse-attention{form=contrib}",
+                           ops="standard")
+    assert {n.domain for n in out.graph.node} <= {"", "ai.onnx"}

@@ -166,7 +166,8 @@ def _form(ctx, dtype) -> str | None:
     wanted = ctx.options.get("form", "auto")
     if wanted == "standard" or (wanted == "auto" and ctx.opset >= STANDARD_OPSET):
         return "standard" if ctx.opset >= STANDARD_OPSET else None
-    if (wanted == "contrib" or (wanted == "auto" and contrib_allowed(ctx.pass_ctx))) and dtype is not None and dtype.name in CONTRIB_DTYPES:
+    ort = policy(ctx.pass_ctx) == "ort"  # form=contrib may name another target, never override --ops standard
+    if ((wanted == "contrib" and ort) or (wanted == "auto" and contrib_allowed(ctx.pass_ctx))) and dtype is not None and dtype.name in CONTRIB_DTYPES:
         return "contrib"
     return None
 
