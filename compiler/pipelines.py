@@ -42,7 +42,7 @@ OPT_LEVELS: dict[str, str] = {
           "fixpoint(eliminate-noops{no-signed-zeros=true},fold-shapes,fold-constants,fuse-conv-bn,cse,"
           "dedup-initializers),"
           "fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
-          "fuse-rms-norm,fuse-attention,fuse-gemm-reshape,fuse-activation,fuse-skip-layer-norm,fuse-bias-gelu,"
+          "fuse-rms-norm,fuse-attention,fuse-qkv-projection,fuse-gemm-reshape,fuse-activation,fuse-skip-layer-norm,fuse-bias-gelu,"
           "toposort",
     # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node, weights
     # included (ConstantOfShape/Expand/Tile stay as ops), and identical initializers always merge.
@@ -57,7 +57,8 @@ OPT_LEVELS: dict[str, str] = {
 # level's own minus the fusions into ONNX-Runtime-only fp32 kernels (FusedConv, Attention would
 # hide the Conv/MatMuls from the quantizer), then the quantizer, then a final sort.
 QUANTIZERS = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic"}
-_HIDES_FROM_QUANTIZER = ("fuse-attention", "fuse-activation", "fuse-skip-layer-norm", "fuse-bias-gelu")
+_HIDES_FROM_QUANTIZER = ("fuse-attention", "fuse-activation", "fuse-skip-layer-norm", "fuse-bias-gelu",
+                         "fuse-qkv-projection")
 
 
 def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | None = None, *,

@@ -124,6 +124,8 @@ def _origin(ctx, t, i, depth: int = 0):
         if ctx.rank(src) != rank or i == rank - 1 or w is None or (len(w) != 2 and i != rank - 2):
             return t, i
         return origin(ctx, src, i, depth + 1)  # the rows of A; every leading dim when B is a 2-D weight
+    if node.op in ("Add", "Mul") and len(node.inputs) == 2 and ctx.rank(src) != rank:
+        src = node.inputs[1]  # bias + x, as torch writes a Linear's bias: follow the full-rank operand
     if node.op not in KEEPS_DIMS or ctx.rank(src) != rank:
         return t, i
     if t is not node.outputs[0] and not (node.op.startswith("Skip") and len(node.outputs) > 3 and t is node.outputs[3]):
@@ -131,7 +133,7 @@ def _origin(ctx, t, i, depth: int = 0):
     here, there = ctx.shape(t), ctx.shape(src)
     if there[i] == 1 and here[i] != 1:  # broadcast from another operand
         return t, i
-    for other in node.inputs[1:]:
+    for other in (x for x in node.inputs if x is not src):
         shape = ctx.shape(other) if other.name else ()
         if shape is None:
             return t, i

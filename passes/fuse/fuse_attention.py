@@ -25,6 +25,7 @@ from infoptc.pass_manager import Option
 from infoptc.pattern import Const, Rule, rewrite_pass
 
 from ._dims import dims as _dims
+from ._dims import origin as _origin
 from ._dims import same_dim as _same_dim
 
 STANDARD_OPSET = 23
@@ -295,6 +296,9 @@ class _Dims:
     def __getitem__(self, letter):
         if letter not in self.made:
             src, index = {"B": (self.q, 0), "S": (self.q, 1), "L": (self.k, 1)}[letter]
+            # read the dim where it comes from (the hidden states before the projections), so the
+            # projections feed the attention op alone and can be packed into one (fuse-qkv-projection)
+            src, index = _origin(self.op.ctx, src, index)
             self.made[letter] = self.op.Gather(self._shape(src), np.array([index], np.int64), axis=0)
         return self.made[letter]
 
