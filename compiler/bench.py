@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import MissingDependencyError, UsageError, first_line
-from .ir import write_atomic
+from .errors import UsageError, first_line
+from .plotting import figure
 from .progress import stage
 from .targets import Artifact, TensorSpec
 
@@ -498,20 +498,8 @@ def _mpl_version() -> tuple[int, int]:
 
 def plot_latencies(results: Sequence[BenchResult], path: str | os.PathLike) -> Path:
     """A violin per subject with its p50/p99 marked, written atomically (format from the suffix)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("--plot needs matplotlib (pip install matplotlib)") from None
-    import io
-
-    target = Path(path)
-    fmt = target.suffix.lstrip(".").lower() or "png"
     data = [np.asarray(r.samples) * 1e3 for r in results]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.8 * len(results)))
-    try:
+    with figure(path, figsize=(7, 1.2 + 0.8 * len(results))) as (fig, ax):
         positions = list(range(1, len(results) + 1))
         horizontal = {"orientation": "horizontal"} if _mpl_version() >= (3, 10) else {"vert": False}
         if all(len(d) > 1 for d in data):
@@ -528,13 +516,117 @@ def plot_latencies(results: Sequence[BenchResult], path: str | os.PathLike) -> P
         ax.set_title(f"latency distribution, batch {results[0].stats.batch}, {results[0].stats.runs} runs each")
         ax.invert_yaxis()  # the first subject on top, as in the table
         ax.legend(loc="best")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        try:
-            fig.savefig(buf, format=fmt)
-        except ValueError as e:
-            raise UsageError(f"--plot {target}: {str(e).splitlines()[0]}") from None
-    finally:
-        plt.close(fig)
-    write_atomic(target, buf.getvalue())
-    return target
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- batch sweep
+
+
+@dataclass
+class SweepRow:
+    """One batch size of a sweep: its latency statistics (``throughput``: samples per second)."""
+
+    batch: int
+    stats: LatencyStats
+    speedup_per_sample: float = 1.0  # (batch-1 p50) / (this p50 / batch)
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second at the median latency (the mean is too noisy on a shared machine)."""
+        return self.batch / self.stats.p50 if self.stats.p50 > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {"batch": self.batch, "p50_ms": self.stats.p50 * 1e3, "p99_ms": self.stats.percentiles[99] * 1e3,
+                "throughput_per_s": self.throughput, "speedup_per_sample": self.speedup_per_sample,
+                "runs": self.stats.runs, "cv": self.stats.cv}
+
+
+def parse_batches(text: str) -> list[int]:
+    """``"1,2,4,8"`` -> ``[1, 2, 4, 8]`` (sorted, distinct, each >= 1)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise UsageError(f"bad --batch {text!r}; expected N or a list like 1,2,4,8,16 (each >= 1)")
+    return values
+
+
+def batch_sweep(artifact: Artifact, batches: Sequence[int], *, iterations: int = 30, warmup: int = 3,
+                dims: dict[str, int] | None = None, seed: int = 0, settle: float = 0.0, block: int = 1,
+                on_round: Callable[[int, float], None] | None = None) -> list[SweepRow]:
+    """Latency and throughput of ``artifact`` at each batch size, measured side by side (one run
+    of every size per round, see run_interleaved). The inputs must lead with a symbolic batch."""
+    specs = list(artifact.inputs)
+    if not any(s.shape and isinstance(s.shape[0], str) for s in specs):
+        raise UsageError("the model's batch dimension is fixed (no input leads with a symbolic dimension); make it "
+                         "symbolic first: infoptc compile MODEL --passes make-batch-dynamic")
+    feeds = []
+    for b in batches:
+        bound, _ = bind_dims(specs, b, dims or {})
+        feeds.append(inputs_for(artifact, bound, seed))
+        with stage(f"first run at batch {b}"):
+            artifact.run(feeds[-1])
+    runners = [(lambda f=f: artifact.run(f)) for f in feeds]
+    samples = run_interleaved(runners, iterations=iterations, warmup=warmup, on_round=on_round, settle=settle,
+                              block=block, wake=2)
+    rows = [SweepRow(b, LatencyStats.of(s, b)) for b, s in zip(batches, samples)]
+    base = rows[0].stats.p50 / rows[0].batch
+    for r in rows:
+        r.speedup_per_sample = base / (r.stats.p50 / r.batch) if r.stats.p50 > 0 else float("inf")
+    return rows
+
+
+# Throughput must grow by more than this from one swept size to the next for the larger to be worth waiting for.
+BATCH_GROWTH = 0.10
+
+
+def choose_batching(rows: Sequence[SweepRow], budget_ms: float, growth: float = BATCH_GROWTH) -> dict:
+    """Triton dynamic batching from a sweep. Among the swept sizes whose p99 fits ``budget_ms``,
+    the knee is the smallest one whose throughput no larger one beats by more than ``growth``;
+    the preferred batch sizes are the sizes above 1, up to the knee, whose throughput beats every
+    smaller fitting size's by more than ``growth`` (a size that gains less is not worth waiting
+    for); the queue delay is what the budget leaves after the p99 of the largest preferred size
+    (a request waits at most that long, then runs)."""
+    if budget_ms <= 0:
+        raise UsageError("the latency budget must be positive (ms)")
+    fits = [r for r in sorted(rows, key=lambda r: r.batch) if r.stats.percentiles[99] * 1e3 <= budget_ms]
+    if not fits:
+        best = min(rows, key=lambda r: r.stats.percentiles[99])
+        return {"preferred": [], "max_queue_delay_us": 0, "knee": None,
+                "reason": f"no batch size fits {budget_ms:g} ms: p99 at batch {best.batch} is "
+                          f"{best.stats.percentiles[99] * 1e3:.2f} ms; no queue delay"}
+    # the knee: the smallest size that no larger one beats by more than ``growth`` (robust to a
+    # noisy dip between two sizes, which a first-stop-growing rule would take for the end)
+    knee = next(r for i, r in enumerate(fits)
+                if all(later.throughput <= r.throughput * (1 + growth) for later in fits[i + 1:]))
+    # a size is worth waiting for when it beats every smaller fitting size by more than ``growth``
+    chosen = [r for i, r in enumerate(fits) if 1 < r.batch <= knee.batch
+              and r.throughput > max((s.throughput for s in fits[:i]), default=0.0) * (1 + growth)]
+    if not chosen:
+        return {"preferred": [], "max_queue_delay_us": 0, "knee": knee.batch,
+                "reason": f"no batch size beats a smaller one's throughput by more than {growth:.0%} within "
+                          f"{budget_ms:g} ms; no queue delay"}
+    last = chosen[-1]
+    delay_ms = max(0.0, budget_ms - last.stats.percentiles[99] * 1e3)
+    reason = (f"throughput grows by more than {growth:.0%} up to batch {last.batch} "
+              f"({last.throughput:.1f}/s, p99 {last.stats.percentiles[99] * 1e3:.2f} ms)")
+    return {"preferred": [r.batch for r in chosen], "max_queue_delay_us": int(delay_ms * 1e3), "knee": knee.batch,
+            "reason": reason}
+
+
+def plot_sweep(rows: Sequence[SweepRow], path: str | os.PathLike, title: str = "") -> Path:
+    """Throughput and p50/p99 latency against batch size, written atomically."""
+    sizes = [r.batch for r in rows]
+    with figure(path, nrows=2, ncols=1, figsize=(6, 6), sharex=True) as (fig, (top, bottom)):
+        top.plot(sizes, [r.throughput for r in rows], "o-")
+        top.set_ylabel("throughput (samples/s)")
+        top.set_title(title or "batch sweep")
+        bottom.plot(sizes, [r.stats.p50 * 1e3 for r in rows], "o-", label="p50")
+        bottom.plot(sizes, [r.stats.percentiles[99] * 1e3 for r in rows], "s--", label="p99")
+        bottom.set_xscale("log", base=2)
+        bottom.set_xticks(sizes, [str(s) for s in sizes])
+        bottom.set_xlabel("batch size")
+        bottom.set_ylabel("latency (ms)")
+        bottom.legend(loc="best")
+    return Path(path)

@@ -8,6 +8,9 @@ The quantizers (and later the compression passes) take data in one of three form
 - a folder of ``.npz`` files with one sample each, read one at a time in name order;
 - from Python, any iterable of ``{input name: array}`` feed dicts.
 
+An array named ``labels`` that is not a model input holds each sample's label (a class index, or
+one per row of a batch) for the ``accuracy`` metric (``labels()``); it is never fed to the model.
+
 Every sample is checked against the model's inputs (names, dtypes, fixed dimensions, finite
 values) as it is read; a problem is a ``UsageError`` naming the input.
 """
@@ -24,6 +27,9 @@ import numpy as np
 import onnx
 
 from .errors import UsageError
+
+
+LABELS = "labels"
 
 
 class CalibrationData:
@@ -54,10 +60,25 @@ class CalibrationData:
         for index, feed in enumerate(self._raw()):
             if self.limit and count >= self.limit:
                 return
+            if LABELS not in self.inputs:
+                feed.pop(LABELS, None)
             yield self._check(feed, index)
             count += 1
         if count == 0:
             raise UsageError(f"{self.where}: zero samples")
+
+    def labels(self) -> list[np.ndarray] | None:
+        """Each sample's ``labels`` array (as many as the samples read), None when the data has none."""
+        if LABELS in self.inputs:
+            return None
+        found = []
+        for feed in self._raw():
+            if self.limit and len(found) >= self.limit:
+                break
+            if LABELS not in feed:
+                return None
+            found.append(np.asarray(feed[LABELS]).reshape(-1))
+        return found
 
     def _raw(self) -> Iterator[dict[str, np.ndarray]]:
         if not isinstance(self.source, (str, os.PathLike)):

@@ -27,6 +27,7 @@ KEYS = {
     "quantize": str, "calibration": str, "calibration-method": str, "calibration-samples": int,
     "calibration-cache": str, "per-tensor": bool, "exclude": list, "isa": str, "requantize": bool,
     "no-speed-check": bool, "equalize": bool, "bias-correction": bool, "smooth-quant": float,
+    "metric": str, "accuracy-budget": float, "force": bool, "pareto-plot": str,
 }
 
 

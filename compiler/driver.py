@@ -12,7 +12,7 @@ from . import ir, op_policy, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
-from .pipelines import pipeline_for_level, quantize_pipeline
+from .pipelines import pipeline_before_quantization, pipeline_for_level, quantize_pipeline
 from .progress import stage
 from .targets import Artifact, get_target
 
@@ -62,6 +62,8 @@ def compile(
     ops = op_policy.check_policy(ops if ops is not None else op_policy.DEFAULT_OPS)
     backend = get_target(target)(**target_options)
     backend.check_available()
+    if quantize is not None:  # what --quantize means for the target (tensorrt: all 8 weight bits, no CPU timing)
+        quantize_options = {**getattr(backend, "quantize_defaults", {}).get(quantize, {}), **(quantize_options or {})}
     with paused_gc():  # importing and exporting a graph makes as many node<->tensor cycles as passes do
         source = ir.load_model(model)
         working = upgrade_for_quantization(source) if quantize is not None else source
@@ -118,6 +120,14 @@ def upgrade_for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UsageError(f"quantization needs opset {QUANTIZE_MIN_OPSET}; converting this opset-{current} model "
                          f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     return upgraded
+
+
+def prepare_for_quantization(model: ir.ModelSource, opt_level: int | str = 3) -> onnx.ModelProto:
+    """The fp32 model a quantizer at ``opt_level`` starts from: at opset 13 or newer, through the
+    level's passes minus the fusions that hide layers from quantizers (what sensitivity analysis
+    measures, with the node names the quantizer's ``exclude`` takes)."""
+    return compile(upgrade_for_quantization(ir.load_model(model)), opt_level=opt_level,
+                   passes=pipeline_before_quantization(opt_level)).model
 
 
 def optimize(model: ir.ModelSource, opt_level: int | str = 2, passes: str | None = None, **kwargs: Any) -> onnx.ModelProto:

@@ -56,7 +56,7 @@ OPT_LEVELS: dict[str, str] = {
 # The quantizers and the fusions they must run before or instead of. A quantized pipeline is the
 # level's own minus the fusions into ONNX-Runtime-only fp32 kernels (FusedConv, Attention would
 # hide the Conv/MatMuls from the quantizer), then the quantizer, then a final sort.
-QUANTIZERS = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic"}
+QUANTIZERS = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic", "auto": "quantize-auto"}
 _HIDES_FROM_QUANTIZER = ("fuse-attention", "fuse-activation", "fuse-skip-layer-norm", "fuse-bias-gelu",
                          "fuse-qkv-projection")
 
@@ -71,10 +71,7 @@ def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | N
     if mode not in QUANTIZERS:
         raise UsageError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANTIZERS)}")
     options = dict(options or {})
-    text = str(level_or_pipeline)
-    if re.fullmatch(r"-?O?[0-3s]", text):
-        text = pipeline_for_level(text)
-    items = [p for p in parse_pipeline(text) if getattr(p, "name", None) not in _HIDES_FROM_QUANTIZER + ("toposort",)]
+    items = pipeline_before_quantization(level_or_pipeline)
     if equalize:
         items.append(get_pass("equalize-cross-layer")())
     if smooth_quant is not None:
@@ -84,6 +81,15 @@ def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | N
             raise UsageError("bias correction needs the static int8 quantizer (--quantize int8)")
         items.append(get_pass("correct-bias")(**_shared(options, "calibration", "samples", "isa", "exclude", "per-channel")))
     return items + [get_pass(QUANTIZERS[mode])(**options), get_pass("toposort")()]
+
+
+def pipeline_before_quantization(level_or_pipeline: int | str) -> list:
+    """The passes of an -O level (or of pipeline text) that run before a quantizer: the level's
+    own minus the fusions that would hide Conv/MatMuls from it (and the final sort)."""
+    text = str(level_or_pipeline)
+    if re.fullmatch(r"-?O?[0-3s]", text):
+        text = pipeline_for_level(text)
+    return [p for p in parse_pipeline(text) if getattr(p, "name", None) not in _HIDES_FROM_QUANTIZER + ("toposort",)]
 
 
 def _shared(options: dict, *keys: str) -> dict:

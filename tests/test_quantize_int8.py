@@ -300,7 +300,7 @@ def test_cli_quantizes_reports_and_inspect_sees_the_fusion(cli, golden, tmp_path
     (["--quantize", "int8"], "needs --calibration"),
     (["--calibration-method", "entropy"], "needs --quantize"),
     (["--quantize", "int8", "--calibration", "MISSING"], "does not exist"),
-    (["--quantize", "int8-dynamic", "--per-tensor"], "apply to --quantize int8 only"),
+    (["--quantize", "int8-dynamic", "--per-tensor"], "apply to --quantize int8 and auto"),
     (["--quantize", "int8", "--calibration", "BAD"], "input 'input' has dtype float64"),
 ])
 def test_cli_refuses_bad_quantization_input(cli, golden, tmp_path, args, message):

@@ -23,14 +23,15 @@ from typing import Callable, Sequence
 
 from .. import __version__, config, plugins
 from ..errors import InfoptcError, UsageError
-from . import bench, inspect, passes, profile, reduce, run, targets, verify
+from . import bench, inspect, passes, profile, reduce, run, sensitivity, targets, verify
+from . import export
 from . import compile as compile_command  # (as: not to hide the builtin)
 from .output import err, stage_spinner
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 4
 
 # In the order `infoptc --help` lists them.
-SUBCOMMANDS = [compile_command, passes, targets, inspect, run, bench, profile, verify, reduce]
+SUBCOMMANDS = [compile_command, passes, targets, inspect, run, bench, profile, verify, reduce, sensitivity, export]
 
 log = logging.getLogger("infoptc")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench import (MIXED_RUNTIMES_SETTLE, benchmark, cpu_info, open_subjects, parse_dims, plot_latencies,
-                     report)
+from ..bench import (MIXED_RUNTIMES_SETTLE, batch_sweep, benchmark, cpu_info, open_subjects, parse_batches, parse_dims,
+                     plot_latencies, plot_sweep, report)
 from ..errors import UsageError
 from ..files import load_npz, write_json
 from .output import emit_json, err, note, out, progress
@@ -66,7 +66,9 @@ def add_parser(subparsers, common) -> dict:
                         "TVM .so; else 0, run by run)")
     p.add_argument("--block", type=int, default=30, metavar="N", help="timed runs per turn with --settle (default 30)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="intra-op threads (default: the runtime's)")
-    p.add_argument("--batch", type=int, default=None, metavar="N", help="bind the leading symbolic dim (default 1)")
+    p.add_argument("--batch", default=None, metavar="N[,N...]",
+                   help="bind the leading symbolic dim (default 1); a list (1,2,4,8,16) sweeps one model: p50, p99, "
+                        "throughput and per-sample speedup vs the first size, sizes measured side by side")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="bind a symbolic dim, e.g. seq=128")
     p.add_argument("--inputs", metavar="DATA.npz", help="inputs by name (default: generated from --seed)")
     p.add_argument("--seed", type=int, default=0)
@@ -78,6 +80,11 @@ def add_parser(subparsers, common) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.batch is not None:
+        batches = parse_batches(args.batch)
+        if len(batches) > 1:
+            return cmd_sweep(args, batches)
+        args.batch = batches[0]
     if args.json not in (None, "-") and not args.json.endswith(".json"):
         raise UsageError(f"--json takes a .json file name, got {args.json!r}")
     for path, what in ((args.json, "--json"), (args.plot, "--plot")):
@@ -112,8 +119,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "settle_s": settle, "block": block,
                 "inputs": args.inputs or "generated"}
     data = report(results, cpu_info(), threads=args.threads, settings=settings)
+    return _finish(args, data, lambda: plot_latencies(results, args.plot), table)
+
+
+def _finish(args: argparse.Namespace, data: dict, plot, make_table) -> int:
+    """The plot and JSON file when asked, then the JSON on stdout (--json alone) or the table."""
     if args.plot:
-        plot_latencies(results, args.plot)
+        plot()
         note(args, f"wrote {args.plot}")
     if args.json == "-":
         emit_json(data)
@@ -121,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, data)
         note(args, f"wrote {args.json}")
-    out.print(table(data))
+    out.print(make_table(data))
     return 0
 
 
@@ -192,4 +204,35 @@ def table(data: dict):
     row("GFLOP/s", lambda r: f"{r['gflops_per_s']:.2f}" if r["gflops_per_s"] is not None else "-")
     row("% of peak (est.)", lambda r: f"{r['percent_of_peak_estimate']:.2f}%"
         if r["percent_of_peak_estimate"] is not None else "-")
+    return t
+
+
+def cmd_sweep(args: argparse.Namespace, batches: list[int]) -> int:
+    """``--batch 1,2,4,...``: one model at each batch size, measured side by side."""
+    if len(args.subjects) != 1 or len(args.target) > 1 or len(args.opt_level) > 1:
+        raise UsageError("--batch with several sizes sweeps one model (one target, one -O level)")
+    if args.inputs:
+        raise UsageError("--batch with several sizes generates its inputs; --inputs fixes one batch")
+    (subject,) = open_subjects(args.subjects, args.target, args.opt_level, args.threads)
+    iterations = args.iterations or 30
+    bar = progress(err, disable=args.quiet)
+    with bar:
+        task = bar.add_task("sweep", total=iterations)
+        rows = batch_sweep(subject.artifact, batches, iterations=iterations, warmup=min(args.warmup, 3),
+                           dims=parse_dims(args.dim), seed=args.seed, on_round=lambda r, t: bar.update(task, completed=r))
+    data = {"subject": subject.label, "threads": args.threads, "iterations": iterations,
+            "rows": [r.as_dict() for r in rows]}
+    return _finish(args, data, lambda: plot_sweep(rows, args.plot, f"{subject.label}: batch sweep"), sweep_table)
+
+
+def sweep_table(data: dict):
+    from rich.table import Table
+
+    t = Table(title=f"{data['subject']}: batch sweep, {data['iterations']} runs per size, sizes interleaved",
+              title_justify="left")
+    for col in ("batch", "p50 ms", "p99 ms", "throughput /s", "speedup per sample"):
+        t.add_column(col, justify="right")
+    for r in data["rows"]:
+        t.add_row(str(r["batch"]), _ms(r["p50_ms"]), _ms(r["p99_ms"]), f"{r['throughput_per_s']:.1f}",
+                  f"{r['speedup_per_sample']:.2f}x")
     return t

@@ -10,7 +10,9 @@ from pathlib import Path
 from rich.table import Table
 
 from .. import analysis, config, ir
+from ..plotting import figure
 from ..errors import UsageError
+from ..passes.quantize.metrics import DEFAULT_BUDGET, METRICS
 from .output import emit_json, err, human_bytes, out
 
 
@@ -58,9 +60,10 @@ def add_parser(subparsers, common) -> dict:
     tv.add_argument("--target-opt", action="append", default=None, metavar="KEY=VALUE",
                     help="any other target option (repeatable), e.g. schedules=none, fast_math=false")
     q = c.add_argument_group("quantization (see docs/quantization.md)")
-    q.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic"],
+    q.add_argument("--quantize", default=None, choices=["int8", "int8-dynamic", "auto"],
                    help="int8: calibrated static (needs --calibration); int8-dynamic: int8 weights, "
-                        "activations quantized at run time")
+                        "activations quantized at run time; auto: int8 where --accuracy-budget allows, "
+                        "fp32 elsewhere, measured (needs --calibration)")
     q.add_argument("--calibration", default=None, metavar="CAL",
                    help=".npz with one array per input (samples stacked on a new first axis), "
                         "or a folder of one-sample .npz files")
@@ -82,6 +85,24 @@ def add_parser(subparsers, common) -> dict:
                    help="move the int8 weights' mean output error into the biases (static int8)")
     q.add_argument("--smooth-quant", type=float, default=None, metavar="ALPHA",
                    help="SmoothQuant: migrate activation outliers of LayerNorm->MatMul into weights (e.g. 0.5)")
+    a = c.add_argument_group("automatic mixed precision (--quantize auto; see docs/quantization.md)")
+    a.add_argument("--metric", default=None, choices=list(METRICS),
+                   help="what the budget limits, against the fp32 model on the calibration data (default: sqnr)")
+    a.add_argument("--accuracy-budget", type=float, default=None, metavar="B",
+                   help="sqnr: the lowest dB allowed; cosine, top1-agreement, accuracy: the largest drop from "
+                        "the fp32 model's score (defaults: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_BUDGET.items()) + ")")
+    a.add_argument("--force", action="store_true", default=None,
+                   help="when no int8 assignment meets the budget, write the best one found instead of exit 3")
+    a.add_argument("--pareto-plot", default=None, metavar="FILE.png",
+                   help="draw the assignments tried (latency, size, metric) and their Pareto front (matplotlib)")
+    trt = c.add_argument_group("TensorRT target (see docs/targets/tensorrt.md)")
+    trt.add_argument("--emit-onnx", action="store_true", default=None,
+                     help="write the prepared ONNX and its build script and stop (exit 0 without TensorRT/GPU); "
+                          "--input-shape NAME:MIN,OPT,MAX gives an optimization profile")
+    trt.add_argument("--timing-cache", default=None, metavar="FILE", help="TensorRT timing cache, reused across builds")
+    trt.add_argument("--workspace", type=int, default=None, metavar="MIB", help="TensorRT workspace limit in MiB")
+    trt.add_argument("--builder-opt-level", type=int, default=None, metavar="0-5",
+                     help="TensorRT builder optimization level (default 3)")
     c.add_argument("--bisect", action="store_true",
                    help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     common(c)
@@ -113,9 +134,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.print_after:
         instruments.append(PrintAfter(set(args.print_after), lambda text: sys.stderr.write(text)))
     target_options = _target_options(args)
+    shape_specs = args.input_shape or []
+    trt_flags = [f for f in ("emit_onnx", "timing_cache", "workspace", "builder_opt_level") if getattr(args, f, None)]
+    if trt_flags and target != "tensorrt":
+        raise UsageError(f"--{trt_flags[0].replace('_', '-')} applies to --target tensorrt")
+    if target == "tensorrt":  # NAME:MIN,OPT,MAX is an optimization profile, not a shape to bind
+        from ..backends.tensorrt import split_profiles
+
+        shape_specs, profiles = split_profiles(shape_specs)
+        if profiles:
+            target_options["profiles"] = profiles
     artifact = compile_model(
         input_path, target=target, opt_level=opt_level, passes=args.passes,
-        input_shapes=parse_input_shapes(args.input_shape or []), instruments=instruments,
+        input_shapes=parse_input_shapes(shape_specs), instruments=instruments,
         freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
         **_quantize_arguments(args), **target_options, ops=args.ops,
@@ -153,11 +184,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
         out.print(_time_table(timing.rows()))
     if args.stats:
         out.print(_stats_table(stats.as_dict(), artifact.reports))
+    auto = artifact.reports.get("quantize-auto")
+    if auto:
+        out.print(auto_table(auto), markup=False)
+        if args.pareto_plot:
+            pareto_plot(auto, Path(args.pareto_plot))
+            out.print(f"wrote {args.pareto_plot}", markup=False)
     for name, quant in artifact.reports.items():
         speed = quant.get("speed")
         if speed:
             int8 = ", ".join(f"int8 {k} {v:.3f} ms" for k, v in speed["candidates_ms"].items())
-            verdict = (f"kept fp32 (int8 is not faster here; --no-speed-check quantizes anyway)"
+            verdict = ("kept fp32 (int8 is not faster here; --no-speed-check quantizes anyway)"
                        if speed["chosen"] is None else f"chose int8 {speed['chosen']}")
             out.print(f"{name} speed check on this host: fp32 {speed['fp32_ms']:.3f} ms, {int8}: {verdict}",
                       markup=False)
@@ -169,25 +206,37 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def _quantize_arguments(args: argparse.Namespace) -> dict:
     """compile()'s quantization keywords from the flags; flags without --quantize are an error."""
     given = [f for f in ("calibration", "calibration_method", "calibration_samples", "calibration_cache",
-                         "per_tensor", "exclude", "isa", "requantize", "no_speed_check", "equalize", "bias_correction", "smooth_quant")
+                         "per_tensor", "exclude", "isa", "requantize", "no_speed_check", "equalize", "bias_correction", "smooth_quant",
+             "metric", "accuracy_budget", "force", "pareto_plot")
              if getattr(args, f, None) not in (None, [], False)]
     if not args.quantize:
         if given:
-            raise UsageError(f"--{given[0].replace('_', '-')} needs --quantize int8|int8-dynamic")
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --quantize int8|int8-dynamic|auto")
         return {}
-    if args.quantize == "int8" and not args.calibration:
-        raise UsageError("--quantize int8 needs --calibration CAL (an .npz of samples or a folder of .npz); "
+    if args.quantize in ("int8", "auto") and not args.calibration:
+        raise UsageError(f"--quantize {args.quantize} needs --calibration CAL (an .npz of samples or a folder of .npz); "
                          "--quantize int8-dynamic needs none")
+    auto_only = [f for f in ("metric", "accuracy_budget", "force", "pareto_plot") if getattr(args, f, None) is not None]
+    if auto_only and args.quantize != "auto":
+        raise UsageError(f"--{auto_only[0].replace('_', '-')} applies to --quantize auto only")
     if args.calibration_samples is not None and args.calibration_samples < 1:
         raise UsageError("--calibration-samples must be at least 1")
     options: dict = {}
-    if args.quantize == "int8":
+    if args.quantize in ("int8", "auto"):
         options.update({"calibration": args.calibration, "method": args.calibration_method or "mse",
                         "samples": args.calibration_samples or 0, "cache": args.calibration_cache or "",
                         "per-channel": not args.per_tensor})
     elif any(getattr(args, f, None) for f in ("calibration_method", "calibration_cache", "per_tensor", "bias_correction")):
-        raise UsageError("--calibration-method, --calibration-cache, --per-tensor and --bias-correction apply to "
-                         "--quantize int8 only")
+        raise UsageError("--calibration-method, --calibration-cache and --per-tensor apply to --quantize int8 and "
+                         "auto, --bias-correction to --quantize int8 only")
+    if args.quantize == "auto":
+        options.update({"metric": args.metric or "sqnr", "force": bool(args.force)})
+        if args.accuracy_budget is not None:
+            if args.accuracy_budget < 0:
+                raise UsageError("--accuracy-budget must be >= 0")
+            options["budget"] = args.accuracy_budget
+        if args.pareto_plot and not Path(args.pareto_plot).resolve().parent.is_dir():
+            raise UsageError(f"cannot write {args.pareto_plot}: folder {Path(args.pareto_plot).parent} does not exist")
     if args.exclude:
         options["exclude"] = ";".join(args.exclude)
     if args.isa:
@@ -202,6 +251,45 @@ def _quantize_arguments(args: argparse.Namespace) -> dict:
     return {"quantize": args.quantize, "calibration": calibration, "quantize_options": options,
             "equalize": bool(args.equalize), "correct_bias": bool(args.bias_correction),
             "smooth_quant": args.smooth_quant}
+
+
+def auto_table(report: dict) -> Table:
+    """quantize-auto's assignments tried, in order, with the chosen one marked."""
+    chosen = report["chosen"]
+    verdict = ("kept fp32: every assignment within the budget is slower here" if chosen is None else
+               f"chose {report['layers'] - len(chosen['fp32_layers'])} of {report['layers']} layers int8")
+    timed = "untimed" if report["fp32_ms"] is None else f"fp32 {report['fp32_ms']:.3f} ms"
+    table = Table(title=f"quantize-auto, metric {report['metric']}, budget {report['budget']:g} ({timed}): {verdict}",
+                  title_justify="left")
+    for col in ("#", "step", "fp32 layers", report["metric"], "size MB", "ms", "in budget", "Pareto"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for i, t in enumerate(report["trials"]):
+        mark = " *" if chosen is not None and t["fp32_layers"] == chosen["fp32_layers"] and t["step"] == chosen["step"] else ""
+        table.add_row(f"{i}{mark}", t["step"], str(len(t["fp32_layers"])),
+                      "inf" if t["score"] is None else f"{t['score']:.4g}", f"{t['size_bytes'] / 1e6:.2f}",
+                      "-" if t["latency_ms"] is None else f"{t['latency_ms']:.3f}",
+                      "yes" if t["meets_budget"] else "no", "yes" if t["pareto"] else "")
+    return table
+
+
+def pareto_plot(report: dict, path: Path) -> None:
+    """Latency against the metric for the timed assignments (size as the marker's area), and size
+    against the metric for every assignment tried."""
+    scored = [t for t in report["trials"] if t["score"] is not None]  # an infinite SQNR has no place on an axis
+    timed = [t for t in scored if t["latency_ms"] is not None]
+    others = [t for t in scored if t["latency_ms"] is None]
+    with figure(path, "--pareto-plot", ncols=2, figsize=(11, 4.5)) as (fig, (ax1, ax2)):
+        biggest = max((t["size_bytes"] for t in timed), default=1)
+        ax1.scatter([t["latency_ms"] for t in timed], [t["score"] for t in timed],
+                    s=[40 + 200 * t["size_bytes"] / biggest for t in timed], label="timed")
+        if report["fp32_ms"] is not None:
+            ax1.axvline(report["fp32_ms"], color="gray", linestyle="--", label="fp32 latency")
+        ax1.set(xlabel="latency (ms, this host)", ylabel=report["metric"], title="timed assignments (area: size)")
+        ax1.legend()
+        for group, label in ((others, "not timed"), (timed, "timed")):
+            ax2.scatter([t["size_bytes"] / 1e6 for t in group], [t["score"] for t in group], label=label)
+        ax2.set(xlabel="size (MB)", ylabel=report["metric"], title="every assignment tried")
+        ax2.legend()
 
 
 def quantization_table(report: dict, limit: int | None) -> Table:
@@ -225,6 +313,10 @@ def _target_options(args: argparse.Namespace) -> dict:
     options = {key: getattr(args, key) for key in ("threads", "tune", "tune_time", "tuning_db", "arch", "mcpu", "mattr",
                                                    "mtriple")
                if getattr(args, key, None) is not None}
+    for flag, key in (("emit_onnx", "emit_onnx"), ("timing_cache", "timing_cache"), ("workspace", "workspace_mib"),
+                      ("builder_opt_level", "optimization_level")):  # the TensorRT group
+        if getattr(args, flag, None) is not None:
+            options[key] = getattr(args, flag)
     for item in args.target_opt or []:
         key, sep, value = item.partition("=")
         if not sep or not key:

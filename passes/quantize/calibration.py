@@ -77,14 +77,26 @@ def cached_observers(model: onnx.ModelProto, tensors: list[str], data: Calibrati
     if not cache:
         return observe(model, tensors, data), False, None
     key = f"{model_digest(model)}:{data.digest()}:{data.limit}"
+    kept = _OBSERVED.get((str(cache), key))
+    if kept is not None and all(name in kept for name in tensors):
+        return {name: kept[name] for name in tensors}, True, key
     entries = _read_cache(cache)
     entry = entries.get(key)
     if isinstance(entry, dict) and all(name in entry for name in tensors):
-        return {name: _from_json(entry[name]) for name in tensors}, True, key
-    observers = observe(model, tensors, data)
-    entries[key] = {name: _to_json(obs) for name, obs in observers.items()}
-    write_atomic(Path(cache), json.dumps(entries, sort_keys=True).encode())
-    return observers, False, key
+        observers, hit = {name: _from_json(entry[name]) for name in entry}, True
+    else:
+        observers, hit = observe(model, tensors, data), False
+        entries[key] = {name: _to_json(obs) for name, obs in observers.items()}
+        write_atomic(Path(cache), json.dumps(entries, sort_keys=True).encode())
+    _OBSERVED.clear()  # one model's at a time: what quantize-auto's many rewrites of one model ask for
+    _OBSERVED[(str(cache), key)] = observers
+    return {name: observers[name] for name in tensors}, hit, key
+
+
+# The observers of the last cache entry used, by (cache file, key): reading and parsing the cache
+# file again, and searching the ranges again, for each of quantize-auto's assignments costs more
+# than the rewrite itself on a transformer.
+_OBSERVED: dict[tuple[str, str], dict[str, Observer]] = {}
 
 
 def _read_cache(cache: str | os.PathLike) -> dict:

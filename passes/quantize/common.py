@@ -3,6 +3,8 @@ quantizer takes, and small predicates on graphsurgeon tensors and nodes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
@@ -26,8 +28,11 @@ def refuse_quantized(graph: gs.Graph, requantize: bool) -> None:
                          "pass requantize=true (--requantize) to quantize it again")
 
 
-def parse_exclude(text: str) -> set[str]:
-    """The ``exclude`` option: node names or op types separated by ';' (or ',')."""
+def parse_exclude(text: str | Iterable[str]) -> set[str]:
+    """The ``exclude`` option: node names or op types separated by ';' (or ','), or from Python a
+    collection of them (node names may hold any character then)."""
+    if not isinstance(text, str):
+        return {str(e) for e in text}
     return {e.strip() for e in text.replace(",", ";").split(";") if e.strip()}
 
 

@@ -59,6 +59,15 @@ class Observer:
     # ------------------------------------------------------------------ ranges
 
     def range(self, method: str = "minmax", percentile: float = 99.999) -> tuple[float, float]:
+        """The range ``method`` chooses from what was observed (remembered until the next update:
+        quantize-auto asks again for every assignment it tries)."""
+        key = (method, percentile, self.count, self.lo, self.hi)
+        memo = self.__dict__.setdefault("_ranges", {})
+        if key not in memo:
+            memo[key] = self._range(method, percentile)
+        return memo[key]
+
+    def _range(self, method: str, percentile: float) -> tuple[float, float]:
         if self.count == 0:
             raise ValueError("observer saw no data")
         if method == "minmax" or self.hi <= self.lo:

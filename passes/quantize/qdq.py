@@ -102,6 +102,18 @@ def dq_weight(b: Builder, node: gs.Node, index: int, axis: int, qmax: int, x_sca
     return replaced
 
 
+EMBEDDING_MIN_ELEMENTS = 4096
+
+
+def embedding_table(node: gs.Node, min_elements: int = EMBEDDING_MIN_ELEMENTS) -> np.ndarray | None:
+    """The fp32 table of a Gather that reads rows of a constant 2-D table of ``min_elements`` or
+    more (an embedding), else None."""
+    if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0:
+        return None
+    table = const_float(node.inputs[0])
+    return table if table is not None and table.ndim == 2 and table.size >= min_elements else None
+
+
 def quantize_embeddings(graph: gs.Graph, b: Builder, min_elements: int, exclude: set[str]) -> int:
     """Store large embedding tables in int8, one scale per row (weight-only: the gathered rows are
     scaled back to fp32, a few KB per call instead of the whole table):
@@ -111,10 +123,8 @@ def quantize_embeddings(graph: gs.Graph, b: Builder, min_elements: int, exclude:
     Returns how many tables were replaced."""
     count = 0
     for node in list(graph.nodes):
-        if node.op != "Gather" or excluded(node, exclude) or int(node.attrs.get("axis", 0)) != 0:
-            continue
-        table = const_float(node.inputs[0])
-        if table is None or table.ndim != 2 or table.size < min_elements:
+        table = embedding_table(node, min_elements)
+        if table is None or excluded(node, exclude):
             continue
         q, scale = quantize_weight(table, 0, 127)
         name = node.inputs[0].name

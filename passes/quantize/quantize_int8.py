@@ -30,7 +30,7 @@ from . import calibration, speed
 from .common import CALIBRATION_OPTIONS, COMMON_OPTIONS, parse_exclude, refuse_quantized
 from .observers import METHODS, quant_params
 from .plan import Plan, fold, plan_static, stem_convs
-from .qdq import Builder, dq_weight, insert_qdq, quantize_embeddings
+from .qdq import EMBEDDING_MIN_ELEMENTS, Builder, dq_weight, insert_qdq, quantize_embeddings
 from .recipe import recipe_for
 
 log = logging.getLogger("infoptc")
@@ -185,7 +185,7 @@ class QuantizeInt8(Pass):
             insert_qdq(b, tensors[name], scale, zp, graph)
         for node, index, axis in plan.weights.values():
             dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node), self.opts["per-channel"])
-        embeddings = quantize_embeddings(graph, b, 4096, exclude) if self.opts["embeddings"] else 0
+        embeddings = quantize_embeddings(graph, b, EMBEDDING_MIN_ELEMENTS, exclude) if self.opts["embeddings"] else 0
         return params, {"quantized": len(plan.nodes), "embeddings": embeddings, "weights": len(plan.weights),
                         "tensors": len(params), "relu_folded": len(plan.folds),
                         "fp32_compute_left": len(plan.skipped)}

@@ -1,0 +1,195 @@
+"""Low and mixed precision side by side: fp32, each single precision infoptc writes, and
+``--quantize auto`` at two budgets, on real-size and trained models, in one run.
+
+    .venv/bin/python benchmarks/precision.py [MODELS...] [--budgets 20,30] [--rounds 20] [--threads 2]
+
+Per model, every variant is an ONNX model run by ONNX Runtime (CPU, ``--threads`` threads, batch 1),
+timed in interleaved turns (a 0.05 s pause, 3 untimed runs, 10 timed ones) with fp32; "time" and
+"size" are ratios to the fp32 model's. Variants:
+
+- ``fp32``: the model as given.
+- one row per single precision infoptc has a quantizer for (``int8`` and, where registered,
+  ``fp16``, ``bf16``, ``int4``), written by ``infoptc -O3 --quantize MODE`` with the speed check
+  off (the precision itself, even where it is slower here).
+- ``auto@B``: ``--quantize auto --metric sqnr --accuracy-budget B`` (B in dB), speed check on.
+
+The budget is held on the calibration data (``cal SQNR``: the worst output's SQNR against fp32
+there); the task metric and ``eval SQNR`` are on disjoint evaluation data (benchmarks/quantize.py's
+data: crops of one sample photo for calibration, the other for evaluation; seeded token ids; the
+trained models' own data). The last table checks the goals: auto meets each budget, and is not
+slower than the fastest single precision (fp32 included) that meets the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import numpy as np
+import onnx
+
+import infoptc
+import quantize as qbench  # benchmarks/quantize.py: data, sessions, task metrics
+from infoptc.bench import run_interleaved
+from infoptc.pipelines import QUANTIZERS
+
+DEFAULT = ["resnet18", "efficientnet_b0", "vit_tiny", "minilm", "digits_cnn", "gpt2_small"]
+SINGLE = ("int8", "fp16", "bf16", "int4")  # in this order, where pipelines.QUANTIZERS has them
+
+
+def sqnr_db(ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> float:
+    """The worst output's SQNR over all samples."""
+    worst = np.inf
+    for k in range(len(ref[0])):
+        r = np.concatenate([x[k].ravel() for x in ref]).astype(np.float64)
+        if r.dtype.kind != "f":
+            continue
+        o = np.concatenate([x[k].ravel() for x in out]).astype(np.float64)
+        noise = np.sum((r - o) ** 2)
+        worst = min(worst, np.inf if noise == 0 else float(10 * np.log10(np.sum(r * r) / noise)))
+    return worst
+
+
+def data(name: str, args, work: Path):
+    import golden_models
+
+    kind = qbench.MODELS[name]
+    if name in qbench.TRAINED:
+        from golden_models import trained
+
+        return trained.path(name), kind, trained.calibration_feeds(name, args.calibration_samples), \
+            trained.evaluation_feeds(name, args.eval_samples)
+    src = work / f"{name}.onnx"
+    model = golden_models.module(name).build()
+    onnx.save(model, src)
+    return (src, kind, qbench.feeds_for(model, kind, args.calibration_samples, "calibration"),
+            qbench.feeds_for(model, kind, args.eval_samples, "evaluation"))
+
+
+def bench_model(name: str, args, work: Path) -> list[dict]:
+    src, kind, cal, ev = data(name, args, work)
+    variants: dict[str, Path] = {"fp32": src}
+    notes: dict[str, dict] = {}
+    modes = [m for m in SINGLE if m in QUANTIZERS]
+    jobs = [(m, m, {"speed-check": False} if m == "int8" else {}) for m in modes]
+    jobs += [(f"auto@{b:g}", "auto", {"metric": "sqnr", "budget": b}) for b in args.budgets]
+    for label, mode, options in jobs:
+        dst = work / f"{name}.{label.replace('@', '_')}.onnx"
+        t0 = time.perf_counter()
+        try:
+            art = infoptc.compile(str(src), opt_level=3, quantize=mode, calibration=cal, quantize_options=options)
+        except Exception as e:  # a precision that fails on a model is a row that says so
+            print(f"{name}: {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            continue
+        art.save(dst)
+        variants[label] = dst
+        auto = art.reports.get("quantize-auto") or {}
+        chosen = auto.get("chosen")
+        notes[label] = {"build_s": time.perf_counter() - t0,
+                        "fp32_layers": None if not auto else (auto["layers"] if chosen is None else len(chosen["fp32_layers"])),
+                        "layers": auto.get("layers")}
+    sessions = {label: qbench.session(path, args.threads) for label, path in variants.items()}
+    cal_out = {label: [s.run(None, f) for f in cal] for label, s in sessions.items()}
+    ev_out = {label: [s.run(None, f) for f in ev] for label, s in sessions.items()}
+    labels = list(sessions)
+    feed = ev[0]
+    runners = [lambda s=sessions[lab]: s.run(None, feed) for lab in labels]
+    times = run_interleaved(runners, iterations=args.rounds, warmup=3, settle=0.05, block=10, wake=3)
+    medians = {lab: statistics.median(t) for lab, t in zip(labels, times)}
+    rows = []
+    for label in labels:
+        metric_name, value = qbench.metric(name, kind, ev_out["fp32"], ev_out[label])
+        rows.append({"model": name, "variant": label, "ms": medians[label] * 1e3,
+                     "time_vs_fp32": medians[label] / medians["fp32"],
+                     "size_vs_fp32": variants[label].stat().st_size / src.stat().st_size,
+                     "cal_sqnr_db": sqnr_db(cal_out["fp32"], cal_out[label]),
+                     "eval_sqnr_db": sqnr_db(ev_out["fp32"], ev_out[label]),
+                     "metric": metric_name, "value": value, **notes.get(label, {})})
+    return rows
+
+
+def _db(x: float) -> str:
+    return "exact" if np.isinf(x) else f"{x:.1f}"
+
+
+def print_tables(rows: list[dict], budgets: list[float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    table = Table(title="precision on ONNX Runtime CPU: time and size as ratios to fp32 (lower is better)")
+    for col in ("model", "variant", "ms (median)", "time vs fp32", "size vs fp32", "cal SQNR dB", "eval SQNR dB",
+                "task metric vs fp32", "fp32 layers"):
+        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
+    last = None
+    for r in rows:
+        if last is not None and r["model"] != last:
+            table.add_section()
+        last = r["model"]
+        value = f"{r['value']:.1f}%" if "top-1" in r["metric"] else f"{r['value']:.4f}"
+        fp32_layers = "" if r.get("fp32_layers") is None else f"{r['fp32_layers']}/{r['layers']}"
+        table.add_row(r["model"], r["variant"], f"{r['ms']:.3f}", f"{r['time_vs_fp32']:.3f}x",
+                      f"{r['size_vs_fp32']:.3f}x", _db(r["cal_sqnr_db"]), _db(r["eval_sqnr_db"]),
+                      f"{r['metric']} {value}", fp32_layers)
+    console.print(table)
+    goals = Table(title="goals: auto meets its budget (cal SQNR) and is no slower than the fastest single "
+                        "precision meeting the same budget")
+    for col in ("model", "budget dB", "auto cal SQNR", "meets", "auto ms", "best single", "its ms", "auto / best"):
+        goals.add_column(col, justify="left" if col in ("model", "best single") else "right")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = {r["variant"]: r for r in rows if r["model"] == model}
+        for b in budgets:
+            auto = mine.get(f"auto@{b:g}")
+            if auto is None:
+                continue
+            singles = [r for k, r in mine.items() if not k.startswith("auto") and r["cal_sqnr_db"] >= b]
+            best = min(singles, key=lambda r: r["ms"])
+            goals.add_row(model, f"{b:g}", _db(auto["cal_sqnr_db"]), "yes" if auto["cal_sqnr_db"] >= b else "NO",
+                          f"{auto['ms']:.3f}", best["variant"], f"{best['ms']:.3f}", f"{auto['ms'] / best['ms']:.3f}x")
+    console.print(goals)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=DEFAULT, metavar="MODEL",
+                        help=f"default: {' '.join(DEFAULT)}; any of {' '.join(qbench.MODELS)}")
+    parser.add_argument("--budgets", default="30,40", help="auto's SQNR budgets in dB, comma-separated")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--json", metavar="OUT.json")
+    args = parser.parse_args(argv)
+    args.budgets = [float(b) for b in args.budgets.split(",") if b]
+    unknown = [m for m in args.models if m not in qbench.MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}")
+    from infoptc.passes.quantize.recipe import cpu_flags
+
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})
+    print(f"CPU flags: {' '.join(flags)}; ORT threads {args.threads}; single precisions: "
+          f"{', '.join(m for m in SINGLE if m in QUANTIZERS)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            t0 = time.perf_counter()
+            rows += bench_model(name, args, Path(tmp))
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print_tables(rows, args.budgets)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

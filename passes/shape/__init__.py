@@ -1,0 +1,1 @@
+"""Passes on the model's shapes and signature (make-batch-dynamic)."""
