@@ -15,7 +15,7 @@ HIDDEN, HEADS, S = 16, 2, 5
 RNG = np.random.default_rng(13)
 
 
-def mha_model(biased=(True, True, True), masked=True, cross=False):
+def mha_model(biased=(True, True, True), masked=True, cross=False, q_scale=None):
     """What fuse-attention leaves: three projections and MultiHeadAttention (BERT: all biased;
     Whisper's k_proj: no bias); ``cross``: k and v project another input."""
     inits, nodes = [], []
@@ -28,10 +28,13 @@ def mha_model(biased=(True, True, True), masked=True, cross=False):
             nodes.append(helper.make_node("Add", [f"b{name}", f"m{name}"], [name]))  # bias first, as torch writes it
         else:
             nodes.append(helper.make_node("Identity", [f"m{name}"], [name]))
+    if q_scale is not None:  # Whisper: q_proj(x) * scaling
+        inits.append(numpy_helper.from_array(np.float32(q_scale), "c"))
+        nodes.append(helper.make_node("Mul", ["q", "c"], ["qs"]))
     inputs = [helper.make_tensor_value_info("x", F, ["batch", S, HIDDEN])]
     if cross:
         inputs.append(helper.make_tensor_value_info("y", F, ["batch", S, HIDDEN]))
-    mha_inputs = ["q", "k", "v"]
+    mha_inputs = ["q" if q_scale is None else "qs", "k", "v"]
     if masked:
         inputs.append(helper.make_tensor_value_info("bias", F, ["batch", 1, S, S]))
         mha_inputs += ["", "", "bias"]
@@ -55,6 +58,13 @@ def test_projections_pack_into_one_attention(biased, masked):
     assert op_histogram(out) == {"com.microsoft::Attention": 1} and counters == {"fused": 1, "pack_qkv": 1}
     attention = out.graph.node[0]
     assert (attention.input[5] == "bias") == masked
+    check_equivalent(model, out, Contract.REASSOCIATING, samples=2)
+
+
+def test_a_scaled_query_folds_its_scale_into_the_packed_weights():
+    model = mha_model((True, False, True), q_scale=0.125)
+    out, counters = fuse(model)
+    assert op_histogram(out) == {"com.microsoft::Attention": 1} and counters["pack_qkv"] == 1
     check_equivalent(model, out, Contract.REASSOCIATING, samples=2)
 
 
