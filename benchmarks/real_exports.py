@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import infoptc
 import numpy as np
-import onnx
 import pytest
 from infoptc import ir
 from infoptc.analysis import op_histogram

@@ -8,8 +8,6 @@ need to know that such a dimension is the batch of the tensor they rewrite.
 
 from __future__ import annotations
 
-import numpy as np
-
 
 def dims(ctx, t, depth: int = 0) -> list | None:
     """A 1-D int64 shape tensor as entries: ints, or ("dim", tensor, i) for a dimension of a tensor."""
