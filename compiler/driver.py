@@ -12,7 +12,7 @@ from . import ir, op_policy, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
-from .pipelines import pipeline_before_quantization, pipeline_for_level, quantize_pipeline
+from .pipelines import memory_limited_pipeline, pipeline_before_quantization, pipeline_for_level, quantize_pipeline
 from .progress import stage
 from .targets import Artifact, get_target
 
@@ -35,6 +35,7 @@ def compile(
     equalize: bool = False,
     correct_bias: bool = False,
     smooth_quant: float | None = None,
+    memory_limit: int | None = None,
     ops: str | None = None,
     **target_options: Any,
 ) -> Artifact:
@@ -53,6 +54,8 @@ def compile(
     metadata as ``infoptc.ops``.
     The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
     ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
+    ``memory_limit`` (bytes) ends the pipeline with ``reorder-for-memory``, which raises
+    ``VerificationError`` when no order it finds fits the limit.
     """
     for path in load_plugins:
         plugins.load_plugin_file(path)
@@ -82,6 +85,8 @@ def compile(
                                          equalize=equalize, correct_bias=correct_bias, smooth_quant=smooth_quant)
         else:
             pipeline = passes if passes is not None else pipeline_for_level(opt_level)
+        if memory_limit is not None:
+            pipeline = memory_limited_pipeline(pipeline, memory_limit)
         manager = PassManager(pipeline, instruments)
         ctx = PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {}),
                           options={"calibration": calibration} if calibration is not None else {})

@@ -167,7 +167,8 @@ class PassManager:
         record.changed = bool(result.changed) or (checked and after != before)
         if record.changed:
             cleanup(graph)  # graphsurgeon's cleanup().toposort(), in linear time
-            toposort(graph)
+            if not p.keeps_order:
+                toposort(graph)
             ctx.analyses.clear()
             self._version += 1
             if not self.instruments:  # (an instrument might edit the graph after this)

@@ -137,6 +137,9 @@ class Pass:
     # is deterministic: the manager then trusts it instead of fingerprinting the graph before
     # and after, and does not run it again on a graph it left unchanged.
     reports_changes: ClassVar[bool] = False
+    # True when the pass chooses the node order itself (reorder-for-memory): after it the manager
+    # cleans up but does not sort again, which would undo that order.
+    keeps_order: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         self.opts: dict[str, Any] = {k: o.default for k, o in self.options.items()}

@@ -46,10 +46,11 @@ OPT_LEVELS: dict[str, str] = {
           "toposort",
     # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node, weights
     # included (ConstantOfShape/Expand/Tile stay as ops), and identical initializers always merge.
+    # Last, the node order with the lowest activation-memory peak found (the manager keeps it).
     "Os": "dce,"
           "fixpoint(eliminate-noops,fold-shapes,fold-constants{size-limit=16KB,weight-size-limit=16KB},cse,"
           "dedup-initializers),"
-          "toposort",
+          "toposort,reorder-for-memory",
 }
 
 
@@ -197,3 +198,11 @@ def parse_pipeline(text: str) -> list:
     if parser.peek() is not None:
         raise UsageError(f"bad pipeline {text!r}: unexpected {parser.peek()!r}")
     return items
+
+
+def memory_limited_pipeline(pipeline: str | list, limit: int) -> list:
+    """``pipeline`` (text or pass instances) ending in ``reorder-for-memory{memory-limit=limit}``,
+    in place of any reorder-for-memory it had: the order it leaves must fit ``limit`` bytes."""
+    items = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    items = [p for p in items if getattr(p, "name", None) != "reorder-for-memory"]
+    return items + [get_pass("reorder-for-memory")(memory_limit=limit)]

@@ -103,6 +103,12 @@ def add_parser(subparsers, common) -> dict:
     trt.add_argument("--workspace", type=int, default=None, metavar="MIB", help="TensorRT workspace limit in MiB")
     trt.add_argument("--builder-opt-level", type=int, default=None, metavar="0-5",
                      help="TensorRT builder optimization level (default 3)")
+    mm = c.add_argument_group("memory (see docs/memory.md)")
+    mm.add_argument("--memory-report", action="store_true", default=None,
+                    help="onnx target: the compiled model's activation memory plan, also written into its metadata")
+    mm.add_argument("--memory-limit", default=None, metavar="SIZE",
+                    help="reorder nodes to fit activations in SIZE (e.g. 8MB); exit 3 with the best order's "
+                         "peak when no order found fits")
     c.add_argument("--bisect", action="store_true",
                    help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     common(c)
@@ -149,12 +155,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         input_shapes=parse_input_shapes(shape_specs), instruments=instruments,
         freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
-        **_quantize_arguments(args), **target_options, ops=args.ops,
+        **_quantize_arguments(args), **_memory_arguments(args), **target_options, ops=args.ops,
     )
     if args.opt_bisect_limit is not None:
         for rec in artifact.pass_records:
             err.print(f"BISECT: {'running' if not rec.skipped else 'NOT running'} pass ({rec.index}) {rec.pass_}",
                       markup=False)
+    memory_report = _memory_report(args, artifact) if args.memory_report else None
     written = artifact.save(output) if not args.external_data else _save_external(artifact, output)
     after = getattr(artifact, "model", None)
     report = {
@@ -171,6 +178,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         report["stats"] = stats.as_dict()
     if artifact.reports:
         report["reports"] = artifact.reports
+    if memory_report is not None:
+        report["memory"] = memory_report.as_dict(with_live=False)
     if args.json:
         emit_json(report)
         return 0
@@ -190,6 +199,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.pareto_plot:
             pareto_plot(auto, Path(args.pareto_plot))
             out.print(f"wrote {args.pareto_plot}", markup=False)
+    if memory_report is not None:
+        from .inspect import memory_table
+
+        out.print(memory_table(memory_report, "activation memory of the compiled model"))
     for name, quant in artifact.reports.items():
         speed = quant.get("speed")
         if speed:
@@ -306,6 +319,36 @@ def quantization_table(report: dict, limit: int | None) -> Table:
     for r in shown:
         table.add_row(r["tensor"], r["op"], f"{r['scale']:.4g}", str(r["zero_point"]), f"{r['sqnr_db']:.1f}")
     return table
+
+
+def _memory_arguments(args: argparse.Namespace) -> dict:
+    """compile()'s memory_limit from --memory-limit (a size such as 8MB), and --memory-report's check."""
+    from ..pass_registry import parse_size
+
+    if args.memory_report and (args.target or "onnx") != "onnx":
+        raise UsageError("--memory-report applies to the onnx target (its plan goes into the model's metadata)")
+    if args.memory_limit is None:
+        return {}
+    try:
+        limit = parse_size(args.memory_limit)
+    except ValueError as e:
+        raise UsageError(f"bad --memory-limit {args.memory_limit!r}: {e}") from None
+    if limit <= 0:
+        raise UsageError("--memory-limit must be positive")
+    return {"memory_limit": limit}
+
+
+def _memory_report(args: argparse.Namespace, artifact):
+    """The plan of the compiled model in its node order, also written into its metadata_props."""
+    from .. import memory
+    from ..driver import parse_input_shapes
+    from .inspect import memory_report
+
+    rep = memory_report(artifact.model, parse_input_shapes(args.input_shape or []))
+    props = artifact.model.metadata_props
+    entry = next((m for m in props if m.key == memory.METADATA_KEY), None) or props.add()
+    entry.key, entry.value = memory.METADATA_KEY, memory.metadata_value(rep)
+    return rep
 
 
 def _target_options(args: argparse.Namespace) -> dict:

@@ -7,7 +7,8 @@ import argparse
 from rich.markup import escape
 from rich.table import Table
 
-from .. import analysis, ir
+from .. import analysis, ir, memory
+from ..errors import UsageError
 from .output import emit_json, human_bytes, out
 
 
@@ -16,6 +17,11 @@ def add_parser(subparsers, common) -> dict:
     i.add_argument("model")
     i.add_argument("--quant", action="store_true",
                    help="which int8 regions ONNX Runtime really fuses into int8 kernels (loads the model in ORT)")
+    i.add_argument("--memory", action="store_true",
+                   help="activation memory: peak with no reuse, the planned arena, the lower bound, weights")
+    i.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
+                   help="with --memory: bind an input's shape, e.g. input:1x3x224x224 (repeatable)")
+    i.add_argument("--plot", default=None, metavar="PNG", help="with --memory: plot live bytes over the schedule")
     common(i)
     return {"inspect": cmd_inspect}
 
@@ -24,6 +30,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model = ir.load_model(args.model)
     if args.quant:
         return _inspect_quant(args, model)
+    if args.memory:
+        return _inspect_memory(args, model)
+    if args.input_shape or args.plot:
+        raise UsageError("--input-shape and --plot go with --memory")
     summary = analysis.summarize(model)
     if args.json:
         emit_json(summary.as_dict())
@@ -79,3 +89,51 @@ def _inspect_quant(args: argparse.Namespace, model) -> int:
         table.add_row("recipe", escape(json.dumps(report["recipe"], sort_keys=True)))
     out.print(table)
     return 0
+
+
+def _inspect_memory(args: argparse.Namespace, model) -> int:
+    from ..driver import parse_input_shapes
+
+    rep = memory_report(model, parse_input_shapes(args.input_shape or []))
+    if args.plot:
+        memory.plot_live_bytes(rep, args.plot, title=f"{args.model}: live activation bytes")
+    if args.json:
+        emit_json(rep.as_dict())
+        return 0
+    out.print(memory_table(rep, f"{args.model}: activation memory"))
+    return 0
+
+
+def memory_report(model, bind: dict) -> memory.MemoryReport:
+    """The memory report of ``model`` with ``bind``'s input shapes; a name that is not an input
+    is a usage error."""
+    names = {vi.name for vi in model.graph.input}
+    for name in bind:
+        if name not in names:
+            raise UsageError(f"--input-shape names {name!r}, which is not a model input "
+                             f"(inputs: {', '.join(map(repr, sorted(names)))})")
+    return memory.report(memory.program_of(model, bind))
+
+
+def memory_table(rep: memory.MemoryReport, title: str, live_rows: int = 8) -> Table:
+    per_unit = f" per unit of {', '.join(rep.symbols)}" if rep.symbols else ""
+    table = Table(title=title + per_unit, title_justify="left", show_header=False)
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_row("schedule steps", str(rep.steps))
+    table.add_row("peak with no reuse", human_bytes(rep.no_reuse))
+    table.add_row(f"planned arena ({rep.plan.alignment}-byte aligned)", human_bytes(rep.planned))
+    table.add_row("lower bound (most bytes live at one step)", human_bytes(rep.lower_bound))
+    if rep.lower_bound:
+        table.add_row("planned / lower bound", f"{rep.planned / rep.lower_bound:.3f}")
+    table.add_row("weights", human_bytes(rep.weights))
+    table.add_row("graph inputs", human_bytes(rep.inputs))
+    table.add_row("peak at", escape(f"step {rep.peak_step}: {rep.peak_node}"))
+    for name, size in rep.live_at_peak[:live_rows]:
+        table.add_row(escape(f"  live: {name}"), human_bytes(size))
+    if len(rep.live_at_peak) > live_rows:
+        table.add_row(f"  ... {len(rep.live_at_peak) - live_rows} more live tensors", "")
+    if rep.unknown:
+        table.add_row(escape(f"unknown shapes (counted as 0 bytes): {', '.join(rep.unknown[:5])}"
+                             + (" ..." if len(rep.unknown) > 5 else "")), str(len(rep.unknown)))
+    return table
