@@ -8,7 +8,7 @@ import onnx
 import onnx.version_converter
 import onnx_graphsurgeon as gs
 
-from . import ir, plugins
+from . import ir, op_policy, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
@@ -36,6 +36,7 @@ def compile(
     correct_bias: bool = False,
     smooth_quant: float | None = None,
     memory_limit: int | None = None,
+    ops: str | None = None,
     **target_options: Any,
 ) -> Artifact:
     """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
@@ -50,6 +51,9 @@ def compile(
     ``correct_bias`` and ``smooth_quant`` (an alpha) add the accuracy-recovery passes before it.
     ``quantize="fp16"``/``"bf16"`` appends convert-float, ``"int4"`` quantize-int4 (their options,
     e.g. ``{"keep-io-types": True}`` or ``{"block-size": 64, "method": "gptq"}``, in ``quantize_options``).
+    ``ops`` is the op policy the passes follow (``"standard"``: ai.onnx ops only; ``"ort"``, the
+    default: ONNX Runtime's com.microsoft ops too; see ``op_policy``), recorded in the model's
+    metadata as ``infoptc.ops``.
     The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
     ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
     ``memory_limit`` (bytes) ends the pipeline with ``reorder-for-memory``, which raises
@@ -60,6 +64,7 @@ def compile(
     if quantize == "int8-dynamic" and target != "onnx":
         raise UsageError(f"--quantize int8-dynamic writes ONNX Runtime's DynamicQuantizeMatMul, which the {target} "
                          "target cannot run; use --target onnx, or --quantize int8 (standard QDQ)")
+    ops = op_policy.check_policy(ops if ops is not None else op_policy.DEFAULT_OPS)
     backend = get_target(target)(**target_options)
     backend.check_available()
     if quantize is not None:  # what --quantize means for the target (tensorrt: all 8 weight bits, no CPU timing)
@@ -87,6 +92,9 @@ def compile(
         manager = PassManager(pipeline, instruments)
         ctx = PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {}),
                           options={"calibration": calibration} if calibration is not None else {})
+        ctx.options[op_policy.OPS_KEY] = ops
+        if manager.pipeline:  # -O0 only re-serializes: the model is left as its author wrote it
+            ctx.metadata[op_policy.METADATA_KEY] = ops
         with stage(f"running the {f'-O{opt_level}' if passes is None else 'given'} pipeline"
                    + (f" with {quantize} quantization" if quantize else "")):
             records = manager.run(graph, ctx)

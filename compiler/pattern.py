@@ -27,7 +27,8 @@ Pattern language (the ``op`` builder of a pattern function):
 * Add, Mul, Max, Min, And, Or, Xor, Equal match their two inputs in either order.
 * Every value computed inside the pattern, except the pattern's outputs, must have no consumer
   outside the match and must not be a graph output (``one_use=False`` lifts this: shared nodes
-  are then kept alive). ``allow_shape_uses=True`` also accepts Shape nodes reading a ``_bind``-named
+  are then kept alive). ``allow_shape_uses=True`` (or a list of op types, e.g. ``("Shape", "Reshape")``)
+  also accepts Shape nodes (or those ops) reading a ``_bind``-named
   intermediate (exporters compute reshape targets that way); the replacement gets them as
   ``shape_uses={bind name: [Shape nodes]}`` and should re-point them with ``op.replace_uses``.
   Whatever it leaves alone keeps the old nodes alive, so a forgotten use costs speed, not meaning. Nodes are only matched inside one graph: an If/Loop body never pulls in
@@ -235,7 +236,8 @@ class Rule:
     """A named rewrite: one or more alternative patterns, an optional check, a replacement."""
 
     def __init__(self, name: str, pattern: Callable | Sequence[Callable], replacement: Callable,
-                 check: Callable | None = None, *, one_use: bool = True, allow_shape_uses: bool = False):
+                 check: Callable | None = None, *, one_use: bool = True,
+                 allow_shape_uses: bool | Sequence[str] = False):
         self.name = name
         fns = list(pattern) if isinstance(pattern, (list, tuple)) else [pattern]
         self.patterns = [Pattern(fn) for fn in fns]
@@ -246,7 +248,10 @@ class Rule:
         self.replacement = replacement
         self.check = check
         self.one_use = one_use
+        # True: Shape readers of bound intermediates are allowed; a list names the op types allowed
+        # (("Shape", "Reshape"): a Reshape of an intermediate the replacement can re-point too)
         self.allow_shape_uses = allow_shape_uses
+        self.shape_use_ops = frozenset(("Shape",) if allow_shape_uses is True else allow_shape_uses or ())
 
     def __repr__(self) -> str:
         return f"Rule({self.name!r})"
@@ -382,8 +387,8 @@ class _Matcher:
         self.pattern, self.info, self.opset = pattern, info, opset
         self.best: tuple[int, str] | None = None
 
-    def fail(self, st: _State, msg: str) -> None:
-        depth = len(st.nodes)
+    def fail(self, st: _State, msg: str, depth: int | None = None) -> None:
+        depth = len(st.nodes) if depth is None else depth
         if self.best is None or depth > self.best[0]:
             self.best = (depth, msg)
 
@@ -511,7 +516,8 @@ def _structural_reason(rule: Rule, pattern: Pattern, st: _State, info: _GraphInf
             if id(t) in info.outputs:
                 return f"intermediate {t.name!r} ({pn.label}) is a graph output", shape_uses
             others = [c for c in t.outputs if id(c) not in matched]
-            if others and rule.allow_shape_uses and pn.bind and all(c.op == "Shape" and not _domain(c) for c in others):
+            if others and rule.shape_use_ops and pn.bind and all(c.op in rule.shape_use_ops and not _domain(c)
+                                                                 for c in others):
                 shape_uses.setdefault(pn.bind, []).extend(others)
             elif others:
                 return (f"intermediate {t.name!r} ({pn.label}) has another consumer: "
@@ -626,8 +632,8 @@ def _try(rule: Rule, pattern: Pattern, node: gs.Node, info: _GraphInfo, pass_ctx
                 reason = f"check: {verdict}"
             elif verdict is not True:
                 reason = "check returned False"
-        if reason is not None:
-            matcher.fail(_State(nodes={i: v for i, v in enumerate(st.nodes.values())}), reason)
+        if reason is not None:  # a whole structure matched: its refusal outranks any partial mismatch
+            matcher.fail(_State(), reason, depth=len(pattern.nodes) + 1)
             continue
         outputs = [_output_tensor(st, o) for o in pattern.outputs]
         return Match(rule, pattern, node, st.bindings, nodes, outputs), True
@@ -765,6 +771,7 @@ class RewriteStats:
 
     applied: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)
+    reasons: dict = field(default_factory=dict)  # rule name -> why it was first refused (as ``explain`` says)
     iterations: int = 0
     converged: bool = True
 
@@ -818,6 +825,9 @@ def apply_rules(graph: gs.Graph, rules: Sequence[Rule], *, pass_ctx: PassContext
                         if match is None:
                             if structural:
                                 rejected_at.setdefault(rule.name, set()).add(id(node))
+                                if rule.name not in stats.reasons and matcher.best is not None:
+                                    stats.reasons[rule.name] = (f"at {node.name or node.op!r}: {matcher.best[1]} "
+                                                                f"[pattern {pattern.name}]")
                             continue
                         names.collect()
                         info.ids  # noqa: B018 -- the node set as it was before any edit
@@ -903,6 +913,10 @@ class RewritePass(Pass):
         counters = {self.counter: stats.total, **{r.name: stats.applied[r.name] for r in self.rules_for(ctx)}}
         if stats.rejected:
             counters["rejected"] = sum(stats.rejected.values())
+            # the first reason of each rule, for --stats (reports are keyed by pass name)
+            first = ctx.reports.setdefault(self.name, {}).setdefault("rejected", {})
+            for rule, reason in stats.reasons.items():
+                first.setdefault(rule, reason)
         if not stats.converged:
             counters["iteration_cap_reached"] = 1
         return PassResult(changed=stats.total > 0, counters=counters)

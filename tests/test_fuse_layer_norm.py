@@ -106,3 +106,28 @@ def test_golden_bert_layer_norms_all_fuse(golden):
     assert hist["LayerNormalization"] == layer_norms
     assert not {"ReduceMean", "Sqrt", "Pow"} & set(hist)
     check_equivalent(bert, out, Contract.REASSOCIATING)
+
+
+@pytest.mark.parametrize("root", ["sqrt", "pow_half"])
+def test_moments_variance_and_pow_half_root_fuse(root):
+    """var = E[x^2] - E[x]^2 and std = Pow(var + eps, 0.5), as hand-written exports spell it."""
+    inits = [numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(np.float32(0.5), "half"),
+             numpy_helper.from_array(np.float32(1e-5), "eps"),
+             numpy_helper.from_array(RNG.uniform(0.5, 1.5, HIDDEN).astype(np.float32), "gamma"),
+             numpy_helper.from_array(RNG.standard_normal(HIDDEN).astype(np.float32), "beta")]
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], keepdims=1),
+             helper.make_node("Mul", ["x", "x"], ["xx"]),
+             helper.make_node("ReduceMean", ["xx"], ["ex2"], axes=[-1], keepdims=1),
+             helper.make_node("Mul", ["mean", "mean"], ["m2"]), helper.make_node("Sub", ["ex2", "m2"], ["var"]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]),
+             helper.make_node("Sqrt", ["ve"], ["std"]) if root == "sqrt" else helper.make_node("Pow", ["ve", "half"], ["std"]),
+             helper.make_node("Sub", ["x", "mean"], ["d"]), helper.make_node("Div", ["d", "std"], ["n"]),
+             helper.make_node("Mul", ["n", "gamma"], ["s"]), helper.make_node("Add", ["s", "beta"], ["y"])]
+    shape = [2, 5, HIDDEN]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, shape)],
+                              [helper.make_tensor_value_info("y", F, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out, counters = fuse(model)
+    assert op_histogram(out) == {"LayerNormalization": 1} and counters == {"fused": 1, "layer_norm": 1}
+    check_equivalent(model, out, Contract.REASSOCIATING, samples=2)

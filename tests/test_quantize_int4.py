@@ -189,3 +189,15 @@ def test_cli_writes_int4_and_reports(cli, golden, tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 12
     assert {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
             for a in n.attribute if a.name == "block_size"} == {64}
+
+
+def test_ops_standard_policy_writes_the_standard_form(cli, golden, tmp_path):
+    out = tmp_path / "q.onnx"
+    code, _, stderr = cli(golden("mlp"), "-O2", "--ops", "standard", "--quantize", "int4", "--block-size", "16",
+                          "-o", out)
+    assert code == 0, stderr
+    model = onnx.load(out)
+    assert not any(n.domain == "com.microsoft" for n in model.graph.node)
+    assert next(o.version for o in model.opset_import if o.domain == "") == 21
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 3
+    assert {t.data_type for t in model.graph.initializer} & {TensorProto.UINT4}

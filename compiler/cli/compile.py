@@ -41,6 +41,10 @@ def add_parser(subparsers, common) -> dict:
     c.add_argument("--opt-bisect-limit", type=int, default=None, metavar="N",
                    help="run only the first N pass applications (find a bad pass by bisection)")
     c.add_argument("--threads", type=int, default=None, help="threads for the runtime of the artifact")
+    c.add_argument("--ops", default=None, choices=["standard", "ort"],
+                   help="op policy of the fusions: ort (default) may emit ONNX Runtime's com.microsoft ops "
+                        "(FusedConv, Gelu, SkipLayerNormalization, MultiHeadAttention...); standard emits only "
+                        "ai.onnx ops at the model's opset. Recorded in the output's metadata as infoptc.ops")
     tv = c.add_argument_group("TVM targets (llvm, cuda)")
     tv.add_argument("--tune", type=int, default=None, metavar="TRIALS",
                     help="MetaSchedule trial budget (default: untuned rule-based schedules)")
@@ -160,7 +164,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         input_shapes=parse_input_shapes(shape_specs), instruments=instruments,
         freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
-        **_quantize_arguments(args), **_memory_arguments(args), **target_options,
+        **_quantize_arguments(args), **_memory_arguments(args), **target_options, ops=args.ops,
     )
     if args.opt_bisect_limit is not None:
         for rec in artifact.pass_records:
@@ -197,7 +201,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.time_passes:
         out.print(_time_table(timing.rows()))
     if args.stats:
-        out.print(_stats_table(stats.as_dict()))
+        out.print(_stats_table(stats.as_dict(), artifact.reports))
     auto = artifact.reports.get("quantize-auto")
     if auto:
         out.print(auto_table(auto), markup=False)
@@ -491,12 +495,15 @@ def _time_table(rows) -> Table:
     return table
 
 
-def _stats_table(stats: dict) -> Table:
+def _stats_table(stats: dict, reports: dict | None = None) -> Table:
+    """Counters per pass; a ``rejected`` row also says why each rule was first refused."""
     table = Table(title="pass statistics", title_justify="left")
     table.add_column("pass")
     table.add_column("counter")
     table.add_column("value", justify="right")
+    table.add_column("first reason")
     for name, counters in stats.items():
         for key, value in counters.items():
-            table.add_row(name, key, str(value))
+            reasons = ((reports or {}).get(name) or {}).get("rejected", {}) if key == "rejected" else {}
+            table.add_row(name, key, str(value), "; ".join(f"{rule} {why}" for rule, why in reasons.items()))
     return table

@@ -15,6 +15,7 @@ fused by ORT's CPU provider at that level, so it is on by default.
 from __future__ import annotations
 
 import numpy as np
+from infoptc.op_policy import policy
 from infoptc.pass_manager import Option, PassContext, register_pass
 from infoptc.pattern import RewritePass, Rule
 
@@ -58,6 +59,8 @@ def _activation_params(ctx, act) -> list[float] | None:
 
 
 def check(ctx, x, core, act, z=None):
+    if policy(ctx.pass_ctx) != "ort":
+        return "the op policy is 'standard': no com.microsoft ops"
     if ctx.target != "onnx" and not ctx.options.get("any-target"):
         return f"target {ctx.target!r} has no fused Conv/Gemm kernels"
     if ctx.dtype(x) is None or ctx.dtype(x).name not in DTYPES:

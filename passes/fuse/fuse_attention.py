@@ -9,7 +9,8 @@
 
 q, k, v are the 3-D [B, S, N*H] projections before the head split, y the merged result, so the
 head split/merge Reshapes and Transposes disappear too. The scale may be a Div, a Mul or absent.
-An additive float mask is passed as the attention bias; a Where mask with a fill of -1e30 or
+An additive float mask is passed as the attention bias (two of them, as T5 adds its relative
+position bias and then the padding mask, are summed first); a Where mask with a fill of -1e30 or
 below (finfo.min, -inf) becomes the bias Where(cond, 0, fill): adding it gives the same softmax.
 ONNX Runtime wants the bias as [B|1, N|1, S, L], so it is expanded along S and L (cheap: no
 head or batch copies). Both Reshapes must provably keep B and S: a constant shape with 0/-1
@@ -19,8 +20,13 @@ entries, or one built from Shape/Gather/Unsqueeze/Concat of the tensor being res
 from __future__ import annotations
 
 import numpy as np
+from infoptc.op_policy import contrib_allowed, policy
 from infoptc.pass_manager import Option
 from infoptc.pattern import Const, Rule, rewrite_pass
+
+from ._dims import dims as _dims
+from ._dims import origin as _origin
+from ._dims import same_dim as _same_dim
 
 STANDARD_OPSET = 23
 CONTRIB_DTYPES = {"float32"}  # com.microsoft MultiHeadAttention on ONNX Runtime's CPU provider
@@ -38,16 +44,25 @@ def _last_axis(axis) -> bool:
 # ----------------------------------------------------------------------------- patterns
 
 
-def _attention_pattern(keys, scaling, masking):
-    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, scale=Const(_scalar), fill=Const(_scalar)):
+def _attention_pattern(keys, scaling, masking, view=False):
+    def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, view_shape, k3_shape, kt_shape,
+                scale=Const(_scalar),
+                scale2=Const(_scalar), fill=Const(_scalar)):
         qh = op.Transpose(op.Reshape(q, q_shape, _bind="q_split"), perm=[0, 2, 1, 3], _bind="qh")
         vh = op.Transpose(op.Reshape(v, v_shape, _bind="v_split"), perm=[0, 2, 1, 3], _bind="vh")
         k_split = op.Reshape(k, k_shape, _bind="k_split")
         if keys == "kt":
             kt = op.Transpose(k_split, perm=[0, 2, 3, 1], _bind="kt")
+        elif keys == "kt_3d":  # the dynamo exporter's SDPA: K^T through a 3-D [-1, L, H] view
+            kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
+            k3t = op.Transpose(op.Reshape(kh, k3_shape, _bind="k3"), perm=[0, 2, 1], _bind="k3t")
+            kt = op.Reshape(k3t, kt_shape, _bind="kt")
         else:
             kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
             kt = op.Transpose(kh, perm=[0, 1, 3, 2], _bind="kt")
+        if scaling == "sdpa":  # torch's scaled_dot_product_attention: sqrt(scale) on both Q and K^T
+            qh = op.Mul(qh, scale, _bind="q_scaled")
+            kt = op.Mul(kt, scale2, _bind="k_scaled")
         scores = op.MatMul(qh, kt, _bind="scores")
         if scaling == "div":
             scores = op.Div(scores, scale, _bind="scaled")
@@ -55,114 +70,94 @@ def _attention_pattern(keys, scaling, masking):
             scores = op.Mul(scores, scale, _bind="scaled")
         if masking == "add":
             scores = op.Add(scores, mask, _bind="masked")
+        elif masking == "add_add":  # T5: the relative position bias, then the padding mask
+            scores = op.Add(op.Add(scores, mask, _bind="masked0"), mask2, _bind="masked")
         elif masking == "where":
             scores = op.Where(mask, scores, fill, _bind="masked")
         elif masking == "where_inverted":
             scores = op.Where(mask, fill, scores, _bind="masked")
         probs = op.Softmax(scores, axis=_last_axis, _bind="probs")
+        if scaling == "sdpa":  # rows of -inf give NaN; the exporter zeroes them
+            probs = op.Where(op.IsNaN(probs, _bind="nan"), 0.0, probs, _bind="guarded")
         context = op.MatMul(probs, vh, _bind="context")
+        if view:  # a Reshape of the context to its own shape [B, N, S, H], built from Shape nodes
+            context = op.Reshape(context, view_shape, _bind="context_view")
         merged = op.Transpose(context, perm=[0, 2, 1, 3], _bind="merged")
         return op.Reshape(merged, out_shape, _bind="merge")
 
-    pattern.__name__ = f"attention_{keys}_{scaling}_{masking}"
+    pattern.__name__ = f"attention_{keys}_{scaling}_{masking}{'_view' if view else ''}"
     return pattern
 
 
 # The layout of every intermediate, for Shape nodes that read one (B batch, S queries, L keys,
 # N heads, H head size): the replacement computes their value from q and k instead.
 LAYOUTS = {"q_split": "BSNH", "k_split": "BLNH", "v_split": "BLNH", "qh": "BNSH", "kh": "BNLH", "vh": "BNLH",
-           "kt": "BNHL", "scores": "BNSL", "scaled": "BNSL", "masked": "BNSL", "probs": "BNSL",
-           "context": "BNSH", "merged": "BSNH"}
+           "kt": "BNHL", "scores": "BNSL", "scaled": "BNSL", "masked0": "BNSL", "masked": "BNSL", "probs": "BNSL",
+           "context": "BNSH", "merged": "BSNH", "q_scaled": "BNSH", "k_scaled": "BNHL", "nan": "BNSL",
+           "guarded": "BNSL", "context_view": "BNSH"}
 
 PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s in ("div", "mul", "none")
-            for m in ("add", "where", "where_inverted", "none")]
+            for m in ("add_add", "add", "where", "where_inverted", "none")]
+PATTERNS += [_attention_pattern(k, "sdpa", m, view) for k in ("kt", "kt_3d") for m in ("add", "none")
+             for view in (True, False)]
 
 
 # ----------------------------------------------------------------------------- shape facts
 
 
-def _dims(ctx, t, depth: int = 0) -> list | None:
-    """A 1-D int64 shape tensor as entries: ints, or ("dim", tensor, i) for a dimension of a tensor."""
-    value = ctx.value(t)
-    if value is not None:
-        return [int(d) for d in value.reshape(-1)] if value.ndim <= 1 else None
-    node = ctx.producer(t)
-    if node is None or depth > 8:
-        return None
-    if node.op == "Concat":
-        parts = [_dims(ctx, i, depth + 1) for i in node.inputs]
-        return None if any(p is None for p in parts) else [d for p in parts for d in p]
-    if node.op == "Unsqueeze":
-        scalar = _scalar_dim(ctx, node.inputs[0])
-        return None if scalar is None else [scalar]
-    if node.op == "Shape":
-        rank = ctx.rank(node.inputs[0])
-        if rank is None:
-            return None
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
-        return [("dim", node.inputs[0], i) for i in range(rank)[start:end]]
-    if node.op == "Gather" and ctx.attr(node, "axis", 0) == 0:
-        whole, idx = _dims(ctx, node.inputs[0], depth + 1), ctx.value(node.inputs[1])
-        if whole is None or idx is None or idx.ndim != 1:
-            return None
-        return [whole[int(i)] for i in idx]
-    return None
-
-
-def _scalar_dim(ctx, t):
-    """A 0-d ``Gather(Shape(x), i)`` as ("dim", x, i), or a 0-d constant as an int."""
-    value = ctx.value(t)
-    if value is not None:
-        return int(value) if value.size == 1 else None
-    node = ctx.producer(t)
-    if node is None or node.op != "Gather" or ctx.attr(node, "axis", 0) != 0:
-        return None
-    idx, shape = ctx.value(node.inputs[1]), ctx.producer(node.inputs[0])
-    if idx is None or idx.ndim != 0 or shape is None or shape.op != "Shape" or shape.attrs.get("start", 0):
-        return None
-    rank = ctx.rank(shape.inputs[0])
-    i = int(idx)
-    if i < 0:
-        if rank is None:
-            return None
-        i += rank
-    return ("dim", shape.inputs[0], i)
-
-
-def _keeps_leading(ctx, reshape, tail: list[int]) -> str | None:
-    """None when Reshape(src, shape) keeps src's first two dims and then has ``tail``."""
+def _keeps_leading(ctx, reshape, tail: list[int], like=None, inner=None) -> str | None:
+    """None when Reshape(src, shape) keeps src's first two dims and then has ``tail`` (one entry
+    of the tail may be -1 when src's other dims are known, as the exporters write [B, S, -1, H]).
+    ``like``: a tensor whose first two dims src is known to have (the merge's q); ``inner``: its
+    other dims where the match proves them (the merge's [N, H])."""
     src = reshape.inputs[0]
+    same = like if like is not None else src
     entries = _dims(ctx, reshape.inputs[1])
     if entries is None or len(entries) != 2 + len(tail):
         return f"cannot read the target shape of {reshape.name!r}"
-    if list(entries[2:]) != tail and not (entries[-1] == -1 and list(entries[2:-1]) == tail[:-1]):
-        return f"{reshape.name!r} reshapes to {entries[2:]}, expected {tail}"
+    rest = list(entries[2:])
     src_shape = ctx.shape(src)
     free = 0
     for i, e in enumerate(entries[:2]):
         if isinstance(e, tuple):
-            if e[1] is not src or e[2] != i:
-                return f"{reshape.name!r} takes dim {i} from another tensor"
+            if not (_same_dim(ctx, e, src, i) or _same_dim(ctx, e, same, i)):
+                return f"{reshape.name!r} takes dim {i} from a tensor not known to match"
         elif e == 0 and not ctx.attr(reshape, "allowzero", 0):
             continue
         elif e == -1:
             free += 1
         elif not (src_shape and isinstance(src_shape[i], int) and src_shape[i] == e):
             return f"{reshape.name!r} sets dim {i} to {e}"
-    if free + (entries[-1] == -1) > 1:
+    if rest.count(-1) == 1 and all(isinstance(d, int) for d in rest):
+        # -1 in the tail: the other dims must pin it, so the leading two must be exact
+        inner = inner if inner is not None else src_shape[2:] if src_shape else None
+        known = inner and all(isinstance(d, int) and d > 0 for d in inner)
+        if free or not known or int(np.prod(inner)) != int(np.prod(tail)):
+            return f"{reshape.name!r} has a -1 that the known dims do not pin down"
+        rest = [t if d == -1 else d for d, t in zip(rest, tail)]
+    if rest != tail:
+        return f"{reshape.name!r} reshapes to {entries[2:]}, expected {tail}"
+    if free > 1:
         return f"{reshape.name!r} has more than one -1"
     return None
 
 
 def _heads(ctx, split) -> tuple[int, int] | None:
-    """(heads, head size) that a head-split Reshape produces."""
+    """(heads, head size) that a head-split Reshape produces (a -1 for either is resolved from
+    the known last dim of its input)."""
     shape = ctx.shape(split.outputs[0])
     if shape and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
         return shape[2], shape[3]
     entries = _dims(ctx, split.inputs[1])
-    if entries and len(entries) == 4 and all(isinstance(d, int) and d > 0 for d in entries[2:]):
-        return entries[2], entries[3]
-    return None
+    if not entries or len(entries) != 4 or not all(isinstance(d, int) for d in entries[2:]):
+        return None
+    n, h = entries[2:]
+    width = (ctx.shape(split.inputs[0]) or [None])[-1]
+    if (n == -1) != (h == -1) and isinstance(width, int) and width > 0:
+        known = h if n == -1 else n
+        if known > 0 and width % known == 0:
+            n, h = (width // known, h) if n == -1 else (n, width // known)
+    return (n, h) if n > 0 and h > 0 else None
 
 
 # ----------------------------------------------------------------------------- condition and replacement
@@ -172,16 +167,67 @@ def _form(ctx, dtype) -> str | None:
     wanted = ctx.options.get("form", "auto")
     if wanted == "standard" or (wanted == "auto" and ctx.opset >= STANDARD_OPSET):
         return "standard" if ctx.opset >= STANDARD_OPSET else None
-    if (wanted == "contrib" or ctx.target == "onnx") and dtype is not None and dtype.name in CONTRIB_DTYPES:
+    ort = policy(ctx.pass_ctx) == "ort"  # form=contrib may name another target, never override --ops standard
+    if ((wanted == "contrib" and ort) or (wanted == "auto" and contrib_allowed(ctx.pass_ctx))) and dtype is not None and dtype.name in CONTRIB_DTYPES:
         return "contrib"
     return None
 
 
-def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None, fill=None):
+def _reshape_uses(ctx, shape_uses) -> str | None:
+    """Reshapes may read only the merged heads [B, S, N, H] (GPT-2's Conv1D views it as
+    [-1, N*H]): reading the merge's output instead gives the same elements in the same order,
+    unless a 0 in the target shape copies a dim of the input."""
+    for name, nodes in shape_uses.items():
+        for node in nodes:
+            if node.op != "Reshape":
+                if name not in LAYOUTS:
+                    return f"Shape {node.name!r} reads {name!r}, whose shape the replacement does not rebuild"
+                continue
+            if name != "merged":
+                return f"Reshape {node.name!r} reads the attention intermediate {name!r}"
+            target = ctx.value(node.inputs[1])
+            if target is None or (0 in target.reshape(-1) and not ctx.attr(node, "allowzero", 0)):
+                return f"Reshape {node.name!r} of the merged heads has a target shape that is not a constant without 0"
+    return None
+
+
+def _noop_view(ctx, view, heads, size, context, same_s) -> str | None:
+    """None when the Reshape ``view`` of ``context`` [B, N, S, H] provably keeps its shape."""
+    entries = _dims(ctx, view.inputs[1])
+    if entries is None or len(entries) != 4:
+        return f"cannot read the target shape of {view.name!r}"
+    e0, e1, e2, e3 = entries
+    keep = not ctx.attr(view, "allowzero", 0)
+    ok = [(e0 == 0 and keep) or (isinstance(e0, tuple) and e0[1] is context and e0[2] == 0),
+          e1 in (-1, heads) or (e1 == 0 and keep),
+          (e2 == 0 and keep) or (isinstance(e2, tuple) and any(e2[1] is t and e2[2] == 2 for t in same_s)),
+          e3 == size or (e3 == -1 and e1 != -1)]
+    return None if all(ok) else f"{view.name!r} reshapes the context to {entries}, not to its own shape"
+
+
+def _transposed_through_3d(ctx, kh, k3, kt, size) -> str | None:
+    """None when Reshape(Transpose(Reshape(kh, [-1, L, H]), [0, 2, 1]), [B, N, H, L]) is K^T."""
+    src = kh.outputs[0]
+    first, second = _dims(ctx, k3.inputs[1]), _dims(ctx, kt.inputs[1])
+
+    def dim(entry, i) -> bool:  # the entry is dim i of kh (or its known head size)
+        return (isinstance(entry, tuple) and _same_dim(ctx, entry, src, i)) or (i == 3 and entry == size)
+
+    if not (first and len(first) == 3 and first[0] == -1 and dim(first[1], 2) and dim(first[2], 3)):
+        return f"{k3.name!r} does not view the keys as [-1, L, H]"
+    if not (second and len(second) == 4 and all(dim(e, i) for e, i in zip(second, (0, 1, 3, 2)))):
+        return f"{kt.name!r} does not restore [B, N, H, L]"
+    return None
+
+
+def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, mask2=None, scale=None,
+          scale2=None, fill=None, context=None, context_view=None, qh=None, q_scaled=None, kh=None, k3=None,
+          kt=None):
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
-        return (f"no attention op for opset {ctx.opset}, target {ctx.target!r}, dtype {dtype} "
+        return (f"no attention op for opset {ctx.opset}, target {ctx.target!r}, ops {policy(ctx.pass_ctx)!r}, "
+                f"dtype {dtype} "
                 f"(standard Attention needs opset {STANDARD_OPSET}; MultiHeadAttention is float32 on ONNX Runtime)")
     geometry = [_heads(ctx, s) for s in (q_split, k_split, v_split)]
     if any(g is None for g in geometry):
@@ -197,14 +243,28 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None,
         reason = _keeps_leading(ctx, split, [heads, size])
         if reason:
             return reason
-    reason = _keeps_leading(ctx, merge, [heads * size])
+    target = ctx.value(merge.inputs[1])
+    flat = target is not None and target.reshape(-1).tolist() == [-1, heads * size]  # the view of Conv1D
+    reason = (None if flat else _keeps_leading(ctx, merge, [heads * size], like=q, inner=[heads, size])) or _reshape_uses(ctx, shape_uses)
     if reason:
         return reason
+    if k3 is not None:
+        reason = _transposed_through_3d(ctx, kh, k3, kt, size)
+        if reason:
+            return reason
+    if context_view is not None:
+        reason = _noop_view(ctx, context_view, heads, size, context.outputs[0],
+                            [n.outputs[0] for n in (qh, q_scaled, context) if n is not None])
+        if reason:
+            return reason
     scale_value = 1.0 if scale is None else float(ctx.value(scale).reshape(-1)[0])
+    if scale2 is not None:
+        scale_value *= float(ctx.value(scale2).reshape(-1)[0])
     divided = any(n.op == "Div" for n in ctx.nodes)
     if divided and scale_value == 0:
         return "division by a zero scale"
-    found = {"form": form, "heads": heads, "size": size, "scale": 1.0 / scale_value if divided else scale_value, "bias": None}
+    found = {"form": form, "heads": heads, "size": size, "scale": 1.0 / scale_value if divided else scale_value,
+             "bias": None, "flat": flat}
     if fill is not None:
         fill_value = float(ctx.value(fill).reshape(-1)[0])
         if fill_value > MASK_FILL_LIMIT:
@@ -212,9 +272,10 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, mask=None, scale=None,
         inverted = any(n.op == "Where" and n.inputs[1] is fill for n in ctx.nodes)
         found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(fill_value, dtype))
     elif mask is not None:
-        shape = ctx.shape(mask)
-        if shape is None or len(shape) > 4 or ctx.dtype(mask) != dtype:
-            return f"mask {mask.name!r} is not a {dtype} tensor of rank <= 4"
+        for m in (mask, mask2):
+            shape = ctx.shape(m) if m is not None else ()
+            if shape is None or len(shape) > 4 or (m is not None and ctx.dtype(m) != dtype):
+                return f"mask {m.name!r} is not a {dtype} tensor of rank <= 4"
         found["bias"] = "add"
     return found
 
@@ -235,6 +296,9 @@ class _Dims:
     def __getitem__(self, letter):
         if letter not in self.made:
             src, index = {"B": (self.q, 0), "S": (self.q, 1), "L": (self.k, 1)}[letter]
+            # read the dim where it comes from (the hidden states before the projections), so the
+            # projections feed the attention op alone and can be packed into one (fuse-qkv-projection)
+            src, index = _origin(self.op.ctx, src, index)
             self.made[letter] = self.op.Gather(self._shape(src), np.array([index], np.int64), axis=0)
         return self.made[letter]
 
@@ -244,10 +308,13 @@ class _Dims:
         return parts[0] if len(parts) == 1 else self.op.Concat(*parts, axis=0)
 
 
-def attention(op, q, k, v, form, heads, size, scale, bias, shape_uses, mask=None, fill=None):
+def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, mask2=None, fill=None):
     dims = _Dims(op, q, k, heads, size)
     for name, nodes in shape_uses.items():
         for shape in nodes:
+            if shape.op == "Reshape":  # of the merged heads: the same elements as the result
+                shape.inputs[0] = merge.outputs[0]
+                continue
             layout = LAYOUTS[name]
             start, end = shape.attrs.get("start", 0), shape.attrs.get("end", len(layout))
             op.replace_uses(shape.outputs[0], dims.shape(layout[start:end]))
@@ -255,18 +322,24 @@ def attention(op, q, k, v, form, heads, size, scale, bias, shape_uses, mask=None
         if bias != "add":
             zero = np.zeros((), fill.dtype)
             mask = op.Where(mask, zero, fill) if bias == "where" else op.Where(mask, fill, zero)
+        if mask2 is not None:
+            mask = op.Add(mask, mask2)
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
+    typed = {"_dtype": q.dtype, "_shape": op.ctx.shape(q)}  # [B, S, N*H], for the passes that follow
     if form == "standard":
-        return op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)
-    return op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale)
+        y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale, **typed)
+    else:
+        y = op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale,
+                                  **typed)
+    return op.Reshape(y, merge.inputs[1]) if flat else y
 
 
-RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=True)]
+RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=("Shape", "Reshape"))]
 
 FuseAttention = rewrite_pass(
     "fuse-attention",
     "scaled-dot-product attention (head split, QK^T, scale, mask, Softmax, V, merge) -> one attention op",
     RULES,
     options={"form": Option("auto", "auto: Attention at opset >= 23, else com.microsoft MultiHeadAttention "
-                                    "for the onnx target; standard; contrib", choices=("auto", "standard", "contrib"))},
+                                    "where the op policy allows it (--ops ort, onnx target); standard; contrib", choices=("auto", "standard", "contrib"))},
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from infoptc.op_policy import contrib_allowed, policy
 from infoptc.pass_manager import Option
 from infoptc.pattern import Rule, rewrite_pass
 
@@ -64,7 +65,8 @@ def _form(ctx, x) -> str | None:
     wanted = ctx.options.get("form", "auto")
     if wanted == "standard" or (wanted == "auto" and ctx.opset >= STANDARD_OPSET):
         return "standard" if ctx.opset >= STANDARD_OPSET else None
-    if wanted == "contrib" or ctx.target == "onnx":
+    ort = policy(ctx.pass_ctx) == "ort"  # form=contrib may name another target, never override --ops standard
+    if (wanted == "contrib" and ort) or (wanted == "auto" and contrib_allowed(ctx.pass_ctx)):
         dtype = ctx.dtype(x)
         return "contrib" if dtype is not None and dtype.name in CONTRIB_DTYPES else None
     return None
@@ -73,7 +75,8 @@ def _form(ctx, x) -> str | None:
 def check(ctx, x):
     form = _form(ctx, x)
     if form is None:
-        return (f"no Gelu op for opset {ctx.opset}, target {ctx.target!r}, dtype {ctx.dtype(x)} "
+        return (f"no Gelu op for opset {ctx.opset}, target {ctx.target!r}, ops {policy(ctx.pass_ctx)!r}, "
+                f"dtype {ctx.dtype(x)} "
                 f"(standard Gelu needs opset {STANDARD_OPSET}; contrib Gelu is float32 on ONNX Runtime)")
     return {"form": form}
 
@@ -104,6 +107,7 @@ FuseGelu = rewrite_pass(
     "fuse-gelu",
     "decomposed erf/tanh GELU -> Gelu (opset 20) or ONNX Runtime's com.microsoft Gelu/FastGelu",
     RULES,
-    options={"form": Option("auto", "auto: standard Gelu at opset >= 20, else contrib ops for the onnx target; "
+    options={"form": Option("auto", "auto: standard Gelu at opset >= 20, else contrib ops where the op policy "
+                                    "allows them (--ops ort, onnx target); "
                                     "standard; contrib", choices=("auto", "standard", "contrib"))},
 )

@@ -3,8 +3,9 @@
     d = x - ReduceMean(x)                               (axis -1, keepdims)
     y = d / Sqrt(ReduceMean(d ^ 2) + eps) * gamma + beta    ->  LayerNormalization(x, gamma, beta, axis=-1, epsilon=eps)
 
-Also d * Reciprocal(Sqrt(...)), d * d for the square, and the forms without beta or without
-gamma/beta. Both ReduceMeans must reduce exactly the last axis (the ``axes`` attribute before
+Also d * Reciprocal(Sqrt(...)), d * d for the square, Pow(., 0.5) for the root, the variance
+as E[x^2] - E[x]^2 (ReduceMean(x^2) - mean^2: the fused op computes it the numerically safer
+way), and the forms without beta or without gamma/beta. Both ReduceMeans must reduce exactly the last axis (the ``axes`` attribute before
 opset 18, the constant ``axes`` input after); gamma and beta must be constants that vary only
 along that axis.
 """
@@ -22,25 +23,36 @@ def _scalar(v: np.ndarray) -> bool:
     return v.size == 1 and v.dtype.kind == "f"
 
 
-def _normalized(op, x, eps, square, divide):
-    """(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps), the common core of every form."""
-    d = op.Sub(x, op.ReduceMean(x, _allow_other_inputs=True, _bind="mean"))
-    sq = op.Pow(d, 2.0) if square == "pow" else op.Mul(d, d)
-    std = op.Sqrt(op.Add(op.ReduceMean(sq, _allow_other_inputs=True, _bind="var"), eps))
+def _square(op, t, square):
+    return op.Pow(t, 2.0) if square == "pow" else op.Mul(t, t)
+
+
+def _normalized(op, x, eps, square, divide, variance="centered", root="sqrt"):
+    """(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps), the common core of every form; the
+    variance may also be written E[x^2] - E[x]^2 ("moments") and the root as Pow(., 0.5)."""
+    mean = op.ReduceMean(x, _allow_other_inputs=True, _bind="mean")
+    d = op.Sub(x, mean)
+    if variance == "centered":
+        var = op.ReduceMean(_square(op, d, square), _allow_other_inputs=True, _bind="var")
+    else:
+        var = op.Sub(op.ReduceMean(_square(op, x, square), _allow_other_inputs=True, _bind="var"),
+                     _square(op, mean, square))
+    shifted = op.Add(var, eps)
+    std = op.Sqrt(shifted) if root == "sqrt" else op.Pow(shifted, 0.5)
     return op.Div(d, std) if divide == "div" else op.Mul(d, op.Reciprocal(std))
 
 
-def _pattern(affine, square, divide):
+def _pattern(affine, square, divide, variance="centered", root="sqrt"):
     if affine == "scale_bias":
         def pattern(op, x, gamma=Const(), beta=Const(), eps=Const(_scalar)):
-            return op.Add(op.Mul(_normalized(op, x, eps, square, divide), gamma), beta)
+            return op.Add(op.Mul(_normalized(op, x, eps, square, divide, variance, root), gamma), beta)
     elif affine == "scale":
         def pattern(op, x, gamma=Const(), eps=Const(_scalar)):
-            return op.Mul(_normalized(op, x, eps, square, divide), gamma)
+            return op.Mul(_normalized(op, x, eps, square, divide, variance, root), gamma)
     else:
         def pattern(op, x, eps=Const(_scalar)):
-            return _normalized(op, x, eps, square, divide)
-    pattern.__name__ = f"layer_norm_{affine}_{square}_{divide}"
+            return _normalized(op, x, eps, square, divide, variance, root)
+    pattern.__name__ = f"layer_norm_{affine}_{square}_{divide}_{variance}_{root}"
     return pattern
 
 
@@ -100,7 +112,8 @@ def layer_norm(op, x, scale, bias, epsilon):
 
 AFFINE = ("scale_bias", "scale", "none")
 RULES = [
-    Rule("layer_norm", [_pattern(a, s, d) for a in AFFINE for s in ("pow", "mul") for d in ("div", "reciprocal")],
+    Rule("layer_norm", [_pattern(a, s, d, v, r) for a in AFFINE for s in ("pow", "mul") for d in ("div", "reciprocal")
+                        for v in ("centered", "moments") for r in ("sqrt", "pow_half")],
          layer_norm, check),
 ]
 

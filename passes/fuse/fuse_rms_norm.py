@@ -14,6 +14,7 @@ its other readers. The weight must be a constant varying only along the last axi
 from __future__ import annotations
 
 import numpy as np
+from infoptc.op_policy import contrib_allowed, policy
 from infoptc.pass_manager import Option
 from infoptc.pattern import Const, Rule, rewrite_pass
 
@@ -97,8 +98,8 @@ def check(ctx, x, mean, eps, w=None):
 def check_skip(ctx, a, b, residual, mean, eps, w=None):
     if ctx.opset >= STANDARD_OPSET:
         return "the standard RMSNormalization is available"
-    if ctx.options.get("contrib", True) is False or ctx.target != "onnx":
-        return "contrib ops are only emitted for the onnx target"
+    if ctx.options.get("contrib", True) is False or not contrib_allowed(ctx.pass_ctx):
+        return f"contrib ops are not allowed (ops {policy(ctx.pass_ctx)!r}, target {ctx.target!r})"
     out = residual.outputs[0]
     sa, sb, so = ctx.shape(a), ctx.shape(b), ctx.shape(out)
     if not (sa and sb and so and len(sa) == len(so) == 3 and sa == so and len(sb) in (2, 3) and sb[-2:] == so[-2:]):

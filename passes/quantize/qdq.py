@@ -3,6 +3,8 @@ weights and int32 biases behind DequantizeLinear, int8 embedding tables."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from infoptc.rewrite import Namer
@@ -38,15 +40,20 @@ class Builder:
         return node
 
 
-def insert_qdq(b: Builder, t: gs.Variable, scale: np.float32, zp: int, graph: gs.Graph) -> None:
+def insert_qdq(b: Builder, t: gs.Variable, scale: np.float32, zp: int, graph: gs.Graph,
+               reads_int8: Callable[[gs.Node], bool] | None = None) -> None:
     """Route ``t`` through one QuantizeLinear and a DequantizeLinear per consumer (ONNX Runtime
     groups a DQ with one consumer only: a DQ shared by a Conv and an Add leaves the Add in fp32).
+    With ``reads_int8``, only the consumers it accepts read a DQ; the others keep reading the fp32
+    value (an fp32 op gains nothing from the rounding, a residual stream only loses precision).
     The first DQ's output keeps the name ``t`` (graph outputs and the report find it there), except
     for graph inputs, which keep theirs."""
     s = b.const(f"{t.name}_scale", np.array(scale, dtype=np.float32))
     z = b.const(f"{t.name}_zero_point", np.array(zp, dtype=np.uint8))
     q = gs.Variable(b.name(f"{t.name}_quantized"), dtype=np.uint8, shape=t.shape)
     consumers = list(t.outputs)
+    fp32_readers = [c for c in consumers if reads_int8 is not None and not reads_int8(c)]
+    consumers = [c for c in consumers if c not in fp32_readers]
     is_output = any(o is t for o in graph.outputs)
     if any(i is t for i in graph.inputs):
         b.node("QuantizeLinear", f"{t.name}_QuantizeLinear", [t, s, z], q)
@@ -58,14 +65,20 @@ def insert_qdq(b: Builder, t: gs.Variable, scale: np.float32, zp: int, graph: gs
         b.node("QuantizeLinear", f"{t.name}_QuantizeLinear", [raw, s, z], q)
         b.node("DequantizeLinear", f"{t.name}_DequantizeLinear", [q, s, z], t)
         firsts = [t]
+        _rewire(fp32_readers, t, raw)
     for k, consumer in enumerate(consumers):
         if firsts and k == 0 and not is_output:
             continue  # the first consumer reads ``t`` itself
         dq = gs.Variable(b.name(f"{t.name}_dequantized"), dtype=np.float32, shape=t.shape)
         b.node("DequantizeLinear", f"{t.name}_DequantizeLinear", [q, s, z], dq)
+        _rewire([consumer], t, dq)
+
+
+def _rewire(consumers: list[gs.Node], old: gs.Tensor, new: gs.Tensor) -> None:
+    for consumer in consumers:
         for i, inp in enumerate(consumer.inputs):
-            if inp is t:
-                consumer.inputs[i] = dq
+            if inp is old:
+                consumer.inputs[i] = new
 
 
 def dq_weight(b: Builder, node: gs.Node, index: int, axis: int, qmax: int, x_scale: np.float32,

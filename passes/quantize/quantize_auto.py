@@ -5,8 +5,10 @@ The search, after NNCF's accuracy-aware quantization:
 1. Quantize every layer (``quantize-int8``) and score it with the metric on the calibration
    data. Within the budget: done.
 2. Otherwise rank the layers by what giving each one back its fp32 precision recovers (every
-   other layer int8, this one fp32), then revert them in that order, one at a time, keeping a
-   revert only when it raises the score (a step back otherwise), until the budget is met.
+   other layer int8, this one fp32), then revert them in that order, in chunks that double
+   while they help (1, 2, 4, ... layers), keeping a chunk only when it raises the score (a step
+   back otherwise, and its layers are tried one at a time), until the budget is met; the chunk
+   that meets it is bisected down to the fewest of its layers that still do.
 3. Time fp32 and the assignments tried that meet the budget side by side on this host (those on
    the size/score Pareto front), and keep the fastest: an assignment slower than fp32 is no gain,
    and then the model stays fp32 with a warning.
@@ -125,17 +127,7 @@ class QuantizeAuto(Pass):
             if not current.meets:
                 # what giving each layer back recovers, alone: the order of the reverts
                 recovers = {n: evaluator.score(build(frozenset({n}))) for n in names}
-                order = sorted(names, key=lambda n: (-recovers[n], n))
-                for n in order[: self.opts["max-steps"]]:
-                    if len(current.keep_fp32) + 1 == len(names):
-                        break  # reverting the last int8 layer is no quantization at all
-                    trial = attempt(current.keep_fp32 | {n}, f"revert {n}")
-                    if trial.score > current.score:
-                        current = trial
-                        if trial.meets:
-                            break
-                    else:
-                        trial.step += " (no gain: stepped back)"
+                current = self._revert(current, sorted(names, key=lambda n: (-recovers[n], n)), attempt)
             meeting = [t for t in trials if t.meets]
             if not meeting:
                 best = max(trials, key=lambda t: t.score)
@@ -165,6 +157,35 @@ class QuantizeAuto(Pass):
         result.counters.update({"tried": len(trials), "layers_fp32": len(chosen.keep_fp32)})
         return result
 
+    def _revert(self, current: Trial, order: list[str], attempt) -> Trial:
+        """Give layers back their fp32 in ``order``, in chunks that double while they help (1, 2,
+        4, ... layers: a model that needs many reverts gets there in logarithmically many
+        trials); a chunk that does not raise the score is stepped back and its layers are tried
+        again one at a time (a single layer that does not help is skipped); the chunk that meets the budget is bisected to the fewest layers that do. Stops at
+        the budget, after ``max-steps`` trials, or before reverting the last int8 layer."""
+        steps, size, i = 0, 1, 0
+        last = len(order) - 1  # at most this many layers fp32: one stays int8
+        while i < len(order) and steps < self.opts["max-steps"] and len(current.keep_fp32) < last:
+            chunk = order[i : i + min(size, last - len(current.keep_fp32))]
+            trial = attempt(current.keep_fp32 | set(chunk), _revert_step(chunk))
+            steps += 1
+            if trial.score <= current.score:
+                trial.step += " (no gain: stepped back)"
+                # a chunk's layers get their own tries; a single layer that does not help is skipped
+                i, size = i + (1 if len(chunk) == 1 else 0), 1
+                continue
+            i += len(chunk)
+            if trial.meets:
+                lo, hi, best = 0, len(chunk), trial  # chunk[:hi] meets, chunk[:lo] did not
+                while hi - lo > 1 and steps < self.opts["max-steps"]:
+                    mid = (lo + hi) // 2
+                    t = attempt(current.keep_fp32 | set(chunk[:mid]), _revert_step(chunk[:mid]) + " (bisecting)")
+                    steps += 1
+                    lo, hi, best = (lo, mid, t) if t.meets else (mid, hi, best)
+                return best
+            current, size = trial, size * 2
+        return current
+
     @staticmethod
     def _fastest(fp32, meeting: list[Trial], build, feed: dict) -> tuple[Trial | None, float]:
         """Time fp32 and the Pareto-optimal (size, score) assignments within the budget, side by
@@ -182,6 +203,10 @@ class QuantizeAuto(Pass):
         if fastest.latency_ms > speed.INT8_MARGIN * timing.fp32_ms:
             return None, timing.fp32_ms
         return fastest, timing.fp32_ms
+
+
+def _revert_step(chunk: list[str]) -> str:
+    return f"revert {chunk[0]}" if len(chunk) == 1 else f"revert {len(chunk)}: {chunk[0]} ... {chunk[-1]}"
 
 
 def _pareto(trials: list[Trial], key) -> list[Trial]:

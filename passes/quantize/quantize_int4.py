@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from infoptc.errors import UsageError
+from infoptc import op_policy
 from infoptc.ir import from_graph, to_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 from infoptc.verify import sqnr_db
@@ -253,12 +254,10 @@ def _replace(graph: gs.Graph, b: Builder, node: gs.Node, codes, scale, zp, k: in
 
 
 def resolve_format(form: str, ctx: PassContext) -> str:
+    """``auto``: standard ops under the compile's ``--ops standard`` policy, MatMulNBits otherwise."""
     if form != "auto":
         return form
-    ops = ctx.options.get("ops")
-    if ops in ("ort", "standard"):
-        return ops
-    return "ort"
+    return "standard" if op_policy.policy(ctx) == "standard" else "ort"
 
 
 @register_pass

@@ -181,8 +181,16 @@ class QuantizeInt8(Pass):
             fold(graph, producer, act)
         b = Builder(graph)
         tensors = graph.tensors()
+        # an fp32 op reading a tensor quantized for its int8 siblings (a LayerNorm output's residual
+        # Add, a layer left fp32) keeps the fp32 value, unless an int8 op made the tensor (ORT
+        # fuses that op with its Q only when nothing else reads its output) or a folded Relu
+        # lives in its range
+        int8 = {id(n) for n in plan.nodes}
+        reads_int8 = lambda node: id(node) in int8
         for name, (scale, zp) in params.items():
-            insert_qdq(b, tensors[name], scale, zp, graph)
+            t = tensors[name]
+            keep_fp32 = name not in plan.clip and not (t.inputs and id(t.inputs[0]) in int8)
+            insert_qdq(b, t, scale, zp, graph, reads_int8 if keep_fp32 else None)
         for node, index, axis in plan.weights.values():
             dq_weight(b, node, index, axis, recipe.weight_qmax, self._input_scale(node), self.opts["per-channel"])
         embeddings = quantize_embeddings(graph, b, EMBEDDING_MIN_ELEMENTS, exclude) if self.opts["embeddings"] else 0

@@ -1,0 +1,205 @@
+"""Transformer fusions on real exports: `infoptc -O3` beside ONNX Runtime's transformer optimizer.
+
+    python benchmarks/real_exports.py --quick                      # counts, errors, batch-1 latency
+    python benchmarks/real_exports.py bert gpt2 --exporters torchscript --opsets 17
+    python benchmarks/real_exports.py --no-latency --ops standard   # counts under the standard policy
+
+One row per model x exporter x opset (golden_models/real_exports.py builds and caches them; it
+needs torch and transformers): node counts of the original, of `infoptc -O3 --ops ORT_POLICY`
+and of `onnxruntime.transformers.optimizer.optimize_model` (model_type bert / gpt2 / vit, its
+default opt_level); how many attention, LayerNorm, SkipLayerNorm, GELU and RMSNorm units each
+has fused; the largest absolute difference of each output from the original's (ONNX Runtime with
+graph optimizations off, one thread, valid token ids and a padded attention mask); and the ORT
+latency of each as a ratio to the original's (ORT_ENABLE_ALL, 2 threads, batch 1 and 8, seq
+128; sessions run in interleaved turns, medians). Ratios below 1 are faster. `--quick` measures
+batch 1 only with a short budget. Latencies on a shared machine are noisy: read the ratios of
+one run, not numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from graph_passes import _session, measure_latency  # noqa: E402  (the same ORT settings and turns)
+
+from golden_models import real_exports  # noqa: E402
+
+# What counts as one fused unit of each kind (ops of any domain with these names).
+KINDS = {
+    "attention": {"Attention", "MultiHeadAttention", "GroupQueryAttention"},
+    "ln": {"LayerNormalization"},
+    "skip_ln": {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"},
+    "gelu": {"Gelu", "FastGelu", "BiasGelu", "QuickGelu"},
+    "rms": {"RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"},
+}
+
+
+def fused_counts(model: onnx.ModelProto) -> dict[str, int]:
+    ops = Counter(n.op_type for n in model.graph.node)
+    return {k: sum(ops[o] for o in names) for k, names in KINDS.items()}
+
+
+def run_infoptc(path: Path, ops: str) -> onnx.ModelProto:
+    import infoptc
+
+    return infoptc.optimize(str(path), opt_level=3, ops=ops)
+
+
+def run_ort_optimizer(path: Path, name: str) -> onnx.ModelProto:
+    """ORT's optimizer, told the head count and hidden size (its detection misses some exports)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads, hidden = real_exports.geometry(name)
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return optimize_model(str(path), model_type=real_exports.SPECS[name].ort_type, num_heads=heads,
+                                  hidden_size=hidden).model
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def reference_outputs(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def max_abs_error(model: onnx.ModelProto, feeds: dict, expected: list[np.ndarray]) -> float:
+    got = reference_outputs(model, feeds)
+    return max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected))
+
+
+def measure(name: str, exporter: str, opset: int, ops: str, batches: list[int], seq: int,
+            budget_s: float) -> dict:
+    path = real_exports.path(name, exporter, opset)
+    original = onnx.load(str(path))
+    row = {"model": name, "exporter": exporter, "opset": opset}
+    outputs = {"original": original}
+    for label, run in (("infoptc", lambda: run_infoptc(path, ops)),
+                       ("ort", lambda: run_ort_optimizer(path, name))):
+        start = time.perf_counter()
+        try:
+            outputs[label] = run()
+            row[f"{label}_s"] = time.perf_counter() - start
+        except Exception as e:  # a tool failing on a model is a row note, not the end of the run
+            row[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    for label, model in outputs.items():
+        row[f"{label}_nodes"] = len(model.graph.node)
+        if label != "original":
+            row[f"{label}_fused"] = fused_counts(model)
+    feeds = real_exports.example_inputs(name, batch=2, seq=16)
+    expected = [e.astype(np.float64) for e in reference_outputs(original, feeds)]
+    for label in ("infoptc", "ort"):
+        if label in outputs:
+            try:
+                row[f"{label}_err"] = max_abs_error(outputs[label], feeds, expected)
+            except Exception as e:
+                row[f"{label}_error"] = f"does not run: {str(e).splitlines()[0][:160]}"
+    for batch in batches:
+        feeds = real_exports.example_inputs(name, batch=batch, seq=seq)
+        sessions = {}
+        for label, model in outputs.items():
+            if row.get(f"{label}_error"):
+                continue
+            with contextlib.suppress(Exception):
+                sessions[label] = _session(model)
+        ms = measure_latency(sessions, feeds, runs=1000, budget_s=budget_s)
+        row[f"ms_b{batch}"] = ms
+    return row
+
+
+def _ratio(row, label, batch) -> str:
+    ms = row.get(f"ms_b{batch}", {})
+    return f"{ms[label] / ms['original']:.2f}" if label in ms and "original" in ms else "-"
+
+
+def _fused(row, label) -> str:
+    f = row.get(f"{label}_fused")
+    return "-" if f is None else "/".join(str(f[k]) for k in KINDS)
+
+
+def table(rows: list[dict], batches: list[int]) -> str:
+    head = ["model", "exporter", "opset", "nodes orig", "nodes infoptc", "nodes ORT",
+            "fused infoptc attn/LN/SkipLN/GELU/RMS", "fused ORT", "max err infoptc", "max err ORT"]
+    for b in batches:
+        head += [f"latency b{b} infoptc", f"latency b{b} ORT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["exporter"], str(r["opset"]), str(r.get("original_nodes", "-")),
+                 str(r.get("infoptc_nodes", "-")), str(r.get("ort_nodes", "-")), _fused(r, "infoptc"),
+                 _fused(r, "ort"), _err(r, "infoptc"), _err(r, "ort")]
+        for b in batches:
+            cells += [_ratio(r, "infoptc", b), _ratio(r, "ort", b)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _err(row, label) -> str:
+    if f"{label}_err" in row:
+        return f"{row[f'{label}_err']:.1e}"
+    return "fails" if row.get(f"{label}_error") else "-"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", default=list(real_exports.NAMES))
+    ap.add_argument("--exporters", default=",".join(real_exports.EXPORTERS))
+    ap.add_argument("--opsets", default=f"17,{real_exports.NEWEST_OPSET}")
+    ap.add_argument("--ops", default="ort", choices=["standard", "ort"], help="infoptc's op policy (default ort)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="batch 1 only, a short latency budget")
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
+    batches = [] if args.no_latency else [1] if args.quick else [1, 8]
+    budget = 2.0 if args.quick else 8.0
+    rows = []
+    variants = real_exports.variants(args.names, args.exporters.split(","), [int(o) for o in args.opsets.split(",")])
+    for name, exporter, opset in variants:
+        try:
+            rows.append(measure(name, exporter, opset, args.ops, batches, args.seq, budget))
+        except Exception as e:  # the exporter could not write this one
+            print(f"{name} {exporter} opset {opset}: skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}",
+                  file=sys.stderr)
+            continue
+        print(table(rows[-1:], batches).splitlines()[-1], file=sys.stderr, flush=True)
+    print(table(rows, batches))
+    notes = [f"{r['model']} {r['exporter']} {r['opset']}: {r[k]}" for r in rows for k in ("infoptc_error", "ort_error")
+             if r.get(k)]
+    for n in notes:
+        print(f"note: {n}")
+    vs = real_exports.versions()
+    import onnxruntime
+
+    print(f"\ntorch {vs['torch_version']}, transformers {vs['transformers_version']}, onnxruntime "
+          f"{onnxruntime.__version__}; infoptc --ops {args.ops}; latency: ORT CPU, 2 threads, seq {args.seq}, "
+          "ratio to the original (median of interleaved turns)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
