@@ -350,7 +350,7 @@ def auto_table(report: dict) -> Table:
     """quantize-auto's assignments tried, in order, with the chosen one marked."""
     chosen = report["chosen"]
     verdict = ("kept fp32: every assignment within the budget is slower here" if chosen is None else
-               f"chose {report['layers'] - len(chosen['fp32_layers'])} of {report['layers']} layers int8")
+               f"chose {report['layer_count'] - len(chosen['fp32_layers'])} of {report['layer_count']} layers int8")
     timed = "untimed" if report["fp32_ms"] is None else f"fp32 {report['fp32_ms']:.3f} ms"
     table = Table(title=f"quantize-auto, metric {report['metric']}, budget {report['budget']:g} ({timed}): {verdict}",
                   title_justify="left")

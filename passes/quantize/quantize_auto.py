@@ -127,7 +127,8 @@ class QuantizeAuto(Pass):
             if not current.meets:
                 # what giving each layer back recovers, alone: the order of the reverts
                 recovers = {n: evaluator.score(build(frozenset({n}))) for n in names}
-                current = self._revert(current, sorted(names, key=lambda n: (-recovers[n], n)), attempt)
+                current = self._revert(current, sorted(names, key=lambda n: (-recovers[n], n)), attempt,
+                                       set(layers(fp32, embeddings=False)) - always_fp32)
             meeting = [t for t in trials if t.meets]
             if not meeting:
                 best = max(trials, key=lambda t: t.score)
@@ -144,7 +145,7 @@ class QuantizeAuto(Pass):
                 chosen, fp32_ms = min(meeting, key=lambda t: (len(t.keep_fp32), -t.score)), None
             ctx.reports[self.name] = {
                 "metric": evaluator.metric.name, "budget": budget, "fp32_score": _finite(evaluator.reference_score),
-                "layers": len(names), "fp32_ms": fp32_ms,
+                "layer_count": len(names), "fp32_ms": fp32_ms,
                 "chosen": None if chosen is None else chosen.as_dict(), "trials": [t.as_dict() for t in trials]}
             if chosen is None:
                 log.warning("quantize-auto: every assignment within the budget is slower than fp32 on this host "
@@ -157,16 +158,23 @@ class QuantizeAuto(Pass):
         result.counters.update({"tried": len(trials), "layers_fp32": len(chosen.keep_fp32)})
         return result
 
-    def _revert(self, current: Trial, order: list[str], attempt) -> Trial:
+    def _revert(self, current: Trial, order: list[str], attempt, compute: set[str]) -> Trial:
         """Give layers back their fp32 in ``order``, in chunks that double while they help (1, 2,
         4, ... layers: a model that needs many reverts gets there in logarithmically many
         trials); a chunk that does not raise the score is stepped back and its layers are tried
-        again one at a time (a single layer that does not help is skipped); the chunk that meets the budget is bisected to the fewest layers that do. Stops at
-        the budget, after ``max-steps`` trials, or before reverting the last int8 layer."""
+        again one at a time (a single layer that does not help is skipped); the chunk that meets
+        the budget is bisected to the fewest layers that do. Stops at the budget, after
+        ``max-steps`` trials, or before reverting the last int8 layer of ``compute`` (the
+        Conv/Gemm/MatMuls: without one, quantize-int8 quantizes nothing)."""
         steps, size, i = 0, 1, 0
-        last = len(order) - 1  # at most this many layers fp32: one stays int8
-        while i < len(order) and steps < self.opts["max-steps"] and len(current.keep_fp32) < last:
-            chunk = order[i : i + min(size, last - len(current.keep_fp32))]
+        while i < len(order) and steps < self.opts["max-steps"]:
+            chunk = order[i : i + size]
+            if not compute - current.keep_fp32 - set(chunk):  # the last compute layer stays int8
+                kept = next(n for n in reversed(chunk) if n in compute)
+                order = [n for n in order if n != kept]
+                chunk = [n for n in chunk if n != kept]
+                if not chunk:
+                    continue
             trial = attempt(current.keep_fp32 | set(chunk), _revert_step(chunk))
             steps += 1
             if trial.score <= current.score:
