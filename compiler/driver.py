@@ -12,7 +12,7 @@ from . import ir, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
-from .pipelines import pipeline_for_level, quantize_pipeline
+from .pipelines import compress_pipeline, pipeline_for_level, quantize_pipeline
 from .progress import stage
 from .targets import Artifact, get_target
 
@@ -35,6 +35,7 @@ def compile(
     equalize: bool = False,
     correct_bias: bool = False,
     smooth_quant: float | None = None,
+    compress: Sequence[str] = (),
     **target_options: Any,
 ) -> Artifact:
     """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
@@ -47,6 +48,9 @@ def compile(
     pipeline (see ``pipelines.quantize_pipeline``); ``calibration`` is its data (a path, or an
     iterable of feed dicts) and ``quantize_options`` the quantizer pass's options; ``equalize``,
     ``correct_bias`` and ``smooth_quant`` (an alpha) add the accuracy-recovery passes before it.
+    ``compress`` lists compression passes as pipeline text (``"prune-channels{ratio=0.3}"``,
+    ``"low-rank{energy=0.99}"``...), placed around the pipeline by ``pipelines.compress_pipeline``;
+    they read ``calibration`` too.
     The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
     ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
     """
@@ -75,6 +79,8 @@ def compile(
                                          equalize=equalize, correct_bias=correct_bias, smooth_quant=smooth_quant)
         else:
             pipeline = passes if passes is not None else pipeline_for_level(opt_level)
+        if compress:
+            pipeline = compress_pipeline(pipeline, list(compress))
         manager = PassManager(pipeline, instruments)
         ctx = PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {}),
                           options={"calibration": calibration} if calibration is not None else {})

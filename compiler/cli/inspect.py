@@ -16,6 +16,8 @@ def add_parser(subparsers, common) -> dict:
     i.add_argument("model")
     i.add_argument("--quant", action="store_true",
                    help="which int8 regions ONNX Runtime really fuses into int8 kernels (loads the model in ORT)")
+    i.add_argument("--prune-groups", action="store_true",
+                   help="the channel dependency groups that prune-channels sees, and why the others are left alone")
     common(i)
     return {"inspect": cmd_inspect}
 
@@ -24,6 +26,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     model = ir.load_model(args.model)
     if args.quant:
         return _inspect_quant(args, model)
+    if getattr(args, "prune_groups", False):
+        return _inspect_prune_groups(args, model)
     summary = analysis.summarize(model)
     if args.json:
         emit_json(summary.as_dict())
@@ -77,5 +81,28 @@ def _inspect_quant(args: argparse.Namespace, model) -> int:
     table.add_row("Q/DQ conversions left", str(report["conversions"]))
     if "recipe" in report:
         table.add_row("recipe", escape(json.dumps(report["recipe"], sort_keys=True)))
+    out.print(table)
+    return 0
+
+
+def _inspect_prune_groups(args: argparse.Namespace, model) -> int:
+    """The channel groups of prune-channels' analysis: members, and reasons where not prunable."""
+    from ..passes.compress.channel_groups import channel_groups
+
+    groups = channel_groups(ir.to_graph(ir.infer_shapes(model))).groups
+    if args.json:
+        emit_json({"groups": [g.as_dict() for g in groups]})
+        return 0
+    prunable = [g for g in groups if g.prunable]
+    table = Table(title=f"{args.model}: channel groups ({len(prunable)} of {len(groups)} prunable)",
+                  title_justify="left")
+    for col in ("group", "channels", "producers", "consumers", "per-channel members", "prunable / why not"):
+        table.add_column(col, justify="right" if col in ("group", "channels") else "left")
+    for g in groups:
+        why = "yes" + (f" (in {g.blocks} equal blocks)" if g.blocks > 1 else "") if g.prunable else (
+            g.reasons[0] + (f" (+{len(g.reasons) - 1} more)" if len(g.reasons) > 1 else "") if g.reasons
+            else "no producer with constant weights")
+        table.add_row(str(g.root), str(g.size), escape("\n".join(g.producers)), escape("\n".join(g.consumers)),
+                      escape("\n".join(g.members)), escape(why))
     out.print(table)
     return 0
