@@ -304,7 +304,7 @@ class Analysis:
                 if self.blocks[root] not in (1, group):
                     self._block_space(root, f"read by grouped {what} with {group} groups, and by others")
                 self.blocks[root] = group
-                self._record(Action("grouped-in", node, layout, groups=group), what)
+                self._record(Action("grouped-in", node, layout, role="in", groups=group), what)
         self._weight_layer(node, what, 1, 0, None, None, rank, 1, bias)
         self.blocks[self.find(self.layouts[node.outputs[0].name].segs[0].space)] = group
 
