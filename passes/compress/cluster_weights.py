@@ -20,17 +20,24 @@ from infoptc.rewrite import Namer
 from .weights import WEIGHT_INPUT, weight_tensors
 
 
-def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """(codebook [<= k] sorted, index of each value) minimising the squared error."""
+FIT_SAMPLE = 200_000  # values the centres are fit on (evenly spaced in sorted order); all are assigned
+
+
+def kmeans_1d(values: np.ndarray, k: int, iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """(codebook [<= k] sorted, index of each value) by Lloyd's iterations from k evenly spaced
+    centres between the 0.5/k and 1 - 0.5/k quantiles."""
     flat = values.astype(np.float64).reshape(-1)
     distinct = np.unique(flat)
     if len(distinct) <= k:
         return distinct, np.searchsorted(distinct, flat)
-    centers = np.unique(np.quantile(flat, (np.arange(k) + 0.5) / k))
+    fit = np.sort(flat)
+    if fit.size > FIT_SAMPLE:
+        fit = fit[np.linspace(0, fit.size - 1, FIT_SAMPLE).astype(np.int64)]
+    centers = np.linspace(*np.quantile(fit, [0.5 / k, 1 - 0.5 / k]), k)
     for _ in range(iterations):
-        index = np.searchsorted((centers[1:] + centers[:-1]) / 2, flat)
+        index = np.searchsorted((centers[1:] + centers[:-1]) / 2, fit)
         counts = np.bincount(index, minlength=len(centers))
-        sums = np.bincount(index, weights=flat, minlength=len(centers))
+        sums = np.bincount(index, weights=fit, minlength=len(centers))
         updated = np.where(counts > 0, sums / np.maximum(counts, 1), centers)
         if np.allclose(updated, centers, rtol=0, atol=0):
             break

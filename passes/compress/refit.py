@@ -130,7 +130,7 @@ def _chunks(layers: list[Linear], features_p: dict[str, int]) -> list[list[Linea
     used = 0
     for layer in layers:
         fp, fo = features_p[layer.key] + 1, layer.weight.shape[1] + 1
-        cost = 16 * (fp * (fp + fo) + fo * fo)  # two folds of X_p'X_p and X_p'X_o, and X_o'X_o
+        cost = 8 * (2 * fp * (fp + fo) + fo * fo)  # two folds of X_p'X_p and X_p'X_o, one of X_o'X_o
         if chunks[-1] and used + cost > GRAM_BUDGET:
             chunks.append([])
             used = 0
@@ -140,7 +140,8 @@ def _chunks(layers: list[Linear], features_p: dict[str, int]) -> list[list[Linea
 
 
 def _accumulate(original, compressed, layers, data) -> dict[str, list[list[np.ndarray]]]:
-    """Per layer, per fold (even / odd samples): [X_p'X_p, X_p'X_o, X_o'X_o], features + 1."""
+    """Per layer, per fold (even / odd samples): [X_p'X_p, X_p'X_o, X_o'X_o (odd samples only)],
+    with the features' trailing 1."""
     names = sorted({layer.tensor for layer in layers})
     s_o = calibration.ort_session(calibration.with_outputs(original, names))
     s_p = calibration.ort_session(calibration.with_outputs(compressed, names))
@@ -158,7 +159,8 @@ def _accumulate(original, compressed, layers, data) -> dict[str, list[list[np.nd
             acc = folds[i % 2]
             acc[0] = acc[0] + fp.T @ fp
             acc[1] = acc[1] + fp.T @ fo
-            acc[2] = acc[2] + fo.T @ fo
+            if i % 2:  # X_o'X_o only serves to measure the held-out error
+                acc[2] = acc[2] + fo.T @ fo
     return grams
 
 
