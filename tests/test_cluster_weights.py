@@ -54,3 +54,14 @@ def test_kmeans_is_deterministic_and_no_worse_than_its_quantile_start():
     start = np.quantile(x, (np.arange(8) + 0.5) / 8)
     start_err = np.min(np.square(x[:, None] - start[None]), axis=1).sum()
     assert np.square(x - c1[i1]).sum() < start_err
+
+
+def test_cli_flag(tmp_path):
+    from infoptc.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(mlp(), src)
+    assert main([str(src), "-Os", "--cluster", "16", "-o", str(out)]) == 0
+    assert out.stat().st_size < src.stat().st_size / 3
+    assert main([str(src), "--cluster-store", "gather", "-o", str(out)]) == 2  # needs --cluster
+    assert main([str(src), "--cluster", "300", "-o", str(out)]) == 2

@@ -63,3 +63,14 @@ def test_bad_options_are_usage_errors():
         driver.optimize(mlp(), passes="low-rank{energy=1.5}")
     with pytest.raises(UsageError, match="calibration"):
         driver.optimize(mlp(), passes="low-rank{activation-aware=true}")
+
+
+def test_cli_flag(tmp_path):
+    from infoptc.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    rng = np.random.default_rng(1)
+    onnx.save(mlp(weights=(rng.standard_normal((64, 4)) @ rng.standard_normal((4, 96)),) * 2), src)
+    assert main([str(src), "--low-rank", "energy=0.999", "-o", str(out)]) == 0
+    assert sum(n.op_type == "MatMul" for n in onnx.load(out).graph.node) == 3
+    assert main([str(src), "--low-rank", "rank=3", "-o", str(out)]) == 2

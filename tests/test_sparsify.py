@@ -45,3 +45,15 @@ def test_unstructured_zeroes_the_smallest_fraction(ratio):
     assert np.count_nonzero(w == 0) == int(ratio * w.size)
     original = _weights(mlp())["W1"]
     assert np.abs(original[w == 0]).max() <= np.abs(original[w != 0]).min()
+
+
+def test_cli_flag(tmp_path):
+    from infoptc.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(mlp(), src)
+    assert main([str(src), "--sparsify", "unstructured=0.5", "-o", str(out)]) == 0
+    w = next(v for k, v in _weights(onnx.load(out)).items() if k.startswith("W1"))
+    assert np.count_nonzero(w == 0) == w.size // 2
+    assert main([str(src), "--sparsify", "unstructured=1.5", "-o", str(out)]) == 2
+    assert main([str(src), "--sparsify", "3:4", "-o", str(out)]) == 2

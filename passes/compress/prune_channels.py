@@ -29,6 +29,7 @@ from infoptc.ir import from_graph
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 from infoptc.passes.quantize import calibration
 from infoptc.passes.quantize.common import CALIBRATION_OPTIONS
+from infoptc.progress import stage
 from infoptc.rewrite import Namer
 
 from . import refit as refit_mod
@@ -262,11 +263,13 @@ def reconstruct(original, graph: gs.Graph, nodes: list[gs.Node], targets: dict[s
     predecessors give, never on inputs that a later refit would change. Returns how many were
     refit (refit.py leaves a layer alone where the held-out samples say refitting hurts)."""
     done = 0
-    for stage in refit_stages(graph, nodes):
-        layers = [targets[n.name] for n in stage]
-        start = {n.name: _as_linear(n) for n in stage}
-        solved = refit_mod.refit(original, from_graph(graph), layers, data, start)
-        for node in stage:
+    stages = refit_stages(graph, nodes)
+    for i, layers_of in enumerate(stages, 1):
+        layers = [targets[n.name] for n in layers_of]
+        start = {n.name: _as_linear(n) for n in layers_of}
+        with stage(f"reconstructing: refitting {len(layers)} layer(s), stage {i} of {len(stages)}"):
+            solved = refit_mod.refit(original, from_graph(graph), layers, data, start)
+        for node in layers_of:
             if node.name in solved:
                 write_linear(node, *solved[node.name], namer, "_refit")
                 done += 1
