@@ -77,3 +77,19 @@ def every_kind() -> onnx.ModelProto:
     add2 = n.op("Add", [n.conv(s0, 16, 8), s1])
     pool = n.op("MaxPool", [add2], kernel_shape=[2, 2], strides=[2, 2])
     return n.head(pool, 8, spatial=4)
+
+
+def transposed_and_reshaped() -> onnx.ModelProto:
+    """Conv -> PRelu (per-channel slope) -> ConvTranspose (stride 2) -> InstanceNormalization ->
+    Transpose to NHWC and back -> Reshape [1, -1] into a Gemm; value_info declared for every tensor."""
+    n = Net(seed=4)
+    x = n.op("PRelu", [n.conv("x", 3, 12), n.const(n.rng.uniform(0.1, 0.3, (12, 1, 1)).astype(np.float32), "slope")])
+    w = n.const((n.rng.standard_normal((12, 8, 2, 2)) * 0.3).astype(np.float32))
+    x = n.op("ConvTranspose", [x, w, n.const(n.rng.standard_normal(8).astype(np.float32) * 0.1, "b")], strides=[2, 2])
+    x = n.op("InstanceNormalization", [x, n.const(n.rng.uniform(0.5, 1.5, 8).astype(np.float32), "s"),
+                                       n.const(n.rng.standard_normal(8).astype(np.float32) * 0.1, "b")])
+    x = n.op("Transpose", [n.op("Relu", [n.op("Transpose", [x], perm=[0, 2, 3, 1])])], perm=[0, 3, 1, 2])
+    flat = n.op("Reshape", [x, n.const(np.array([1, 8 * 16 * 16], np.int64), "shape")])
+    w = n.const((n.rng.standard_normal((8 * 16 * 16, 4)) * 0.05).astype(np.float32))
+    n.op("Gemm", [flat, w])
+    return onnx.shape_inference.infer_shapes(n.model("", [1, 4]))

@@ -21,7 +21,7 @@ from infoptc.passes.compress.prune_channels import apply, choose, keep_count
 from infoptc.rewrite import Namer
 from infoptc.verify import run_onnx
 
-from _compress_models import Net, every_kind
+from _compress_models import Net, every_kind, transposed_and_reshaped
 
 RTOL, ATOL = 1e-5, 1e-5  # removing exact zeros only changes the order of fp32 sums
 
@@ -98,6 +98,28 @@ def test_removing_zeroed_channels_is_exact(seed):
     assert ir.initializer_bytes(pruned) < ir.initializer_bytes(zeroed)
     feed = _feed(zeroed, seed)
     np.testing.assert_allclose(run_onnx(pruned, feed)["y"], run_onnx(zeroed, feed)["y"], rtol=RTOL, atol=ATOL)
+
+
+def test_conv_transpose_prelu_instance_norm_and_a_flattening_reshape_are_exact():
+    model = transposed_and_reshaped()
+    groups = [g for g in channel_groups(_graph(model)).groups if g.prunable]
+    assert sorted(g.size for g in groups) == [8, 12]
+    zeroed, pruned, _ = _zeroed_and_pruned(model, 5)
+    _valid(pruned)
+    reshape = next(t for t in pruned.graph.initializer if t.name.startswith("shape"))
+    assert onnx.numpy_helper.to_array(reshape)[1] < 8 * 16 * 16
+    feed = _feed(zeroed)
+    np.testing.assert_allclose(run_onnx(pruned, feed)["y"], run_onnx(zeroed, feed)["y"], rtol=RTOL, atol=ATOL)
+
+
+def test_global_scope_removes_the_ratio_over_all_groups():
+    model = every_kind()
+    base = channel_groups(_graph(model)).groups
+    total = sum(g.size for g in base if g.prunable)
+    out = driver.optimize(model, opt_level=0, passes="prune-channels{ratio=0.5,scope=global,round-to=1}")
+    _valid(out)
+    after = sum(g.size for g in channel_groups(_graph(out)).groups if g.prunable)
+    assert abs((total - after) - total // 2) <= 4  # grouped convs keep equal blocks: a few channels of slack
 
 
 def test_bn_scale_finds_and_removes_channels_switched_off_by_batch_norm():
