@@ -1,7 +1,7 @@
 """Structured compression: size, FLOPs, ONNX Runtime latency and task metric, in one run.
 
     .venv/bin/python benchmarks/compress.py [MODELS...] [--ratios 0.1,0.3,0.5] [--energies 0.99,0.9]
-        [--rounds 10] [--threads 2] [--eval N] [--calibration N] [--plot pareto.png] [--json out.json]
+        [--rounds 10] [--threads 2] [--batch 1] [--eval N] [--calibration N] [--plot pareto.png] [--json out.json]
 
 Per model, every variant is compiled by infoptc at -O2 (the baseline too, so that only the
 compression differs) and run by ONNX Runtime on the CPU (``--threads`` threads, batch 1):
@@ -14,7 +14,8 @@ compression differs) and run by ONNX Runtime on the CPU (``--threads`` threads, 
   save work stay whole).
 - ``prune 0.3 +rec +int8``: pruning composed with ``--quantize int8`` (CNNs).
 
-Latency: medians over ``--rounds`` rounds in which every variant takes a turn (0.05 s pause, 3
+``prune`` on minilm removes whole attention heads and FFN channels (never the residual width).
+Latency: batch 1 (``--batch B`` stacks B evaluation samples for the trained models); medians over ``--rounds`` rounds in which every variant takes a turn (0.05 s pause, 3
 untimed runs, 10 timed: ``infoptc.bench.run_interleaved``), shown as a ratio to the baseline's,
 beside the FLOPs ratio (``infoptc.analysis.estimate_flops``): the goal is a latency ratio within
 15% of the FLOPs ratio. The metric is the model's task metric (golden_models/trained.py) on
@@ -109,6 +110,8 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
     outputs = {label: [s.run(None, f) for f in ev] for label, s in sessions.items()}
     timed = [r["variant"] for r in rows if r["timed_as"] is None]
     feed = ev[0]
+    if args.batch > 1 and name in TRAINED:  # their batch dimension is symbolic
+        feed = {k: np.concatenate([f[k] for f in ev[:args.batch]]) for k in ev[0]}
     runners = [lambda s=sessions[label]: s.run(None, feed) for label in timed]
     for run in runners:
         run()
@@ -184,19 +187,23 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("models", nargs="*", metavar="MODEL", help=f"default: all of {', '.join(MODELS)}")
     p.add_argument("--ratios", default="0.1,0.3,0.5", type=lambda s: [float(x) for x in s.split(",") if x])
     p.add_argument("--energies", default="0.99,0.9", type=lambda s: [float(x) for x in s.split(",") if x])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="batch size of the timed runs (trained models only)")
     p.add_argument("--calibration", type=int, default=64, help="calibration samples (minilm has 30)")
     p.add_argument("--eval", type=int, default=None, help="evaluation samples (default: all; 32 photo crops for CNNs)")
     p.add_argument("--plot", default=None, help="write a Pareto plot (latency ratio vs metric) here")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        for name in args.models or list(MODELS):
             if args.eval is None and name not in TRAINED:
                 args_eval, args.eval = None, 32
                 rows += bench_model(name, args, Path(tmp))

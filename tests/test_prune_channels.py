@@ -31,13 +31,13 @@ def _graph(model):
 
 
 def _drop_plan(analysis, seed: int) -> dict[int, np.ndarray]:
-    """Kept channels per prunable group: a random subset, balanced per block."""
+    """Kept channels per prunable group: a random subset, balanced per block, whole heads."""
     rng = np.random.default_rng(seed)
     kept = {}
     for g in analysis.groups:
         if g.prunable:
-            keep = keep_count(g.size, float(rng.uniform(0.2, 0.6)), 1, g.blocks)
-            kept[g.root] = choose(rng.standard_normal(g.size), keep, g.blocks)
+            keep = keep_count(g.size, float(rng.uniform(0.2, 0.6)), 1, g.blocks, g.unit)
+            kept[g.root] = choose(rng.standard_normal(g.size), keep, g.blocks, g.unit)
     return kept
 
 
@@ -223,3 +223,27 @@ def test_cli_prune_and_inspect(tmp_path, capsys):
     _valid(onnx.load(out))
     assert main([str(src), "--prune", "channels=0.5", "--prune-criterion", "taylor", "-o", str(out)]) == 2
     assert main([str(src), "--prune", "ratio=0.5", "-o", str(out)]) == 2
+
+
+def test_whole_attention_heads_and_ffn_widths_of_a_bert_are_removed_exactly(golden):
+    """Heads whose Q, K, V weights and biases are zero contribute nothing (their context is
+    zero); FFN channels zeroed before GELU likewise. The residual width stays whole."""
+    model = onnx.load(golden("bert"))
+    analysis = channel_groups(_graph(model))
+    heads = [g for g in analysis.groups if g.prunable and g.unit > 1]
+    ffn = [g for g in analysis.groups if g.prunable and g.unit == 1]
+    assert heads and ffn
+    assert all(len(g.producers) == 3 for g in heads)  # query, key, value
+    assert all(not g.prunable for g in analysis.groups if any("LayerNorm" in r for r in g.reasons))
+    zeroed, pruned, kept = _zeroed_and_pruned(model, 7)
+    _valid(pruned)
+    for g in heads:
+        assert len(kept[g.root]) % g.unit == 0 and len(kept[g.root]) < g.size
+    feeds = {i.name: np.random.default_rng(0).integers(1, 100, (1, 16)).astype(np.int64)
+             for i in zeroed.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.INT64}
+    for name in feeds:
+        if "mask" in name:
+            feeds[name] = np.ones((1, 16), np.int64)
+    ref, got = run_onnx(zeroed, feeds), run_onnx(pruned, feeds)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-4)

@@ -8,7 +8,12 @@ spaces end to end, a Split takes a range of them, a Flatten into a Gemm expands 
 BatchNormalization, elementwise ops with per-channel or scalar constants, Transpose, depthwise
 convolutions) pass the layout through and record the constants they hold per channel; a
 residual Add or Mul of two tracked tensors *unites* their spaces (channel i of one is channel i
-of the other: they lose the same channels). A group is a united set of spaces.
+of the other: they lose the same channels). A group is a united set of spaces. Attention: a
+Reshape that splits a projection's channels into [heads, head_dim] (its target constant, or a
+Concat of pieces as exporters build it) makes the axis count heads (``per`` = head_dim channels
+a position) and the space shrink by whole heads (``unit``); the MatMuls of Q with K^T and of the
+probabilities with V unite the three projections head by head, and the Reshape that merges the
+heads back feeds the output projection.
 
 Every edit that removing channels of a group implies is recorded as an action: slice the
 producer's weights along their output axis, the consumers' weights along their input axis (at
@@ -19,7 +24,8 @@ Anything the analysis cannot prove safe blocks the spaces involved, with a reaso
 output or a model input, an op it does not model (Shape, Slice or Gather across channels,
 subgraphs...), a normalization across channels (LayerNormalization, Softmax over the channel
 axis: this is what keeps a transformer's residual width whole), a MatMul of two activations
-(attention), or a Reshape that splits channels (attention heads: not modelled yet).
+other than per head, or a Reshape that splits or merges channels otherwise (a fused QKV
+projection reshaped to [.., 3, heads, head_dim], as timm's ViT exports it, is left whole).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class Seg:
     start: int
     length: int
     inner: int = 1
+    per: int = 1  # channels per position along the axis: a head axis holds head_dim channels each
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class Group:
     root: int
     size: int
     blocks: int = 1  # grouped convolutions: each of ``blocks`` equal parts keeps as many channels
+    unit: int = 1  # attention heads: channels go ``unit`` (head_dim) at a time, whole heads
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     members: list[str] = field(default_factory=list)
@@ -89,7 +97,8 @@ class Group:
         return not self.reasons and self.size >= 2 and bool(self.producers)
 
     def as_dict(self) -> dict:
-        return {"group": self.root, "channels": self.size, "blocks": self.blocks, "producers": self.producers,
+        return {"group": self.root, "channels": self.size, "blocks": self.blocks, "unit": self.unit,
+                "producers": self.producers,
                 "consumers": self.consumers, "members": self.members, "prunable": self.prunable,
                 "reasons": self.reasons}
 
@@ -130,6 +139,7 @@ class Analysis:
         self.parent: list[int] = []
         self.sizes: list[int] = []
         self.blocks: list[int] = []
+        self.units: list[int] = []
         self.reasons: list[list[str]] = []
         self.producers: list[list[str]] = []
         self.layouts: dict[str, Layout] = {}
@@ -147,6 +157,7 @@ class Analysis:
         self.parent.append(len(self.parent))
         self.sizes.append(size)
         self.blocks.append(1)
+        self.units.append(1)
         self.reasons.append([])
         self.producers.append([producer])
         return len(self.parent) - 1
@@ -171,6 +182,10 @@ class Analysis:
             if 1 not in (self.blocks[hi], self.blocks[lo]):
                 self.reasons[lo].append(f"{why}: grouped convolutions with different group counts")
             self.blocks[lo] = max(self.blocks[hi], self.blocks[lo])
+        if self.units[hi] != self.units[lo]:
+            if 1 not in (self.units[hi], self.units[lo]):
+                self.reasons[lo].append(f"{why}: attention heads of different sizes")
+            self.units[lo] = max(self.units[hi], self.units[lo])
         self.reasons[lo] += self.reasons[hi]
         self.producers[lo] += self.producers[hi]
 
@@ -190,7 +205,7 @@ class Analysis:
             return True
         full = lambda l: all(s.start == 0 and s.length == self.sizes[self.find(s.space)] for s in l.segs)  # noqa: E731
         if (len(a.segs) == len(b.segs) and full(a) and full(b)
-                and all(x.length == y.length and x.inner == y.inner for x, y in zip(a.segs, b.segs))):
+                and all(x.length == y.length and x.inner == y.inner and x.per == y.per for x, y in zip(a.segs, b.segs))):
             for x, y in zip(a.segs, b.segs):
                 self._union(x.space, y.space, why)
             return True
@@ -341,8 +356,14 @@ class Analysis:
         w = const_value(node.inputs[1])
         layout = self._in(node)
         out_shape = _shape(node.outputs[0])
-        if self._in(node, 1) is not None or w is None or w.ndim != 2 or out_shape is None:
-            self._block_inputs(node, f"read by {what}, a product of two activations (attention) "
+        other = self._in(node, 1)
+        if (layout is not None and other is not None and layout.rank == other.rank and layout.axis == other.axis
+                and layout.axis < layout.rank - 2 and all(s.per > 1 for s in layout.segs + other.segs)):
+            if self._unite(layout, other, f"{what} (attention, per head)"):  # the same heads on both sides
+                self._out(node, layout)
+            return
+        if other is not None or w is None or w.ndim != 2 or out_shape is None:
+            self._block_inputs(node, f"read by {what}, a product of two activations not split by heads, "
                                      "or with weights that are not a constant matrix")
             return
         if layout is not None and layout.axis != layout.rank - 1:
@@ -393,6 +414,9 @@ class Analysis:
         if any(l is None for l in layouts) or any(l.axis != first.axis or l.rank != first.rank for l in layouts):
             self._block_inputs(node, f"{what} joins tensors whose channels are not all tracked")
             return
+        if axis == first.axis and any(s.per > 1 for l in layouts for s in l.segs):
+            self._block_inputs(node, f"{what} joins tensors along a head axis")
+            return
         if axis == first.axis:
             segs = tuple(s for l in layouts for s in l.segs)
             self._out(node, Layout(first.axis, first.rank, segs))
@@ -420,8 +444,8 @@ class Analysis:
                 self._block(layout, f"{what} splits unevenly")
                 return
             sizes = [layout.channels // n] * n
-        if any(s.inner != 1 for s in layout.segs):
-            self._block(layout, f"{what} splits flattened channels")
+        if any(s.inner != 1 or s.per != 1 for s in layout.segs):
+            self._block(layout, f"{what} splits flattened channels or heads")
             return
         outs, start = [], 0
         for size in (int(s) for s in sizes):
@@ -433,7 +457,7 @@ class Analysis:
 
     def _flatten_to(self, node: gs.Node, what: str, layout: Layout) -> Layout | None:
         shape = _shape(node.inputs[0])
-        if layout.axis != 1 or not _static(shape[2:] if shape else None):
+        if layout.axis != 1 or not _static(shape[2:] if shape else None) or any(s.per != 1 for s in layout.segs):
             self._block(layout, f"{what} flattens channels with unknown spatial size")
             return None
         inner = int(np.prod(shape[2:], dtype=np.int64))
@@ -448,25 +472,74 @@ class Analysis:
 
     def _op_Reshape(self, node: gs.Node, what: str) -> None:
         layout = self._in(node)
-        target = const_value(node.inputs[1])
         shape_in, shape_out = _shape(node.inputs[0]), _shape(node.outputs[0])
-        if layout is None or target is None or not _static(shape_in) or not _static(shape_out):
-            self._block_inputs(node, f"read by {what}, whose shapes are not known")
+        entries = _target_entries(node)
+        if layout is None or entries is None or shape_in is None or shape_out is None:
+            self._block_inputs(node, f"read by {what}, whose target shape is not known")
+            return
+        if self._heads(node, what, layout, shape_in, shape_out, entries):
+            return
+        target = const_value(node.inputs[1])
+        if target is None or not _static(shape_in) or not _static(shape_out):
+            self._block(layout, f"read by {what}, whose shapes are not known")
             return
         if (len(shape_out) == 2 and layout.axis == 1 and shape_out[0] == shape_in[0]
-                and target[1] != 0):  # flatten into a Gemm
+                and target[1] != 0 and all(s.per == 1 for s in layout.segs)):  # flatten into a Gemm
             out = self._flatten_to(node, what, layout)
             if out is not None:
                 self._record(Action("reshape", node, out, axis=1), what)
                 self._out(node, out)
             return
         if (layout.axis == len(shape_in) - 1 and shape_out[-1] == shape_in[-1] and target[-1] != 0
-                and all(s.inner == 1 for s in layout.segs)):  # [B, S, D] <-> [B*S, D]
+                and all(s.inner == 1 and s.per == 1 for s in layout.segs)):  # [B, S, D] <-> [B*S, D]
             out = layout.moved(len(shape_out) - 1, len(shape_out))
             self._record(Action("reshape", node, out, axis=len(shape_out) - 1), what)
             self._out(node, out)
             return
-        self._block(layout, f"{what} splits or merges the channel axis (attention heads are not modelled)")
+        self._block(layout, f"{what} splits or merges the channel axis in a way not modelled")
+
+    def _heads(self, node: gs.Node, what: str, layout: Layout, shape_in: list, shape_out: list, entries) -> bool:
+        """[.., D] -> [.., H, dh] (split into heads) or back (merge): whole heads go together."""
+        segs = layout.segs
+        if any(s.inner != 1 for s in segs):
+            return False
+        rank = layout.rank
+        if (layout.axis == rank - 1 and len(entries) == rank + 1 and len(segs) == 1 and segs[0].per == 1
+                and segs[0].start == 0 and segs[0].length == self.sizes[self.find(segs[0].space)]):
+            (heads, h_at), (head_dim, _) = entries[-2], entries[-1]
+            if heads is None or head_dim is None or heads * head_dim != segs[0].length or heads < 2:
+                return False
+            root = self.find(segs[0].space)
+            if self.units[root] not in (1, head_dim):
+                self._block_space(root, f"{what}: heads of another size than elsewhere")
+            self.units[root] = head_dim
+            out = Layout(rank - 1, rank + 1, (Seg(segs[0].space, 0, segs[0].length, 1, head_dim),))
+            self._record(Action("reshape", h_at[0], out, index=h_at[1], axis=h_at[2]), what)
+            self._out(node, out)
+            return True
+        if (all(s.per > 1 for s in segs) and len(entries) == rank - 1 and layout.axis == rank - 2
+                and isinstance(shape_in[-1], int) and all(s.per == shape_in[-1] for s in segs)):
+            width, w_at = entries[-1]
+            if width is None or (width > 0 and width != sum(s.length for s in segs)):
+                return False
+            out = Layout(rank - 2, rank - 1, tuple(Seg(s.space, s.start, s.length) for s in segs))
+            if width > 0:
+                self._record(Action("reshape", w_at[0], out, index=w_at[1], axis=w_at[2]), what)
+            self._out(node, out)
+            return True
+        return False
+
+    def _op_Shape(self, node: gs.Node, what: str) -> None:
+        """Reading dimensions is harmless where only other dimensions are gathered from it."""
+        layout = self._in(node)
+        uses = node.outputs[0].outputs
+        ok = "start" not in node.attrs and "end" not in node.attrs and all(
+            u.op == "Gather" and int(u.attrs.get("axis", 0)) == 0 and u.inputs[0] is node.outputs[0]
+            and const_value(u.inputs[1]) is not None
+            and layout.axis not in {int(i) % layout.rank for i in np.atleast_1d(const_value(u.inputs[1]))}
+            for u in uses) and node.outputs[0].name not in {t.name for t in self.graph.outputs}
+        if not ok:
+            self._block(layout, f"its shape is read by {what}, which may use the channel count")
 
     def _op_Transpose(self, node: gs.Node, what: str) -> None:
         layout = self._in(node)
@@ -553,7 +626,8 @@ class Analysis:
         groups: dict[int, Group] = {}
         for s in range(len(self.parent)):
             r = self.find(s)
-            g = groups.setdefault(r, Group(r, self.sizes[r], self.blocks[r], reasons=list(self.reasons[r])))
+            g = groups.setdefault(r, Group(r, self.sizes[r], self.blocks[r], self.units[r],
+                                           reasons=list(self.reasons[r])))
             if s == r:
                 g.producers = list(self.producers[r])
             g.consumers += self.consumers.get(s, [])
@@ -568,6 +642,28 @@ class Analysis:
             if g.size < 2 and not g.reasons:
                 g.reasons.append("a single channel")
         return [groups[r] for r in sorted(groups)]
+
+
+def _target_entries(node: gs.Node) -> list | None:
+    """A Reshape target's entries: ``(value or None, (holder node, input index, position))``,
+    for a constant target or a Concat of 1-D pieces (the dynamic shapes exporters build)."""
+    t = node.inputs[1]
+    value = const_value(t)
+    if value is not None:
+        return [(int(v), (node, 1, i)) for i, v in enumerate(value)]
+    if not t.inputs or t.inputs[0].op != "Concat" or len(t.outputs) != 1:
+        return None
+    concat = t.inputs[0]
+    out = []
+    for j, piece in enumerate(concat.inputs):
+        v = const_value(piece)
+        if v is not None:
+            out += [(int(x), (concat, j, i)) for i, x in enumerate(np.atleast_1d(v))]
+        elif piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
+            out += [(None, None)] * piece.shape[0]
+        else:
+            return None
+    return out
 
 
 def _slice_segs(segs: tuple[Seg, ...], lo: int, hi: int) -> tuple[Seg, ...]:
@@ -592,10 +688,12 @@ def kept_indices(layout: Layout, kept: dict[int, np.ndarray], find) -> np.ndarra
     for s in layout.segs:
         k = kept.get(find(s.space))
         local = np.arange(s.length) if k is None else k[(k >= s.start) & (k < s.start + s.length)] - s.start
+        if s.per > 1:  # whole heads are kept: one position per head
+            local = np.unique(local // s.per)
         idx.append((offset + local[:, None] * s.inner + np.arange(s.inner)[None, :]).reshape(-1))
-        offset += s.length * s.inner
+        offset += s.length // s.per * s.inner
     return np.concatenate(idx).astype(np.int64) if idx else np.zeros(0, np.int64)
 
 
 def layout_size(layout: Layout) -> int:
-    return sum(s.length * s.inner for s in layout.segs)
+    return sum(s.length // s.per * s.inner for s in layout.segs)

@@ -107,7 +107,9 @@ def importance(group: Group, criterion: str, find, energy: dict[str, np.ndarray]
     return score, used
 
 
-def keep_count(n: int, ratio: float, round_to: int, blocks: int = 1) -> int:
+def keep_count(n: int, ratio: float, round_to: int, blocks: int = 1, unit: int = 1) -> int:
+    if unit > 1:  # whole attention heads
+        return max(1, int(round(n // unit * (1.0 - ratio)))) * unit
     keep = n * (1.0 - ratio)
     if round_to > 1:
         keep = max(round_to, round(keep / round_to) * round_to)
@@ -117,9 +119,13 @@ def keep_count(n: int, ratio: float, round_to: int, blocks: int = 1) -> int:
     return keep
 
 
-def choose(score: np.ndarray, keep: int, blocks: int = 1) -> np.ndarray:
-    """The ``keep`` best channels (ties: the lower index), ``keep / blocks`` in each block."""
+def choose(score: np.ndarray, keep: int, blocks: int = 1, unit: int = 1) -> np.ndarray:
+    """The ``keep`` best channels (ties: the lower index), ``keep / blocks`` in each block, or
+    the best ``keep / unit`` whole units (heads) by their total score."""
     n = score.shape[0]
+    if unit > 1:
+        heads = choose(score.reshape(-1, unit).sum(1), keep // unit)
+        return (heads[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
     if blocks == 1:
         order = np.lexsort((np.arange(n), -score))
         return np.sort(order[:keep])
@@ -169,11 +175,12 @@ def apply(analysis: Analysis, kept: dict[int, np.ndarray], namer: Namer, opset: 
             replace_constant(a.node, a.index, np.take(w, idx, axis=a.axis), namer, "_pruned")
         elif a.kind == "group":
             a.node.attrs["group"] = len(idx)
-        elif a.kind == "reshape":
-            target = np.array(const_value(a.node.inputs[1]))
-            if target[a.axis] > 0:
-                target[a.axis] = len(idx)
-                replace_constant(a.node, 1, target, namer, "_pruned")
+        elif a.kind == "reshape":  # an entry of a Reshape target (or of a Concat building one)
+            target = np.array(const_value(a.node.inputs[a.index]))
+            flat = target.reshape(-1)
+            if flat[a.axis] > 0:
+                flat[a.axis] = len(idx)
+                replace_constant(a.node, a.index, flat.reshape(target.shape), namer, "_pruned")
         elif a.kind == "grouped-in":
             w = const_value(a.node.inputs[1])
             per, g = w.shape[1], a.groups
@@ -346,10 +353,12 @@ class PruneChannels(Pass):
             scores[g.root], used[g.root] = importance(g, criterion, analysis.find, energy)
         if self.opts["scope"] == "global":
             raw = global_keep(groups, scores, ratio)
-            counts = {g.root: keep_count(g.size, 1.0 - raw[g.root] / g.size, round_to, g.blocks) for g in groups}
+            counts = {g.root: keep_count(g.size, 1.0 - raw[g.root] / g.size, round_to, g.blocks, g.unit)
+                      for g in groups}
         else:
-            counts = {g.root: keep_count(g.size, ratio, round_to, g.blocks) for g in groups}
-        kept = {g.root: choose(scores[g.root], counts[g.root], g.blocks) for g in groups if counts[g.root] < g.size}
+            counts = {g.root: keep_count(g.size, ratio, round_to, g.blocks, g.unit) for g in groups}
+        kept = {g.root: choose(scores[g.root], counts[g.root], g.blocks, g.unit) for g in groups
+                if counts[g.root] < g.size}
         counters["pruned_groups"] = len(kept)
         counters["channels_removed"] = sum(g.size - counts[g.root] for g in groups)
         counters["fallback_l1"] = sum(1 for g in groups if used[g.root] != criterion)
