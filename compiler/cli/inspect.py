@@ -99,7 +99,8 @@ def _inspect_prune_groups(args: argparse.Namespace, model) -> int:
     for col in ("group", "channels", "producers", "consumers", "per-channel members", "prunable / why not"):
         table.add_column(col, justify="right" if col in ("group", "channels") else "left")
     for g in groups:
-        why = "yes" + (f" (in {g.blocks} equal blocks)" if g.blocks > 1 else "") if g.prunable else (
+        shape = f" (in {g.blocks} equal blocks)" if g.blocks > 1 else f" (whole heads of {g.unit})" if g.unit > 1 else ""
+        why = "yes" + shape if g.prunable else (
             g.reasons[0] + (f" (+{len(g.reasons) - 1} more)" if len(g.reasons) > 1 else "") if g.reasons
             else "no producer with constant weights")
         table.add_row(str(g.root), str(g.size), escape("\n".join(g.producers)), escape("\n".join(g.consumers)),

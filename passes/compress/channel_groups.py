@@ -244,7 +244,7 @@ class Analysis:
         what = f"{op} {node.name}"
         tracked = [i for i, t in enumerate(node.inputs) if t.name in self.layouts]
         handler = getattr(self, "_op_" + op, None) if node.domain in ("", "ai.onnx", None) else None
-        if handler is not None and not tracked and op not in PRODUCERS:
+        if handler is not None and not tracked and op not in PRODUCERS | {"LayerNormalization"}:
             handler = None
         if handler is None:
             if op in PASS_THROUGH and len(node.outputs) >= 1 and tracked == [0]:
@@ -393,10 +393,17 @@ class Analysis:
     def _op_LayerNormalization(self, node: gs.Node, what: str) -> None:
         layout = self._in(node)
         axis = int(node.attrs.get("axis", -1))
+        reason = f"{what} normalizes across these channels (a residual width)"
         if layout is not None and (axis if axis >= 0 else axis + layout.rank) <= layout.axis:
-            self._block(layout, f"{what} normalizes across these channels (a residual width)")
-            return
-        self._block_inputs(node, f"read by {what}")
+            self._block(layout, reason)
+        else:
+            self._block_inputs(node, f"read by {what}")
+        shape = _shape(node.outputs[0])
+        if shape and isinstance(shape[-1], int) and shape[-1] > 0 and axis in (-1, len(shape) - 1):
+            # its output carries the residual stream on: a fresh space that says why it stays whole
+            space = self._new_space(shape[-1], what)
+            self._block_space(space, reason)
+            self.layouts[node.outputs[0].name] = Layout(len(shape) - 1, len(shape), (Seg(space, 0, shape[-1]),))
 
     def _op_Softmax(self, node: gs.Node, what: str) -> None:
         layout = self._in(node)
