@@ -23,6 +23,7 @@ held-out data for the trained models (digits_cnn: accuracy change in points vs t
 model, with the labels; minilm: embedding cosine vs the uncompressed model), and top-1 agreement
 with the uncompressed model on photo crops for the real-size golden models (their weights are
 not trained: there the metric only shows how far the outputs move; they are here for speed).
+"SQNR dB" is the first output's signal-to-error ratio against the uncompressed model's.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import onnx
 import infoptc
 from infoptc.analysis import estimate_flops, parameter_count
 from infoptc.bench import run_interleaved
-from quantize import feeds_for, metric, session  # the quantization benchmark's data and metrics
+from quantize import feeds_for, metric, session, sqnr  # the quantization benchmark's data and metrics
 
 MODELS = {"digits_cnn": "cnn", "minilm": "encoder", "resnet18": "cnn", "mobilenetv2": "cnn"}
 TRAINED = ("digits_cnn", "minilm")
@@ -124,16 +125,17 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         r["flops_ratio"] = r["flops"] / base["flops"]
         r["params_ratio"] = r["params"] / base["params"]
         r["metric_name"], r["metric"] = metric(name, MODELS[name], outputs["baseline"], outputs[r["variant"]])
+        r["sqnr_db"] = sqnr(outputs["baseline"], outputs[r["variant"]])
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'model':<12} {'variant':<22} {'params':>8} {'FLOPs':>8} {'latency':>8} {'ms':>8}  metric"
+    head = f"{'model':<12} {'variant':<22} {'params':>8} {'FLOPs':>8} {'latency':>8} {'ms':>8} {'SQNR dB':>8}  metric"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['model']:<12} {r['variant']:<22} {r['params_ratio']:>8.3f} {r['flops_ratio']:>8.3f} "
-              f"{r['latency_ratio']:>8.3f} {r['ms']:>8.3f}  {r['metric']:.4f} ({r['metric_name']})"
+              f"{r['latency_ratio']:>8.3f} {r['ms']:>8.3f} {min(r['sqnr_db'], 999):>8.1f}  {r['metric']:.4f} ({r['metric_name']})"
               + ("  [timed as " + r["timed_as"] + "]" if r["timed_as"] else ""))
 
 
