@@ -247,3 +247,14 @@ def test_whole_attention_heads_and_ffn_widths_of_a_bert_are_removed_exactly(gold
     ref, got = run_onnx(zeroed, feeds), run_onnx(pruned, feeds)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-4)
+
+
+def test_the_whole_model_guard_prefers_whichever_is_nearer_the_original():
+    from infoptc.calibration_data import CalibrationData, model_inputs
+    from infoptc.passes.compress.refit import closer
+
+    model = every_kind()
+    worse = driver.optimize(model, opt_level=0, passes="prune-channels{ratio=0.5,round-to=4}")
+    slightly = driver.optimize(model, opt_level=0, passes="prune-channels{ratio=0.25,round-to=4}")
+    data = CalibrationData([_feed(model, s) for s in range(4)], model_inputs(model))
+    assert closer(model, worse, slightly, data) and not closer(model, slightly, worse, data)
