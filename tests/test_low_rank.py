@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 from infoptc import driver
-from infoptc.analysis import estimate_flops
 from infoptc.verify import run_onnx
 
 from _compress_mlp import feed, mlp
@@ -33,7 +32,8 @@ def test_a_low_rank_matrix_is_found_and_reproduced():
     _valid(out)
     ranks = sorted(min(t.dims) for t in out.graph.initializer if "lowrank" in t.name)
     assert ranks == [4, 4, 4, 4]
-    assert estimate_flops(out) < estimate_flops(model) / 4
+    factors = sum(np.prod(t.dims) for t in out.graph.initializer if "lowrank" in t.name)
+    assert factors == 2 * 4 * (64 + 96)  # two layers, rank 4: (K + N) r each, against K N = 6144
     np.testing.assert_allclose(run_onnx(out, feed())["y"], run_onnx(model, feed())["y"], rtol=1e-4, atol=1e-3)
 
 
