@@ -11,7 +11,7 @@ compression differs) and run by ONNX Runtime on the CPU (``--threads`` threads, 
   (least-squares refit of the next layers on the calibration data). Both have the same graph
   shape, so only the first is timed.
 - ``low-rank e``: ``--low-rank energy=e`` (Gemm/MatMul only; layers where the factors would not
-  save work stay whole).
+  save work stay whole), and on the trained models ``low-rank e +rec`` with ``--reconstruct``.
 - ``prune 0.3 +rec +int8``: pruning composed with ``--quantize int8`` (CNNs).
 
 ``prune`` on minilm removes whole attention heads and FFN channels (never the residual width).
@@ -84,6 +84,9 @@ def variants(name: str, ratios: list[float], energies: list[float]) -> dict[str,
                                         "timed_as": f"prune {r:g}"}
     for e in energies:
         out[f"low-rank {e:g}"] = {"compress": [f"low-rank{{energy={e}}}"]}
+        if rec:
+            out[f"low-rank {e:g} +rec"] = {"compress": [f"low-rank{{energy={e},reconstruct=true}}"],
+                                           "needs_data": True, "timed_as": f"low-rank {e:g}"}
     if MODELS[name] == "cnn":
         prune = f"prune-channels{{ratio=0.3,round-to={round_to}{',reconstruct=true' if rec else ''}}}"
         out[f"prune 0.3 {rec} +int8".replace("  ", " ")] = {

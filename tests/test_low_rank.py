@@ -74,3 +74,16 @@ def test_cli_flag(tmp_path):
     assert main([str(src), "--low-rank", "energy=0.999", "-o", str(out)]) == 0
     assert sum(n.op_type == "MatMul" for n in onnx.load(out).graph.node) == 3
     assert main([str(src), "--low-rank", "rank=3", "-o", str(out)]) == 2
+
+
+def test_reconstruction_refits_the_second_factor_towards_the_original_outputs():
+    model = mlp(seed=3)
+    cal = [feed(seed=s) for s in range(12)]
+    held_out = [feed(seed=s) for s in range(100, 104)]
+    err = {}
+    for rec in ("false", "true"):
+        out = driver.optimize(model, opt_level=0, calibration=cal,
+                              passes=f"low-rank{{ratio=0.25,reconstruct={rec}}}")
+        onnx.checker.check_model(out, full_check=True)
+        err[rec] = sum(float(np.square(run_onnx(out, f)["y"] - run_onnx(model, f)["y"]).sum()) for f in held_out)
+    assert err["true"] < err["false"]

@@ -88,7 +88,8 @@ def add_parser(subparsers, common) -> dict:
     z.add_argument("--prune-scope", default=None, choices=["per-layer", "global"],
                    help="the ratio in every group (default), or one threshold over all groups")
     z.add_argument("--reconstruct", action="store_true", default=None,
-                   help="refit the layers after pruned channels by least squares on --calibration data")
+                   help="refit the layers after pruned channels (or low-rank factors) by least squares on "
+                        "--calibration data")
     z.add_argument("--low-rank", default=None, metavar="energy=E|ratio=R",
                    help="truncated SVD of Gemm/MatMul weights, keeping energy E of the spectrum or R of the rank")
     z.add_argument("--cluster", type=int, default=None, metavar="K",
@@ -240,10 +241,11 @@ def _key_value(flag: str, text: str, keys: tuple[str, ...]) -> tuple[str, str]:
 def _compress_arguments(args: argparse.Namespace) -> dict:
     """compile()'s ``compress`` pass list (and ``calibration``) from the compression flags."""
     flags = _compress_flags(args)
-    prune_only = [f for f in ("prune_criterion", "round_to", "prune_scope", "reconstruct")
-                  if getattr(args, f, None) is not None]
+    prune_only = [f for f in ("prune_criterion", "round_to", "prune_scope") if getattr(args, f, None) is not None]
     if prune_only and args.prune is None:
         raise UsageError(f"--{prune_only[0].replace('_', '-')} needs --prune channels=RATIO")
+    if args.reconstruct and args.prune is None and args.low_rank is None:
+        raise UsageError("--reconstruct needs --prune channels=RATIO or --low-rank")
     if args.cluster_store is not None and args.cluster is None:
         raise UsageError("--cluster-store needs --cluster K")
     if not flags:
@@ -264,6 +266,8 @@ def _compress_arguments(args: argparse.Namespace) -> dict:
     if args.low_rank is not None:
         key, value = _key_value("low-rank", args.low_rank, ("energy", "ratio"))
         aware = {"activation-aware": "true", **samples} if args.calibration else {}
+        if args.reconstruct:
+            aware["reconstruct"] = "true"
         passes.append(_pass_text("low-rank", {key: value, **aware}))
     if args.cluster is not None:
         passes.append(_pass_text("cluster-weights", {"clusters": args.cluster, "store": args.cluster_store}))

@@ -6,7 +6,9 @@ The rank ``r`` keeps ``energy`` of the squared singular values, or ``ratio`` of 
 a layer is factorised only where that saves work, r < K N / (K + N) (unless
 ``only-if-cheaper=false``). With ``activation-aware`` the SVD is of ``diag(s) W``, ``s`` the RMS
 of each input feature over the calibration data, and ``A`` is scaled back by ``1/s``: the
-truncation then drops what the data excite least (as ASVD does). A Gemm becomes a MatMul
+truncation then drops what the data excite least (as ASVD does). With ``reconstruct`` the
+second factor (and the bias) is refit by least squares so that the layer's output on the
+calibration data matches the original's (prune-channels' reconstruction, same guard). A Gemm becomes a MatMul
 (with ``alpha``) feeding a Gemm (with the bias and ``beta``). Convolutions are not factorised.
 LOSSY; at full rank the product equals W to fp32 rounding.
 """
@@ -25,6 +27,7 @@ from infoptc.rewrite import Namer
 
 from . import refit
 from .channel_groups import const_value
+from .prune_channels import as_linear, reconstruct
 
 log = logging.getLogger("infoptc")
 
@@ -78,6 +81,7 @@ class LowRank(Pass):
         "only-if-cheaper": Option(True, "factorise only where r < K N / (K + N)"),
         "activation-aware": Option(False, "scale weight rows by the inputs' RMS on calibration data before the SVD"),
         "min-size": Option(4096, "leave weight matrices with fewer elements alone"),
+        "reconstruct": Option(False, "refit the second factor (and bias) by least squares on calibration data"),
         **CALIBRATION_OPTIONS,
     }
 
@@ -88,16 +92,19 @@ class LowRank(Pass):
             log.warning("low-rank: no Gemm/MatMul with a constant fp32 weight matrix; the model is unchanged")
             return PassResult(False, counters)
         scales: dict[str, np.ndarray] = {}
-        if self.opts["activation-aware"]:
-            source = calibration.calibration_source(ctx.options, self.opts, f"{self.name} (activation-aware)")
+        model = data = None
+        if self.opts["activation-aware"] or self.opts["reconstruct"]:
+            source = calibration.calibration_source(ctx.options, self.opts, f"{self.name} (activation-aware "
+                                                    "or reconstruct)")
             model = from_graph(graph)
             data = calibration.CalibrationData(source, calibration.model_inputs(model), self.opts["samples"])
+        if self.opts["activation-aware"]:
             tensors = {n.inputs[0].name: (n.inputs[0].shape and len(n.inputs[0].shape) or 2) - 1 for n, _ in targets}
             scales = {k: np.sqrt(v) for k, v in refit.channel_energy(model, tensors, data).items()}
         ratio = self.opts["ratio"] or None
         energy = None if ratio else self.opts["energy"]
         namer = Namer([graph])
-        report = []
+        report, refit_nodes, originals = [], [], {}
         for node, w in targets:
             k, n = w.shape
             a, b = factorise(w, lambda s: choose_rank(s, energy, ratio), scales.get(node.inputs[0].name))
@@ -108,8 +115,15 @@ class LowRank(Pass):
             if not cheaper and self.opts["only-if-cheaper"]:
                 counters["skipped_not_cheaper"] += 1
                 continue
+            if self.opts["reconstruct"]:
+                originals[node.name] = as_linear(node)
+                refit_nodes.append(node)
             self._rewrite(graph, node, a, b, namer)
             counters["factorised"] += 1
+        if refit_nodes:
+            graph.toposort()  # the first factors were appended at the end
+            counters["refit"], undone = reconstruct(model, graph, refit_nodes, originals, data, namer)
+            counters["refit_undone"] = int(undone)
         ctx.reports[self.name] = {"layers": report}
         return PassResult(counters["factorised"] > 0, counters)
 

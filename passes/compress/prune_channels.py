@@ -20,6 +20,7 @@ LOSSY: channels whose weights and incoming constants are all zero are removed ex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -206,7 +207,7 @@ def _set_split(node: gs.Node, sizes: list[int], opset: int, namer: Namer) -> Non
 
 # ----------------------------------------------------------------------------- reconstruction
 
-def _as_linear(node: gs.Node) -> refit_mod.Linear | None:
+def as_linear(node: gs.Node) -> refit_mod.Linear | None:
     """The layer's current weights as ``y = W x + b`` (W [N, F])."""
     w = const_value(node.inputs[1]).astype(np.float64)
     if node.op == "Conv":
@@ -275,8 +276,8 @@ def reconstruct(original, graph: gs.Graph, nodes: list[gs.Node], targets: dict[s
     pruned = from_graph(graph)
     stages = refit_stages(graph, nodes)
     for i, layers_of in enumerate(stages, 1):
-        layers = [targets[n.name] for n in layers_of]
-        start = {n.name: _as_linear(n) for n in layers_of}
+        layers = [dataclasses.replace(targets[n.name], compressed=n.inputs[0].name) for n in layers_of]
+        start = {n.name: as_linear(n) for n in layers_of}
         with stage(f"reconstructing: refitting {len(layers)} layer(s), stage {i} of {len(stages)}"):
             solved = refit_mod.refit(original, from_graph(graph), layers, data, start)
         for node in layers_of:
@@ -411,7 +412,7 @@ class PruneChannels(Pass):
                 continue
             if len(kept_indices(a.layout, kept, analysis.find)) == layout_size(a.layout):
                 continue
-            linear = _as_linear(a.node)
+            linear = as_linear(a.node)
             if linear is not None:
                 seen.add(id(a.node))
                 out.append((a.node, linear))

@@ -32,7 +32,8 @@ class Linear:
 
     ``kind``: ``conv`` (attrs of the Conv), ``rows`` (Gemm/MatMul: the last axis is the feature
     axis). ``weight`` [N, F_o] and ``bias`` [N] (None: fit without intercept) are the target
-    (original) layer; ``tensor`` is the name of the layer's input in both models."""
+    (original) layer; ``tensor`` is the name of the layer's input in the original model,
+    ``compressed`` in the compressed one (None: the same; low-rank's second factor reads another)."""
 
     key: str
     tensor: str
@@ -43,6 +44,7 @@ class Linear:
     strides: tuple = ()
     pads: tuple = ()
     dilations: tuple = ()
+    compressed: str | None = None
 
 
 def features(layer: Linear, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -142,16 +144,17 @@ def _accumulate(original, compressed, layers, data) -> dict[str, list[list[np.nd
     """Per layer, per fold (even / odd samples): [X_p'X_p, X_p'X_o, X_o'X_o (odd samples only)],
     with the features' trailing 1."""
     names = sorted({layer.tensor for layer in layers})
+    names_p = sorted({layer.compressed or layer.tensor for layer in layers})
     s_o = calibration.ort_session(calibration.with_outputs(original, names))
-    s_p = calibration.ort_session(calibration.with_outputs(compressed, names))
+    s_p = calibration.ort_session(calibration.with_outputs(compressed, names_p))
     grams: dict[str, list[list]] = {layer.key: [] for layer in layers}
     for i, feed in enumerate(data):
         xo = dict(zip(names, s_o.run(names, feed)))
-        xp = dict(zip(names, s_p.run(names, feed)))
+        xp = dict(zip(names_p, s_p.run(names_p, feed)))
         for j, layer in enumerate(layers):
             seed = [i, j]  # the same positions in both models
             fo = _ones(features(layer, xo[layer.tensor], np.random.default_rng(seed)))
-            fp = _ones(features(layer, xp[layer.tensor], np.random.default_rng(seed)))
+            fp = _ones(features(layer, xp[layer.compressed or layer.tensor], np.random.default_rng(seed)))
             folds = grams[layer.key]
             if len(folds) <= i % 2:
                 folds.append([0.0, 0.0, 0.0])
