@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from infoptc.errors import UsageError
 from infoptc.pass_manager import Contract, Option, Pass, PassContext, PassResult, register_pass
 from infoptc.rewrite import Namer
 
@@ -62,8 +63,6 @@ class ClusterWeights(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         k = self.opts["clusters"]
         if not 2 <= k <= 256:
-            from infoptc.errors import UsageError
-
             raise UsageError(f"cluster-weights: clusters must be in 2..256 (uint8 indices), got {k}")
         namer = Namer([graph])
         done: dict[int, gs.Tensor] = {}
