@@ -12,7 +12,7 @@ from . import ir, op_policy, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
-from .pipelines import memory_limited_pipeline, pipeline_before_quantization, pipeline_for_level, quantize_pipeline
+from .pipelines import compress_pipeline, memory_limited_pipeline, pipeline_before_quantization, pipeline_for_level, quantize_pipeline
 from .progress import stage
 from .targets import Artifact, get_target
 
@@ -37,6 +37,7 @@ def compile(
     smooth_quant: float | None = None,
     memory_limit: int | None = None,
     ops: str | None = None,
+    compress: Sequence[str] = (),
     **target_options: Any,
 ) -> Artifact:
     """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
@@ -54,6 +55,9 @@ def compile(
     ``ops`` is the op policy the passes follow (``"standard"``: ai.onnx ops only; ``"ort"``, the
     default: ONNX Runtime's com.microsoft ops too; see ``op_policy``), recorded in the model's
     metadata as ``infoptc.ops``.
+    ``compress`` lists compression passes as pipeline text (``"prune-channels{ratio=0.3}"``,
+    ``"low-rank{energy=0.99}"``...), placed around the pipeline by ``pipelines.compress_pipeline``;
+    they read ``calibration`` too.
     The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
     ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
     ``memory_limit`` (bytes) ends the pipeline with ``reorder-for-memory``, which raises
@@ -89,6 +93,8 @@ def compile(
             pipeline = passes if passes is not None else pipeline_for_level(opt_level)
         if memory_limit is not None:
             pipeline = memory_limited_pipeline(pipeline, memory_limit)
+        if compress:
+            pipeline = compress_pipeline(pipeline, list(compress))
         manager = PassManager(pipeline, instruments)
         ctx = PassContext(opset=graph.opset, target=target, input_shapes=dict(input_shapes or {}),
                           options={"calibration": calibration} if calibration is not None else {})

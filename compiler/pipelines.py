@@ -96,6 +96,24 @@ def pipeline_before_quantization(level_or_pipeline: int | str) -> list:
     return [p for p in parse_pipeline(text) if getattr(p, "name", None) not in _HIDES_FROM_QUANTIZER + ("toposort",)]
 
 
+# Compression passes around a level's pipeline. The structural ones (prune-channels, low-rank)
+# run first, while BatchNormalizations and plain Conv/Gemm/MatMul nodes are still there for the
+# analysis to see; the ones that only change weight values (cluster-weights, sparsify) run last,
+# so that no fusion or folding undoes them.
+COMPRESS_LAST = ("cluster-weights", "sparsify")
+
+
+def compress_pipeline(base: str | list, compress: list[str]) -> list:
+    """``base`` (pipeline text or items) with the compression passes ``compress`` (pipeline
+    texts, e.g. ``["prune-channels{ratio=0.3}"]``) placed around it, then a final sort."""
+    base_items = parse_pipeline(base) if isinstance(base, str) else list(base)
+    base_items = [p for p in base_items if getattr(p, "name", None) != "toposort"]
+    items = [p for text in compress for p in parse_pipeline(text)]
+    first = [p for p in items if getattr(p, "name", None) not in COMPRESS_LAST]
+    last = [p for p in items if getattr(p, "name", None) in COMPRESS_LAST]
+    return first + base_items + last + [get_pass("toposort")()]
+
+
 def _shared(options: dict, *keys: str) -> dict:
     return {k: options[k] for k in keys if k in options}
 

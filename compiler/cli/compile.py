@@ -118,6 +118,28 @@ def add_parser(subparsers, common) -> dict:
     mm.add_argument("--memory-limit", default=None, metavar="SIZE",
                     help="reorder nodes to fit activations in SIZE (e.g. 8MB); exit 3 with the best order's "
                          "peak when no order found fits")
+    z = c.add_argument_group("compression (see docs/compression.md; --calibration above gives their data)")
+    z.add_argument("--prune", default=None, metavar="channels=RATIO",
+                   help="remove RATIO of the channels of every prunable dependency group, e.g. channels=0.3")
+    z.add_argument("--prune-criterion", default=None, choices=["l1", "l2", "bn-scale", "taylor"],
+                   help="channel importance (default l1; taylor needs --calibration)")
+    z.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="keep a multiple of N channels per group (default 8; 1: any count)")
+    z.add_argument("--prune-scope", default=None, choices=["per-layer", "global"],
+                   help="the ratio in every group (default), or one threshold over all groups")
+    z.add_argument("--reconstruct", action="store_true", default=None,
+                   help="refit the layers after pruned channels (or low-rank factors) by least squares on "
+                        "--calibration data")
+    z.add_argument("--low-rank", default=None, metavar="energy=E|ratio=R",
+                   help="truncated SVD of Gemm/MatMul weights, keeping energy E of the spectrum or R of the rank")
+    z.add_argument("--cluster", type=int, default=None, metavar="K",
+                   help="share weights: a K-entry k-means codebook per tensor (smaller file, same speed)")
+    z.add_argument("--cluster-store", default=None, choices=["gather", "expanded"],
+                   help="gather: store indices + codebook, expanded by a Gather at load (default); "
+                        "expanded: store the clustered weights as plain tensors")
+    z.add_argument("--sparsify", default=None, metavar="2:4|unstructured=R",
+                   help="zero weights by magnitude: 2 of every 4 along the input axis, or a fraction R "
+                        "(smaller once compressed; ONNX Runtime on CPU runs no faster)")
     c.add_argument("--bisect", action="store_true",
                    help="find the first pass application that breaks equivalence (same as `infoptc reduce`)")
     common(c)
@@ -164,7 +186,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         input_shapes=parse_input_shapes(shape_specs), instruments=instruments,
         freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
-        **_quantize_arguments(args), **_memory_arguments(args), **target_options, ops=args.ops,
+        **{**_quantize_arguments(args), **_compress_arguments(args)}, **_memory_arguments(args), **target_options,
+        ops=args.ops,
     )
     if args.opt_bisect_limit is not None:
         for rec in artifact.pass_records:
@@ -240,6 +263,8 @@ def _quantize_arguments(args: argparse.Namespace) -> dict:
              "metric", "accuracy_budget", "force", "pareto_plot")
              if getattr(args, f, None) not in (None, [], False)]
     if not args.quantize:
+        if _compress_flags(args):  # compression passes read --calibration (and its sample count) too
+            given = [f for f in given if f not in ("calibration", "calibration_samples")]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} needs --quantize int8|int8-dynamic|auto")
         return {}
@@ -383,6 +408,68 @@ def pareto_plot(report: dict, path: Path) -> None:
             ax2.scatter([t["size_bytes"] / 1e6 for t in group], [t["score"] for t in group], label=label)
         ax2.set(xlabel="size (MB)", ylabel=report["metric"], title="every assignment tried")
         ax2.legend()
+_COMPRESS_FLAGS = ("prune", "low_rank", "cluster", "sparsify")
+
+
+def _compress_flags(args: argparse.Namespace) -> list[str]:
+    return [f for f in _COMPRESS_FLAGS if getattr(args, f, None) is not None]
+
+
+def _key_value(flag: str, text: str, keys: tuple[str, ...]) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in keys or not value:
+        raise UsageError(f"bad --{flag} {text!r}; expected " + " or ".join(f"{k}=VALUE" for k in keys))
+    return key, value
+
+
+def _compress_arguments(args: argparse.Namespace) -> dict:
+    """compile()'s ``compress`` pass list (and ``calibration``) from the compression flags."""
+    flags = _compress_flags(args)
+    prune_only = [f for f in ("prune_criterion", "round_to", "prune_scope") if getattr(args, f, None) is not None]
+    if prune_only and args.prune is None:
+        raise UsageError(f"--{prune_only[0].replace('_', '-')} needs --prune channels=RATIO")
+    if args.reconstruct and args.prune is None and args.low_rank is None:
+        raise UsageError("--reconstruct needs --prune channels=RATIO or --low-rank")
+    if args.cluster_store is not None and args.cluster is None:
+        raise UsageError("--cluster-store needs --cluster K")
+    if not flags:
+        return {}
+    samples = {"samples": args.calibration_samples} if args.calibration_samples else {}
+    if args.calibration_samples is not None and args.calibration_samples < 1:
+        raise UsageError("--calibration-samples must be at least 1")
+    passes = []
+    if args.prune is not None:
+        _, ratio = _key_value("prune", args.prune, ("channels",))
+        options = {"ratio": ratio, "criterion": args.prune_criterion, "round-to": args.round_to,
+                   "scope": args.prune_scope, "reconstruct": "true" if args.reconstruct else None}
+        if args.prune_criterion == "taylor" and not args.calibration:
+            raise UsageError("--prune-criterion taylor needs --calibration CAL (it measures activations)")
+        if args.reconstruct and not args.calibration:
+            raise UsageError("--reconstruct needs --calibration CAL (it refits layers on activations)")
+        passes.append(_pass_text("prune-channels", {**options, **samples}))
+    if args.low_rank is not None:
+        key, value = _key_value("low-rank", args.low_rank, ("energy", "ratio"))
+        aware = {"activation-aware": "true", **samples} if args.calibration else {}
+        if args.reconstruct:
+            aware["reconstruct"] = "true"
+        passes.append(_pass_text("low-rank", {key: value, **aware}))
+    if args.cluster is not None:
+        passes.append(_pass_text("cluster-weights", {"clusters": args.cluster, "store": args.cluster_store}))
+    if args.sparsify is not None:
+        if args.sparsify == "2:4":
+            passes.append(_pass_text("sparsify", {"pattern": "2:4"}))
+        else:
+            _, ratio = _key_value("sparsify", args.sparsify, ("unstructured",))
+            passes.append(_pass_text("sparsify", {"pattern": "unstructured", "ratio": ratio}))
+    out: dict = {"compress": passes}
+    if args.calibration:
+        out["calibration"] = args.calibration
+    return out
+
+
+def _pass_text(name: str, options: dict) -> str:
+    given = {k: v for k, v in options.items() if v is not None}
+    return name + ("{" + ",".join(f"{k}={v}" for k, v in given.items()) + "}" if given else "")
 
 
 def quantization_table(report: dict, limit: int | None) -> Table:

@@ -22,6 +22,8 @@ def add_parser(subparsers, common) -> dict:
     i.add_argument("--input-shape", action="append", default=None, metavar="NAME:DIMS",
                    help="with --memory: bind an input's shape, e.g. input:1x3x224x224 (repeatable)")
     i.add_argument("--plot", default=None, metavar="PNG", help="with --memory: plot live bytes over the schedule")
+    i.add_argument("--prune-groups", action="store_true",
+                   help="the channel dependency groups that prune-channels sees, and why the others are left alone")
     common(i)
     return {"inspect": cmd_inspect}
 
@@ -34,6 +36,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return _inspect_memory(args, model)
     if args.input_shape or args.plot:
         raise UsageError("--input-shape and --plot go with --memory")
+    if getattr(args, "prune_groups", False):
+        return _inspect_prune_groups(args, model)
     summary = analysis.summarize(model)
     if args.json:
         emit_json(summary.as_dict())
@@ -137,3 +141,25 @@ def memory_table(rep: memory.MemoryReport, title: str, live_rows: int = 8) -> Ta
         table.add_row(escape(f"unknown shapes (counted as 0 bytes): {', '.join(rep.unknown[:5])}"
                              + (" ..." if len(rep.unknown) > 5 else "")), str(len(rep.unknown)))
     return table
+def _inspect_prune_groups(args: argparse.Namespace, model) -> int:
+    """The channel groups of prune-channels' analysis: members, and reasons where not prunable."""
+    from ..passes.compress.channel_groups import channel_groups
+
+    groups = channel_groups(ir.to_graph(ir.infer_shapes(model))).groups
+    if args.json:
+        emit_json({"groups": [g.as_dict() for g in groups]})
+        return 0
+    prunable = [g for g in groups if g.prunable]
+    table = Table(title=f"{args.model}: channel groups ({len(prunable)} of {len(groups)} prunable)",
+                  title_justify="left")
+    for col in ("group", "channels", "producers", "consumers", "per-channel members", "prunable / why not"):
+        table.add_column(col, justify="right" if col in ("group", "channels") else "left")
+    for g in groups:
+        shape = f" (in {g.blocks} equal blocks)" if g.blocks > 1 else f" (whole heads of {g.unit})" if g.unit > 1 else ""
+        why = "yes" + shape if g.prunable else (
+            g.reasons[0] + (f" (+{len(g.reasons) - 1} more)" if len(g.reasons) > 1 else "") if g.reasons
+            else "no producer with constant weights")
+        table.add_row(str(g.root), str(g.size), escape("\n".join(g.producers)), escape("\n".join(g.consumers)),
+                      escape("\n".join(g.members)), escape(why))
+    out.print(table)
+    return 0
