@@ -84,7 +84,8 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
     # bf16 has no ONNX Runtime CPU kernels (convert-float's report says so; it is for the llvm
     # target), and int4 is weight-only for MatMul/Gemm-heavy models
     modes = [m for m in SINGLE if m in QUANTIZERS and m != "bf16" and (m != "int4" or kind != "cnn")]
-    jobs = [(m, m, {"speed-check": False} if m == "int8" else {}) for m in modes]
+    fixed = {"int8": {"speed-check": False}, "fp16": {"keep-io-types": True}}  # fp32 feeds, as the others take
+    jobs = [(m, m, fixed.get(m, {})) for m in modes]
     jobs += [(f"auto@{b:g}", "auto", {"metric": "sqnr", "budget": b}) for b in args.budgets]
     for label, mode, options in jobs:
         dst = work / f"{name}.{label.replace('@', '_')}.onnx"

@@ -347,7 +347,10 @@ def _low_precision_arguments(args: argparse.Namespace) -> dict | None:
 
 
 def low_precision_table(name: str, report: dict, limit: int | None) -> Table | None:
-    """convert-float's error per output, or quantize-int4's layers (worst SQNR first)."""
+    """convert-float's error per output, or quantize-int4's layers (worst SQNR first); None for
+    the other passes' reports."""
+    if name not in ("convert-float", "quantize-int4"):
+        return None
     if report.get("outputs"):
         table = Table(title=f"{name} ({report.get('to', '')}): error per output against fp32", title_justify="left")
         for col in ("output", "max abs err", "max rel err", "SQNR dB"):
