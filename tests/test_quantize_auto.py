@@ -259,3 +259,28 @@ def test_embedding_tables_are_layers_the_search_can_give_back(golden):
         return sum(1 for n in m.graph.node if n.op_type == "Gather" and n.input[0] in s8)
 
     assert int8_tables(kept) == 0 < int8_tables(stored)
+
+
+def test_int8_elementwise_ops_are_one_layer_the_search_can_give_back():
+    """Conv -> SiLU (Sigmoid, Mul) -> Conv: the int8 Mul/Sigmoid are the layer ELEMENTWISE."""
+    rng = np.random.default_rng(0)
+    w = lambda name, cout, cin: numpy_helper.from_array((rng.standard_normal((cout, cin, 1, 1)) * 0.5).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Sigmoid", ["c1"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["c1", "s"], ["m"], name="mul"),
+             helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [w("w1", 4, 4), w("w2", 4, 4)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert sensitivity.layers(model) == ["conv1", "conv2", sensitivity.ELEMENTWISE]
+    data = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+
+    def reads_dq(m, op):
+        dq = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return all(i in dq for n in m.graph.node if n.op_type == op for i in n.input)
+
+    with sensitivity.range_cache() as cache:
+        assert reads_dq(sensitivity.quantize_except(model, data, (), cache), "Mul")
+        kept = sensitivity.quantize_except(model, data, {sensitivity.ELEMENTWISE}, cache)
+    assert not reads_dq(kept, "Mul") and fp32_convs(kept) == []

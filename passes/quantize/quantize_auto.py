@@ -37,7 +37,7 @@ from . import calibration, speed
 from .common import parse_exclude
 from .metrics import DEFAULT_BUDGET, METRICS
 from .quantize_int8 import QuantizeInt8
-from .sensitivity import Evaluator, layers, quantize_except, range_cache
+from .sensitivity import Evaluator, int8_options, layers, quantize_except, range_cache
 
 log = logging.getLogger("infoptc")
 
@@ -100,7 +100,7 @@ class QuantizeAuto(Pass):
         if budget < 0:
             budget = DEFAULT_BUDGET.get(metric if isinstance(metric, str) else "", 0.01)
         fp32 = from_graph(graph)
-        names = layers(fp32, self.opts["embeddings"])
+        names = layers(fp32, self.opts["embeddings"], self.opts["elementwise"])
         if not names:
             log.warning("quantize-auto: nothing worth quantizing (no Conv, Gemm or MatMul with constant fp32 "
                         "weights); the model stays fp32")
@@ -128,7 +128,7 @@ class QuantizeAuto(Pass):
                 # what giving each layer back recovers, alone: the order of the reverts
                 recovers = {n: evaluator.score(build(frozenset({n}))) for n in names}
                 current = self._revert(current, sorted(names, key=lambda n: (-recovers[n], n)), attempt,
-                                       set(layers(fp32, embeddings=False)) - always_fp32)
+                                       set(layers(fp32, embeddings=False, elementwise=False)) - always_fp32)
             meeting = [t for t in trials if t.meets]
             if not meeting:
                 best = max(trials, key=lambda t: t.score)
@@ -151,7 +151,7 @@ class QuantizeAuto(Pass):
                 log.warning("quantize-auto: every assignment within the budget is slower than fp32 on this host "
                             "(fp32 %.3f ms); the model stays fp32", fp32_ms)
                 return PassResult(False, {"quantized": 0, "kept_fp32_slower": 1, "tried": len(trials)})
-            final = QuantizeInt8(**int8, exclude=tuple(sorted(chosen.keep_fp32 | always_fp32)), cache=cache,
+            final = QuantizeInt8(**int8_options(chosen.keep_fp32 | always_fp32, **int8), cache=cache,
                                  speed_check=False, report_samples=report_samples)
             # the samples scored (reports and metadata still go to the caller's context)
             result = final.run(graph, dataclasses.replace(ctx, options={**ctx.options, "calibration": evaluator.feeds}))

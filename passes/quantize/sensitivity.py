@@ -1,7 +1,7 @@
 """Which layers can go to int8: per-layer sensitivity, measured on the calibration data.
 
-A layer is a Conv, Gemm or MatMul that ``quantize-int8`` would quantize, or an embedding table
-(a Gather) it would store in int8. Two models are scored
+A layer is a Conv, Gemm or MatMul that ``quantize-int8`` would quantize, an embedding table (a
+Gather) it would store in int8, or, as one layer, all its int8 elementwise Mul/Sigmoid ops. Two models are scored
 per layer with a metric (``metrics.py``) against the fp32 model:
 
 - *alone*: only this layer int8, every other one fp32 (how much error the layer brings by itself);
@@ -19,7 +19,7 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import onnx
 from infoptc.calibration_data import CalibrationData, model_inputs
@@ -62,15 +62,31 @@ class Evaluator:
         return self.metric.meets(score, self.reference_score, budget)
 
 
-def layers(model: onnx.ModelProto, embeddings: bool = True) -> list[str]:
-    """The names of the compute nodes ``quantize-int8`` quantizes, in graph order, and (with
-    ``embeddings``) of the Gathers whose tables it stores in int8."""
+# The elementwise Mul/Sigmoid ops quantize-int8 runs in int8 between int8 tensors (SiLU,
+# squeeze-excitation gates) count as one layer of this name: its option ``elementwise``.
+ELEMENTWISE = "(elementwise Mul/Sigmoid)"
+
+
+def layers(model: onnx.ModelProto, embeddings: bool = True, elementwise: bool = True) -> list[str]:
+    """The names of the compute nodes ``quantize-int8`` quantizes, in graph order, then (with
+    ``embeddings``) of the Gathers whose tables it stores in int8, and (with ``elementwise``)
+    ``ELEMENTWISE`` when the model has int8 elementwise ops."""
     graph = to_graph(model)
     plan = plan_static(graph, set(), True, True)
     names = [n.name for n in plan.nodes if n.op in LAYER_OPS]
     if embeddings:
         names += [n.name for n in graph.nodes if embedding_table(n) is not None]
+    if elementwise and len(plan.nodes) > len(plan_static(graph, set(), True, False).nodes):
+        names.append(ELEMENTWISE)
     return names
+
+
+def int8_options(keep_fp32: Iterable[str], **options: Any) -> dict[str, Any]:
+    """quantize-int8's options that leave the layers ``keep_fp32`` in fp32."""
+    keep = set(keep_fp32)
+    if ELEMENTWISE in keep:
+        options["elementwise"] = False
+    return {**options, "exclude": tuple(sorted(keep - {ELEMENTWISE}))}
 
 
 def quantize_except(fp32: onnx.ModelProto, source: Any, keep_fp32: Iterator[str], cache: str,
@@ -81,7 +97,7 @@ def quantize_except(fp32: onnx.ModelProto, source: Any, keep_fp32: Iterator[str]
 
     graph = to_graph(fp32)
     options = {"report-samples": 0, "speed-check": False, **options, "cache": cache}
-    QuantizeInt8(exclude=tuple(sorted(keep_fp32)), **options).run(graph, PassContext(
+    QuantizeInt8(**int8_options(keep_fp32, **options)).run(graph, PassContext(
         opset=graph.opset, options={"calibration": source}))
     graph.cleanup().toposort()
     return from_graph(graph, fp32)
@@ -112,12 +128,12 @@ def analyze(model: onnx.ModelProto, source: Any, metric: str | Callable | Metric
             cache: str = "", leave_out: bool = True, **options: Any) -> Sensitivity:
     """Score every layer alone in int8 and (with ``leave_out``) every layer left out of an
     otherwise int8 model; ``options`` go to ``quantize-int8`` (method, per-channel, isa...)."""
-    names = layers(model, options.get("embeddings", True))
+    names = layers(model, options.get("embeddings", True), options.get("elementwise", True))
     if not names:
         raise UsageError("the model has no layer quantize-int8 quantizes (Conv, Gemm or MatMul with constant "
                          "fp32 weights)")
     evaluator = Evaluator(model, source, metric, samples)
-    ops = {n.name: n.op_type for n in model.graph.node}
+    ops = {n.name: n.op_type for n in model.graph.node} | {ELEMENTWISE: "Mul/Sigmoid"}
     data = evaluator.feeds
     with range_cache(cache) as path:
         quantize = lambda keep: evaluator.score(quantize_except(model, data, keep, path, **options))
