@@ -27,14 +27,16 @@ from .observers import BINS, Observer
 # ----------------------------------------------------------------------------- observing
 
 
-def ort_session(model: onnx.ModelProto, threads: int = 0):
-    """An ONNX Runtime CPU session that keeps every tensor as the model computes it."""
+def ort_session(model: onnx.ModelProto, threads: int = 0, optimized: bool = False):
+    """An ONNX Runtime CPU session that keeps every tensor as the model computes it, or with
+    ``optimized`` as a user runs it (QDQ fused into the int8 kernels, whose rounding differs)."""
     try:
         import onnxruntime as ort
     except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
         raise MissingDependencyError("calibration needs onnxruntime") from e
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
