@@ -137,22 +137,13 @@ def print_tables(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=200)
-    table = Table(title="precision on ONNX Runtime CPU: time and size as ratios to fp32 (lower is better)")
-    for col in ("model", "variant", "ms (median)", "time vs fp32", "size vs fp32", "cal SQNR dB", "eval SQNR dB",
-                "task metric vs fp32", "fp32 layers"):
-        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
-    last = None
-    for r in rows:
-        if last is not None and r["model"] != last:
-            table.add_section()
-        last = r["model"]
-        value = f"{r['value']:.1f}%" if "top-1" in r["metric"] else f"{r['value']:.4f}"
-        fp32_layers = "" if r.get("fp32_layers") is None else f"{r['fp32_layers']}/{r['layers']}"
-        table.add_row(r["model"], r["variant"], f"{r['ms']:.3f}", f"{r['time_vs_fp32']:.3f}x",
-                      f"{r['size_vs_fp32']:.3f}x", _db(r["cal_sqnr_db"]), _db(r["eval_sqnr_db"]),
-                      f"{r['metric']} {value}", fp32_layers)
-    console.print(table)
+    qbench.sectioned_table(
+        "precision on ONNX Runtime CPU: time and size as ratios to fp32 (lower is better)",
+        ("model", "variant", "ms (median)", "time vs fp32", "size vs fp32", "cal SQNR dB", "eval SQNR dB",
+         "task metric vs fp32", "fp32 layers"), rows,
+        lambda r: [f"{r['ms']:.3f}", f"{r['time_vs_fp32']:.3f}x", f"{r['size_vs_fp32']:.3f}x", _db(r["cal_sqnr_db"]),
+                   _db(r["eval_sqnr_db"]), qbench.metric_text(r),
+                   "" if r.get("fp32_layers") is None else f"{r['fp32_layers']}/{r['layers']}"])
     goals = Table(title="goals: auto meets its budget (cal SQNR) and is no slower than the fastest single "
                         "precision meeting the same budget")
     for col in ("model", "budget dB", "auto cal SQNR", "meets", "auto ms", "best single", "its ms", "auto / best"):
@@ -164,7 +155,7 @@ def print_tables(rows: list[dict]) -> None:
         best = min(singles, key=lambda r: r["ms"])  # fp32 always qualifies
         goals.add_row(auto["model"], f"{b:.1f}", _db(auto["cal_sqnr_db"]), "yes" if auto["cal_sqnr_db"] >= b else "NO",
                       f"{auto['ms']:.3f}", best["variant"], f"{best['ms']:.3f}", f"{auto['ms'] / best['ms']:.3f}x")
-    console.print(goals)
+    Console(width=200).print(goals)
 
 
 def main(argv=None) -> int:

@@ -230,22 +230,34 @@ def bench_model(name: str, kind: str, args, work: Path) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def metric_text(r: dict) -> str:
+    """A row's task metric, as the tables print it."""
+    value = f"{r['value']:.1f}%" if "top-1" in r["metric"] else f"{r['value']:.4f}"
+    return f"{r['metric']} {value}"
+
+
+def sectioned_table(title: str, columns: tuple[str, ...], rows: list[dict], cells) -> None:
+    """Print ``rows`` (``cells(row) -> list[str]``) under ``columns``, a section per model."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="int8 on ONNX Runtime: time and size as ratios to ORT fp32 (lower is better)")
-    for col in ("model", "variant", "ms (median)", "time vs fp32", "size vs fp32", "metric vs fp32", "SQNR dB"):
+    table = Table(title=title)
+    for col in columns:
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     last = None
     for r in rows:
         if last is not None and r["model"] != last:
             table.add_section()
         last = r["model"]
-        value = f"{r['value']:.1f}%" if "top-1" in r["metric"] else f"{r['value']:.4f}"
-        table.add_row(r["model"], r["variant"], f"{r['ms']:.3f}", f"{r['time_vs_fp32']:.3f}x",
-                      f"{r['size_vs_fp32']:.3f}x", f"{r['metric']} {value}", f"{r['sqnr_db']:.1f}")
+        table.add_row(r["model"], r["variant"], *cells(r))
     Console(width=200).print(table)
+
+
+def print_table(rows: list[dict]) -> None:
+    sectioned_table("int8 on ONNX Runtime: time and size as ratios to ORT fp32 (lower is better)",
+                    ("model", "variant", "ms (median)", "time vs fp32", "size vs fp32", "metric vs fp32", "SQNR dB"),
+                    rows, lambda r: [f"{r['ms']:.3f}", f"{r['time_vs_fp32']:.3f}x", f"{r['size_vs_fp32']:.3f}x",
+                                     metric_text(r), f"{r['sqnr_db']:.1f}"])
 
 
 def summary(rows: list[dict]) -> None:
