@@ -44,6 +44,7 @@ import onnx
 import infoptc
 import quantize as qbench  # benchmarks/quantize.py: data, sessions, task metrics
 from infoptc.bench import run_interleaved
+from infoptc.passes.quantize import metrics
 from infoptc.pipelines import QUANTIZERS
 
 DEFAULT = ["resnet18", "efficientnet_b0", "vit_tiny", "minilm", "digits_cnn", "gpt2_small"]
@@ -51,16 +52,9 @@ SINGLE = ("int8", "fp16", "bf16", "int4")  # in this order, where pipelines.QUAN
 
 
 def sqnr_db(ref: list[list[np.ndarray]], out: list[list[np.ndarray]]) -> float:
-    """The worst output's SQNR over all samples."""
-    worst = np.inf
-    for k in range(len(ref[0])):
-        r = np.concatenate([x[k].ravel() for x in ref]).astype(np.float64)
-        if r.dtype.kind != "f":
-            continue
-        o = np.concatenate([x[k].ravel() for x in out]).astype(np.float64)
-        noise = np.sum((r - o) ** 2)
-        worst = min(worst, np.inf if noise == 0 else float(10 * np.log10(np.sum(r * r) / noise)))
-    return worst
+    """The worst float output's SQNR over all samples (the sqnr metric quantize-auto holds to)."""
+    as_dicts = lambda runs: [dict(enumerate(outputs)) for outputs in runs]
+    return metrics.sqnr(as_dicts(out), as_dicts(ref))
 
 
 def data(name: str, args, work: Path):
