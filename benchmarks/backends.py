@@ -40,7 +40,7 @@ from infoptc.bench import run_interleaved
 from infoptc.errors import InfoptcError
 from infoptc.verify import random_inputs, tensor_specs
 
-from golden_models import BUILDERS, MODEL_NAMES
+from golden_models import BUILDERS, MODEL_NAMES, REAL_SIZE_BUILDERS, REAL_SIZE_NAMES
 
 
 class OrtSession:
@@ -84,7 +84,7 @@ def with_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> o
 
 
 def bench_model(name: str, args) -> list[dict]:
-    model = BUILDERS[name]()
+    model = {**BUILDERS, **REAL_SIZE_BUILDERS}[name]()
     shapes = bound_shapes(model, args.seq)
     feeds = random_inputs(with_shapes(model, shapes), seed=0)
     ort = OrtSession(model, args.threads)
@@ -152,9 +152,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tuning-db", default="tuning_db", help="folder for the tuning databases (one per model)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    unknown = [m for m in args.models if m not in MODEL_NAMES]
+    unknown = [m for m in args.models if m not in MODEL_NAMES + REAL_SIZE_NAMES]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES)}")
+        parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES + REAL_SIZE_NAMES)}")
 
     rows = []
     if not args.json:  # rows print as each model finishes: a tuned run takes minutes per model
