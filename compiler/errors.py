@@ -28,7 +28,9 @@ class CompileError(InfoptcError):
 
 
 class UnsupportedOpError(CompileError):
-    """A backend cannot lower some op of the model."""
+    """A backend cannot lower some op of the model: the model is bad input for that target."""
+
+    exit_code = 6
 
 
 class MissingDependencyError(InfoptcError):

@@ -239,6 +239,6 @@ def test_cuda_unsupported_golden_models_name_the_op(name, op, golden, cli, tmp_p
     with pytest.raises(UnsupportedOpError, match=rf"\b{op}\b.*--target onnx"):
         infoptc.compile(golden(name), target="cuda", arch="sm_90")
     code, _, err = cli("compile", golden(name), "--target", "cuda", "--arch", "sm_90", "-o", tmp_path / "x.so")
-    assert code == 4 and op in err and "Traceback" not in err
+    assert code == 6 and op in err and "Traceback" not in err
     assert not (tmp_path / "x.so").exists()
 

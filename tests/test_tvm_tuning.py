@@ -103,10 +103,46 @@ def test_the_choice_follows_the_timer(golden, tmp_path, monkeypatch, fake_tuning
     assert {row["speedup"] for row in facts["tuned_vs_rules"].values()} == {2.0}
 
 
+def _target_dir(db):
+    """The one target folder a database holds after compiles for this CPU."""
+    (folder,) = [p.parent for p in db.glob("*/" + _tvm_build.TARGET_FILE)]
+    return folder
+
+
+def test_a_database_from_another_cpu_is_ignored_with_a_warning(golden, tmp_path, fake_tuning, caplog):
+    """Records and choices live in one folder per target (CPU and options): a database tuned
+    for another CPU (here haswell's, AVX2) is not applied to this one, and the log says so."""
+    db = tmp_path / "db"
+    other = _compile(golden, db, mcpu="haswell").describe()["tuning"]
+    assert other["tasks_tuned_now"] > 0
+    with caplog.at_level(logging.WARNING, logger="infoptc.backends.tvm"):
+        artifact = _compile(golden, db)
+    here = artifact.describe()["tuning"]
+    assert here["tasks_tuned_now"] == here["tasks"] > 0  # nothing taken from haswell's records
+    assert "records for other targets ignored (haswell-" in caplog.text
+    assert len(list(db.glob("*/" + _tvm_build.TARGET_FILE))) == 2
+    _check_against_ort(artifact, golden("mlp"))
+
+
+def test_an_unreadable_database_is_set_aside_with_a_warning(golden, tmp_path, fake_tuning, caplog):
+    """A truncated record file (a compile killed while saving) is renamed *.unreadable and the
+    compile tunes again, instead of failing on its cache."""
+    db = tmp_path / "db"
+    _compile(golden, db)
+    records = _target_dir(db) / "database_tuning_record.json"
+    records.write_text(records.read_text()[:25])
+    with caplog.at_level(logging.WARNING, logger="infoptc.backends.tvm"):
+        artifact = _compile(golden, db)
+    assert "is unreadable" in caplog.text
+    assert (records.parent / (records.name + ".unreadable")).exists()
+    assert artifact.describe()["tuning"]["tasks_tuned_now"] > 0
+    _check_against_ort(artifact, golden("mlp"))
+
+
 def test_second_compile_reuses_the_choice_without_tuning_or_timing(golden, tmp_path, monkeypatch, fake_tuning):
     db = tmp_path / "db"
     first = _compile(golden, db).describe()["tuning"]
-    saved = json.loads((db / _tvm_build.CHOICES_FILE).read_text())
+    saved = json.loads((_target_dir(db) / _tvm_build.CHOICES_FILE).read_text())
     assert saved["format"] == _tvm_build.CHOICES_FORMAT
     assert sorted(c["task"] for c in saved["choices"].values()) == sorted(first["tuned_vs_rules"])
     monkeypatch.setattr(_tvm_build, "run_tuning", _refuse)
@@ -123,7 +159,7 @@ def test_a_changed_kernel_is_timed_again(golden, tmp_path, monkeypatch, fake_tun
     hash for one of them) make that task be timed again, and only that one."""
     db = tmp_path / "db"
     _compile(golden, db)
-    path = db / _tvm_build.CHOICES_FILE
+    path = _target_dir(db) / _tvm_build.CHOICES_FILE
     saved = json.loads(path.read_text())
     key = next(k for k, c in saved["choices"].items() if c["task"] == FIRST_LAYER)
     saved["choices"][key]["rules_kernel"] = "0" * 16

@@ -73,7 +73,8 @@ OPTIONS = {
     "tune_timeout": "seconds per build/run of one tuning candidate",
     "schedules": "'rules' (default schedules) or 'none' (llvm: TVM's naive kernels; cuda: TVM's own default rules)",
     "cpu_layout": "llvm: run convolutions in NHWC (default true)",
-    "fast_math": "polynomial exp/tanh/erf/softmax, TVM's fast_* ops (llvm default: true)",
+    "fast_math": "polynomial exp/tanh/erf/softmax, TVM's fast_* ops, and float sums LLVM may reassociate "
+                 "(llvm default: true)",
     "dynamic_dims": "keep unbound symbolic input dims symbolic: one library runs any value of them "
                     "(llvm default: true; false: set them to 1)",
 }
@@ -786,6 +787,8 @@ class LlvmTarget(TvmTarget):
         mattr = _as_list(self.options.get("mattr"))
         facts: dict = {"machine": triple.split("-")[0] if cross else platform.machine()}
         target: dict = {"kind": "llvm", "num-cores": self.threads or os.cpu_count() or 1}
+        if self.fast_math:  # LLVM may reorder float sums: row reductions (softmax, layer norm) vectorize
+            target["fast-math-reassoc"] = True
         if triple:
             target["mtriple"] = triple
         if mcpu:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -214,9 +215,8 @@ def tune_and_apply(mod, target, budget: TuningBudget, schedules: str):
 
     start = time.monotonic()
     check_tuning_dependencies()
-    work_dir = Path(budget.db_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
+    work_dir = target_folder(Path(budget.db_dir), target)
+    database = open_database(work_dir)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     todo = [t for t in tasks if database.query_tuning_record(t.dispatched[0], target, "main") is None]
     before = len(database)
@@ -244,6 +244,58 @@ def tune_and_apply(mod, target, budget: TuningBudget, schedules: str):
     return mod, facts
 
 
+TARGET_FILE = "target.json"  # in each target's folder of a tuning database
+
+
+def target_folder(db_dir: Path, target) -> Path:
+    """The folder of ``db_dir`` that holds this target's records (and schedule choices).
+
+    Records and timings are only meaningful for the CPU (or GPU) and target options they were
+    made on, so each target gets its own folder, named by its CPU and a hash of the whole
+    target. A database made on another machine is then never applied here: its folders are
+    left as they are, with a warning naming them."""
+    spec = json.dumps(_target_json(target), sort_keys=True)
+    cpu = str(target.attrs.get("mcpu") or target.attrs.get("arch") or target.kind.name)
+    folder = db_dir / f"{cpu}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    others = sorted(p.parent.name for p in db_dir.glob("*/" + TARGET_FILE) if p.parent != folder) if db_dir.is_dir() else []
+    loose = sorted(p.name for p in db_dir.glob("database_*.json")) if db_dir.is_dir() else []
+    if others or loose:
+        log.warning("tuning database %s: records for other targets ignored (%s); this build's are in %s",
+                    db_dir, ", ".join(others + loose), folder.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / TARGET_FILE).exists():
+        from infoptc.ir import write_atomic
+
+        write_atomic(folder / TARGET_FILE, (spec + "\n").encode())
+    return folder
+
+
+def _target_json(target) -> dict:
+    exported = target.export()
+    return json.loads(json.dumps(exported, default=str))
+
+
+def open_database(work_dir: Path):
+    """MetaSchedule's JSON database in ``work_dir``. Files it cannot read (truncated by a killed
+    compile, or not MetaSchedule's) are renamed ``*.unreadable`` with a warning and tuning starts
+    over, rather than the compile failing on a cache."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir))
+    except Exception as e:  # noqa: BLE001 - TVM raises its own errors for a bad record
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        for path in work_dir.glob("database_*.json"):
+            path.replace(path.with_name(path.name + ".unreadable"))
+        log.warning("tuning database %s is unreadable (%s): set aside as *.unreadable, tuning again", work_dir,
+                    first[:200])
+        return ms.database.JSONDatabase(work_dir=str(work_dir))
+
+
+def database_dir(database) -> Path:
+    return Path(database.path_workload).parent
+
+
 def run_tuning(tasks, target, database, budget: TuningBudget, start: float, bar) -> int:
     """MetaSchedule over ``tasks`` until the trials or the time run out; returns the trials run.
 
@@ -260,7 +312,7 @@ def run_tuning(tasks, target, database, budget: TuningBudget, start: float, bar)
     with _quiet_ms_logs(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
             every_second(progress.tick):
         ms.tune.tune_tasks(
-            tasks=tune_contexts(tasks), task_weights=[t.weight for t in tasks], work_dir=budget.db_dir,
+            tasks=tune_contexts(tasks), task_weights=[t.weight for t in tasks], work_dir=str(database_dir(database)),
             max_trials_global=per_task * len(tasks) if per_task else 2**31 - 1, max_trials_per_task=per_task,
             num_trials_per_iter=batch,
             builder=ms.builder.LocalBuilder(timeout_sec=budget.timeout_s, f_build=build_candidate),

@@ -175,6 +175,23 @@ def vector_tile(extent: int, lanes: int) -> int:
     return divisors[0]
 
 
+def padded_vector_tile(extent: int, lanes: int) -> int:
+    """``vector_tile``, unless the extent has no divisor of 4 or more (odd: ViT's 197 tokens, a
+    width of 1: scalar code): then whole vectors, the extent padded to a multiple of them
+    (``pad_einsum``: zero columns in, the extra ones dropped), the tile that pads least."""
+    width = vector_tile(extent, lanes)
+    if width >= 4 or extent <= lanes:
+        return width
+    return min((2 * lanes, lanes), key=lambda w: -(-extent // w) * w)
+
+
+def padded_rows(extent: int, most: int) -> int:
+    """Rows of the register tile: the largest divisor of ``extent`` up to ``most``, unless that
+    leaves the tile under half full (197 rows: 1 of 8), then ``most`` with the extent padded."""
+    rows = _largest_divisor(extent, most)
+    return most if 2 * rows < most and extent > most else rows
+
+
 def _strided_innermost(sch: s_tir.Schedule, block) -> bool:
     """Whether the innermost iterator also indexes a non-last dimension of some input."""
     from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
@@ -310,7 +327,8 @@ class Contraction(CPUScheduleRule):
         width, rows, vec_pos, row_pos = self._register_tile(sch, main, target)
         s_iters = [it for it in main.iters if it.kind == "S"]
         padding = {vec_pos: width, row_pos: rows}
-        padding = {i: f for i, f in padding.items() if i is not None and f > 1 and _static(s_iters[i].dom) is None}
+        padding = {i: f for i, f in padding.items()
+                   if i is not None and f > 1 and (_static(s_iters[i].dom) is None or _static(s_iters[i].dom) % f)}
         if padding:
             # Symbolic extents: pad them to whole tiles (zero rows in, the extra rows of the
             # result dropped) rather than guard every tile. A guard in the tile makes its size
@@ -324,8 +342,9 @@ class Contraction(CPUScheduleRule):
                 sch.pad_einsum(main.block_rv, [padding.get(spatial_index.index(i), 1) if kind == "S" else 1
                                                for i, kind in enumerate(order)])
                 padded = True
-            except Exception:  # noqa: BLE001 - not an einsum: guarded tiles
+            except Exception:  # noqa: BLE001 - not an einsum: guarded tiles where symbolic
                 padded = False
+                width, rows, vec_pos, row_pos = self._register_tile(sch, main, target, pad=False)
             if padded:
                 infos = normalize_prim_func(sch)
                 main = next(b for b in infos if not b.is_injective())
@@ -451,11 +470,12 @@ class Contraction(CPUScheduleRule):
         return True
 
     @staticmethod
-    def _register_tile(sch: s_tir.Schedule, main, target: Target) -> tuple[int, int, int, int | None]:
+    def _register_tile(sch: s_tir.Schedule, main, target: Target, pad: bool = True) -> tuple[int, int, int, int | None]:
         """``(width, rows, vec_pos, row_pos)``: the register tile of the reduction block ``main``
         and the positions, among its spatial iters, of the axes it tiles. The vector axis is
         the spatial iter that indexes the output's last (contiguous) dim; the row axis the last
-        other one. A symbolic extent gets the full tile (it is padded to a multiple of it)."""
+        other one. A symbolic extent gets the full tile (it is padded to a multiple of it), and so
+        does a static one that no good tile divides, with ``pad``."""
         s_iters = [it for it in main.iters if it.kind == "S"]
         s_dims = [_static(it.dom) for it in s_iters]
         lanes = vector_lanes(target, _write_dtype_bits(sch, main.block_rv))
@@ -465,14 +485,15 @@ class Contraction(CPUScheduleRule):
         for i, it in enumerate(s_iters):
             if last_index is not None and last_index.same_as(it.var):
                 vec_pos = i
-        width = vector_tile(s_dims[vec_pos], lanes) if s_dims[vec_pos] is not None else 2 * lanes
+        tile, row_tile = (padded_vector_tile, padded_rows) if pad else (vector_tile, _largest_divisor)
+        width = tile(s_dims[vec_pos], lanes) if s_dims[vec_pos] is not None else 2 * lanes
         row_candidates = [i for i in range(len(s_iters)) if i != vec_pos]
         row_pos = row_candidates[-1] if row_candidates else None
         vectors_per_row = -(-width // lanes)
         rows = 1
         if row_pos is not None:
             most = max(1, accumulator_registers(target) // vectors_per_row)
-            rows = _largest_divisor(s_dims[row_pos], most) if s_dims[row_pos] is not None else most
+            rows = row_tile(s_dims[row_pos], most) if s_dims[row_pos] is not None else most
         return width, rows, vec_pos, row_pos
 
     @staticmethod
@@ -509,12 +530,14 @@ class Injective(CPUScheduleRule):
 
 
 class Reduction(dl_cpu.Reduction):
-    """dlight's CPU rule for row reductions (softmax, layer norm), whose rows may be symbolic
-    (attention scores are seq x seq). dlight splits a symbolic row into vectors with a guard on
-    every lane, which TVM's vectorizer turns back into scalar code, and the guard keeps the
-    per-row temporaries at full size (BERT's softmax at seq=128: 6x slower than static). A
-    symbolic row loop is left whole instead: LLVM's loop vectorizer handles run-time trip counts
-    with a scalar epilogue, and a whole row is a temporary TVM can size."""
+    """dlight's CPU rule for row reductions (softmax, layer norm), with each row loop left
+    whole. dlight splits a row into vectors, with a guard on every lane where the row is not a
+    multiple of them (ViT's 197) or symbolic, which TVM's vectorizer turns back into scalar code,
+    and accumulates each sum one scalar at a time. A whole row loop goes to LLVM's loop
+    vectorizer instead: a scalar epilogue for the odd tail, and, with the target's
+    ``fast-math-reassoc`` (set with ``fast_math``), sums and maxima in vector registers.
+    Softmax over 3x197x197 plus a 197x192 layer norm: 0.365 ms split, 0.121 ms whole (Zen 4,
+    2 threads); BERT's 8x128x128 and 128x512: 0.283 -> 0.137 ms."""
 
     def apply(self, func, target, tunable):
         sch = super().apply(func, target, tunable)
@@ -525,19 +548,11 @@ class Reduction(dl_cpu.Reduction):
 
     @staticmethod
     def _vectorize_inner(sch, block_rv, vec_lanes):
-        if _static_row(sch, block_rv):
-            dl_cpu.Reduction._vectorize_inner(sch, block_rv, vec_lanes)
+        """Leave the row loop whole, for LLVM."""
 
     @staticmethod
     def _unroll_reduction_inner(sch, block_rv, vec_lanes):
-        if _static_row(sch, block_rv):
-            dl_cpu.Reduction._unroll_reduction_inner(sch, block_rv, vec_lanes)
-
-
-def _static_row(sch: s_tir.Schedule, block_rv) -> bool:
-    """Whether a reduction block's innermost (row) loop has a static extent (see Reduction)."""
-    loops = sch.get_loops(block_rv)
-    return len(loops) <= 1 or _extent(sch, loops[-1]) is not None
+        """Leave the row loop whole, for LLVM."""
 
 
 class GEMV(dl_cpu.GEMV):
