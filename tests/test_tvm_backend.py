@@ -304,7 +304,7 @@ def test_constant_scalar_gathers_become_slices_and_match_ort():
     from infoptc.backends.tvm import prepare as _tvm_prepare
     from onnx import TensorProto, helper, numpy_helper
 
-    const = lambda name, value: helper.make_node(  # noqa: E731
+    const = lambda name, value: helper.make_node(
         "Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64)))
     nodes = [const("i0", 2), const("i1", -1), const("ids", [0, 2]),
              helper.make_node("Gather", ["x", "i0"], ["a"], axis=0),
@@ -346,6 +346,25 @@ def test_odd_matmul_extents_get_padded_register_tiles(m, k, n):
     assert ("_pad" in text) == (m == 197), text
     x = rng.standard_normal((m, k)).astype(np.float32)
     _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
+
+
+def test_fast_math_sigmoid_is_polynomial_and_matches_ort():
+    """With fast_math, fp32 sigmoid (swish, squeeze-excitation gates) is 1 / (1 + fast_exp(-x)):
+    no per-element call of the C library's expf; fast_math=false keeps TOPI's. Inputs span
+    past fast_exp's clamp (|x| > 88) and the gate stays in [0, 1] there."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "swish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8, 8, 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 8, 8, 16]) for n in "sy"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    texts = {fast: " ".join(f.script() for f in kernels_by_name(lowered(model, fast_math=fast)).values())
+             for fast in (False, True)}
+    assert "T.sigmoid" in texts[False] and "T.sigmoid" not in texts[True] and "T.exp(" not in texts[True]
+    x = np.concatenate([np.linspace(-120, 120, 1024), np.linspace(-6, 6, 3072)]).astype(np.float32).reshape(4, 8, 8, 16)
+    actual = infoptc.compile(model, target="llvm", opt_level=0).run({"x": x})
+    _check(OrtRunner(model).run({"x": x}), actual)
+    assert actual["s"].min() >= 0 and actual["s"].max() <= 1
 
 
 def test_row_reductions_leave_rows_whole_for_llvm():

@@ -104,8 +104,13 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
                   winograd.rewrite_pass(lanes)]
     if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
-    if is_cpu and cpu_layout:  # the zero pipeline's LegalizeOps, with our NCHW-in, NHWC-out conv
-        first.append(relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}))
+    legalize = {}  # before the zero pipeline's LegalizeOps, which then finds these ops done
+    if is_cpu and cpu_layout:  # our NCHW-in, NHWC-out conv
+        legalize["relax.nn.conv2d"] = legalize_conv2d
+    if is_cpu and fast_math:
+        legalize["relax.sigmoid"] = legalize_sigmoid
+    if legalize:
+        first.append(relax.transform.LegalizeOps(legalize))
     with target:
         mod = tvm.transform.Sequential([*first, relax.get_pipeline("zero")])(mod)
     facts = None
@@ -157,6 +162,28 @@ def legalize_conv2d(bb, call):
     return bb.call_te(conv2d_nchw_to_nhwc, call.args[0], call.args[1], [int(v) for v in attrs.strides],
                       [int(v) for v in attrs.padding], [int(v) for v in attrs.dilation], str(out_dtype),
                       primfunc_name_hint="conv2d")
+
+
+def legalize_sigmoid(bb, call):
+    """fp32 ``sigmoid(x)`` as ``1 / (1 + fast_exp(-x))``: FastMathTransform has no fast sigmoid,
+    and TOPI's calls the C library's ``expf`` once per element, which LLVM cannot vectorize.
+    EfficientNet's swish and squeeze-excitation gates run one per activation: its 112x112x32
+    depthwise conv spent most of its 2.7 ms there. ``fast_exp`` clamps its argument to
+    [-88.4, 88.4], so the gate stays in [0, 1] (6e-39 at the low end, not 0)."""
+    from tvm import topi
+    from tvm.relax.transform.legalize_ops.common import _call_topi_without_attr
+
+    x = call.args[0]
+    if x.ty.dtype != "float32":
+        return _call_topi_without_attr(topi.sigmoid)(bb, call)
+    return bb.call_te(_fast_sigmoid, x, primfunc_name_hint="fast_sigmoid")
+
+
+def _fast_sigmoid(t):
+    from tvm import topi
+
+    one = topi.full_like(t, 1.0)
+    return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(t))))
 
 
 def conv2d_nchw_to_nhwc(data, kernel, strides, padding, dilation, out_dtype):
