@@ -1,46 +1,71 @@
-"""Latency of the backends on the golden models, against ONNX Runtime.
+"""CPU backends on the real-size models, side by side with ONNX Runtime in one run.
 
-    .venv/bin/python benchmarks/backends.py [MODELS...] [--threads 2] [--seq 128] [--rounds 50]
-                                            [--tune N] [--tune-time SECONDS] [--tuning-db DIR] [--json]
+    .venv/bin/python benchmarks/backends.py [MODELS...] [--threads 2] [--seq 128] [--rounds 6]
+                                            [--tune N] [--tune-time SECONDS] [--tuning-db DIR]
+                                            [--skip RUNNER ...] [--json out.json]
 
-For every model, batch 1 (symbolic sequence dims set by --seq), one table row per runner:
-ONNX Runtime (ORT_ENABLE_ALL) on the original model; ``--target onnx -O3``; ``--target llvm -O3``
-untuned; and with ``--tune N`` / ``--tune-time SECONDS`` (the issue's table: 600),
-``--target llvm -O3`` tuned with that MetaSchedule budget (kernels keep the rule schedule
-unless the tuned one measures faster; a database already holding the records is reused). Latency
-is the median of interleaved runs (one call of each runner per round, so load changes on a
-shared machine hit all runners alike); "vs ORT" is that median over ORT's. "max |err|" is the
-largest absolute difference from ORT's outputs on the same inputs.
+Default models: the real-size golden models (resnet18, mobilenetv2, efficientnet_b0, vit_tiny,
+bert_small, gpt2_small; built from fixed seeds by golden_models/); the small golden ones (resnet,
+mobilenet, bert, gpt, mlp, digits_cnn) by name. Batch 1, symbolic sequence dims = --seq.
 
-ONNX Runtime's and TVM's worker threads spin for a while after a run; interleaved run by run
-on a small machine, the spinners of one runtime steal the cores the next one needs (ORT's bert
-went from 3.3 to 5.3 ms right after TVM runs; TVM's resnet from 1.2 to 30 ms right after
-ORT's). So the runners take turns: a pause (--settle), a few untimed runs that wake the
-runner's threads, then --block timed runs; every runtime keeps its default threading (ORT with
-spinning off measured 1.3-2x slower on resnet here, so turning it off would flatter TVM).
+One table, a section per model, one row per runner, latency as a ratio to ONNX Runtime fp32:
+
+- ``ort fp32``: ONNX Runtime (ORT_ENABLE_ALL, --threads intra-op threads) on the original model.
+- ``ort int8``: ONNX Runtime on the QDQ graph ``infoptc -O3 --quantize int8`` writes (calibrated
+  on the data below): the same quantized graph as ``llvm int8``.
+- ``openvino fp32`` / ``openvino default``: OpenVINO's CPU plugin (LATENCY hint, --threads
+  threads) with ``INFERENCE_PRECISION_HINT=f32``, and with its default precision (bf16 where
+  the CPU has AVX512_BF16 or AMX); only when the ``openvino`` package imports (``pip install
+  openvino``), otherwise a note.
+- ``llvm fp32``: ``infoptc -O3 --target llvm``, untuned; ``llvm fp32 tuned`` with --tune/--tune-time.
+- ``llvm bf16``: ``--quantize bf16 --target llvm`` (exit 5 on a host without bf16: a note).
+- ``llvm int8``: ``--quantize int8 --target llvm`` with the same calibration data as ``ort int8``.
+
+Inputs are real-valued: 224x224 crops of scikit-learn's sample photos for the CNNs and ViT
+(calibration from one photo, evaluation from the other), seeded token ids for the transformers
+(benchmarks/quantize.py's data). "err vs fp32" is measured on --eval-samples evaluation inputs
+against ORT fp32's outputs: SQNR in dB of the first output (higher is closer; inf = identical),
+the task metric (top-1 agreement for classifiers, mean cosine for encoders, next-token top-1 for
+decoders) and the largest absolute difference.
+
+Latency is the median of interleaved turns: each runner in turn gets a pause (--settle), 5
+untimed runs that wake its threads, then --block timed runs; every runtime keeps its default
+threading. ONNX Runtime's and TVM's worker threads spin for a while after a run, and on a small
+machine the spinners of one runtime steal the cores the next one needs, so runners never
+interleave run by run. The CPU (model, flags, clock) heads the table: compare ratios from one
+run only; the machines change between sessions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-import infoptc
 import numpy as np
 import onnx
+
+import infoptc
 from infoptc.bench import run_interleaved
 from infoptc.errors import InfoptcError
 from infoptc.verify import random_inputs, tensor_specs
 
 from golden_models import BUILDERS, MODEL_NAMES, REAL_SIZE_BUILDERS, REAL_SIZE_NAMES
+from quantize import MODELS as KINDS, feeds_for, metric
+
+RUNNERS = ("ort fp32", "ort int8", "openvino fp32", "openvino default", "llvm fp32", "llvm fp32 tuned",
+           "llvm bf16", "llvm int8")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 class OrtSession:
@@ -59,6 +84,29 @@ class OrtSession:
 
     def run(self, feeds):
         return dict(zip(self.names, self.session.run(self.names, feeds)))
+
+
+class OpenVinoSession:
+    """OpenVINO's CPU plugin, LATENCY hint, ``threads`` threads; ``precision`` "f32" or None (its default)."""
+
+    def __init__(self, model: onnx.ModelProto, threads: int, precision: str | None, work: Path):
+        import openvino as ov
+
+        path = work / "openvino_input.onnx"
+        onnx.save(model, path)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.request = self.compiled.create_infer_request()
+        self.names = [o.get_any_name() for o in self.compiled.outputs]
+
+    def run(self, feeds):
+        result = self.request.infer(feeds)
+        return {name: np.asarray(result[out]) for name, out in zip(self.names, self.compiled.outputs)}
 
 
 def bound_shapes(model: onnx.ModelProto, seq: int) -> dict[str, tuple[int, ...]]:
@@ -83,103 +131,178 @@ def with_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> o
     return copy
 
 
-def bench_model(name: str, args) -> list[dict]:
-    model = {**BUILDERS, **REAL_SIZE_BUILDERS}[name]()
-    shapes = bound_shapes(model, args.seq)
-    feeds = random_inputs(with_shapes(model, shapes), seed=0)
-    ort = OrtSession(model, args.threads)
-    reference = ort.run(feeds)
+def model_data(name: str, model: onnx.ModelProto, args) -> tuple[str | None, list[dict], list[dict]]:
+    """``(kind, calibration feeds, evaluation feeds)``: real-valued data where the model has a kind
+    in benchmarks/quantize.py, seeded random inputs otherwise."""
+    kind = KINDS.get(name)
+    if kind is not None and args.seq == 128:  # quantize.py's token inputs are 128 long
+        return kind, feeds_for(model, kind, args.calibration_samples, "calibration"), \
+            feeds_for(model, kind, args.eval_samples, "evaluation")
+    bound = with_shapes(model, bound_shapes(model, args.seq))
+    return None, [random_inputs(bound, seed=100 + i) for i in range(args.calibration_samples)], \
+        [random_inputs(bound, seed=i) for i in range(args.eval_samples)]
 
-    runners: list[tuple[str, object, float | None]] = [("onnxruntime (original)", ort, None)]
-    rows: list[dict] = []
-    notes: dict[str, str] = {}
-    configs = [("infoptc onnx -O3", "onnx", {}), ("infoptc llvm -O3", "llvm", {})]
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    ref, out = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+    noise = float(np.sum((ref - out) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(ref * ref)), 1e-30) / noise))
+
+
+def build_runners(name: str, model: onnx.ModelProto, cal: list[dict], args, work: Path):
+    """``[(label, runner, compile seconds, note)]``; a runner that cannot be built is a note."""
+    shapes = bound_shapes(model, args.seq)
+    llvm = {"target": "llvm", "opt_level": 3, "input_shapes": shapes, "threads": args.threads}
+    makers = {
+        "ort fp32": lambda: OrtSession(model, args.threads),
+        "ort int8": lambda: OrtSession(infoptc.compile(model, opt_level=3, quantize="int8",
+                                                       calibration=cal).model, args.threads),
+        "openvino fp32": lambda: OpenVinoSession(model, args.threads, "f32", work),
+        "openvino default": lambda: OpenVinoSession(model, args.threads, None, work),
+        "llvm fp32": lambda: infoptc.compile(model, **llvm),
+        "llvm bf16": lambda: infoptc.compile(model, quantize="bf16", quantize_options={"keep-io-types": True}, **llvm),
+        "llvm int8": lambda: infoptc.compile(model, quantize="int8", calibration=cal, **llvm),
+    }
     if args.tune or args.tune_time:
         budget = {k: v for k, v in (("tune", args.tune), ("tune_time", args.tune_time)) if v}
-        label = " ".join(f"{v:g} s" if k == "tune_time" else f"{v} trials" for k, v in budget.items())
-        configs.append((f"infoptc llvm -O3 tuned ({label})", "llvm",
-                        {**budget, "tuning_db": str(Path(args.tuning_db) / name)}))
-    for label, target, options in configs:
+        makers["llvm fp32 tuned"] = lambda: infoptc.compile(
+            model, **llvm, **budget, tuning_db=str(Path(args.tuning_db) / name))
+    runners = []
+    for label in RUNNERS:
+        if label not in makers or label in args.skip:
+            continue
         start = time.perf_counter()
         try:
-            artifact = infoptc.compile(model, target=target, opt_level=3, input_shapes=shapes,
-                                       threads=args.threads, **options)
+            runner = makers[label]()
+        except ImportError as e:
+            runners.append((label, None, None, f"not installed ({e.name}): pip install {e.name}"))
+            continue
         except InfoptcError as e:
-            rows.append({"model": name, "runner": label, "error": str(e)})
+            runners.append((label, None, None, f"exit {e.exit_code}: {str(e)[:150]}"))
             continue
         seconds = time.perf_counter() - start
-        runners.append((label, OrtSession(artifact.model, args.threads) if target == "onnx" else artifact, seconds))
-        tuning = artifact.describe().get("tuning") if "tune" in label else None
+        note = ""
+        if isinstance(runner, OpenVinoSession):
+            note = f"precision {runner.precision}"
+        tuning = runner.describe().get("tuning") if label.endswith("tuned") else None
         if tuning:
             check = tuning.get("model_check")
-            notes[label] = (f"{tuning.get('tasks_using_tuned', 0)} of {tuning.get('tasks', '?')} kernels tuned, "
-                            f"{tuning.get('trials_run', '?')} trials"
-                            + (f"; whole model {check['tuned_ms']:.3f} vs rules {check['rules_ms']:.3f} ms: "
-                               f"{check['use']} kept" if check else ""))
+            note = (f"{tuning.get('tasks_using_tuned', 0)} of {tuning.get('tasks', '?')} kernels tuned, "
+                    f"{tuning.get('trials_run', '?')} trials"
+                    + (f"; whole model {check['tuned_ms']:.3f} vs rules {check['rules_ms']:.3f} ms: "
+                       f"{check['use']} kept" if check else ""))
+        runners.append((label, runner, None if label.startswith(("ort", "openvino")) else seconds, note))
+    return runners
 
-    outputs = {}
-    for label, runner, _ in runners:  # warm-up (first-call allocation, thread pools, JIT)
-        for _ in range(args.warmup):
-            outputs[label] = runner.run(feeds)
-    samples = run_interleaved([lambda r=runner: r.run(feeds) for _, runner, _ in runners],
-                              iterations=args.rounds, settle=args.settle, block=args.block, wake=5)
-    results = {label: times for (label, _, _), times in zip(runners, samples)}
-    ort_ms = statistics.median(results[runners[0][0]]) * 1e3
-    for label, _, compile_s in runners:
-        ms = statistics.median(results[label]) * 1e3
-        err = max(float(np.max(np.abs(reference[k].astype(np.float64) - outputs[label][k].astype(np.float64))))
-                  if reference[k].size else 0.0 for k in reference)
-        rows.append({"model": name, "runner": label, "ms": ms, "vs_ort": ms / ort_ms,
-                     "compile_s": compile_s, "max_abs_err": err, "note": notes.get(label, "")})
-    order = [label for label, _, _ in runners]
-    rows.sort(key=lambda r: order.index(r["runner"]) if r["runner"] in order else len(order))
+
+def bench_model(name: str, args, work: Path) -> list[dict]:
+    model = {**BUILDERS, **REAL_SIZE_BUILDERS}[name]()
+    kind, cal, ev = model_data(name, model, args)
+    built = build_runners(name, model, cal, args, work)
+    live = [(label, runner) for label, runner, _, _ in built if runner is not None]
+    outputs = {label: [list(runner.run(feed).values()) for feed in ev] for label, runner in live}
+    feed = ev[0]
+    samples = run_interleaved([lambda r=runner: r.run(feed) for _, runner in live], iterations=args.rounds,
+                              warmup=1, settle=args.settle, block=args.block, wake=5)
+    medians = {label: statistics.median(times) * 1e3 for (label, _), times in zip(live, samples)}
+    base = medians.get("ort fp32")
+    ref = outputs.get("ort fp32")
+    rows = []
+    for label, runner, compile_s, note in built:
+        row = {"model": name, "runner": label, "note": note, "compile_s": compile_s}
+        if runner is not None:
+            row.update(ms=medians[label], vs_ort=medians[label] / base if base else None)
+            if ref is not None:
+                mine = outputs[label]
+                row["sqnr_db"] = min(sqnr_db(r[0], o[0]) for r, o in zip(ref, mine))
+                row["max_abs_err"] = max(float(np.max(np.abs(r[0].astype(np.float64) - o[0].astype(np.float64))))
+                                         for r, o in zip(ref, mine))
+                if kind is not None:
+                    row["metric"], row["value"] = metric(name, kind, ref, mine)
+        rows.append(row)
     return rows
+
+
+def cpu_line() -> str:
+    """The CPU's model, clock and the flags that pick kernels, as /proc/cpuinfo has them."""
+    model, mhz, flags = platform.processor() or platform.machine(), "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                model = value.strip()
+            elif key == "cpu MHz" and mhz == "?":
+                mhz = f"{float(value):.0f} MHz"
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    llvm_cpu = ""
+    try:
+        from tvm.target import codegen
+
+        llvm_cpu = f", LLVM cpu {codegen.llvm_get_system_cpu()}"
+    except ImportError:
+        pass
+    return f"CPU: {model}, {mhz}{llvm_cpu}; flags: {' '.join(f for f in CPU_FLAGS if f in flags) or 'none of ' + '/'.join(CPU_FLAGS)}"
+
+
+def metric_cell(r: dict) -> str:
+    if "value" not in r:
+        return "-"
+    return f"{r['value']:.1f}% top-1" if "top-1" in r["metric"] else f"{r['value']:.4f} {r['metric']}"
+
+
+def print_table(rows: list[dict], args) -> None:
+    from quantize import sectioned_table
+
+    print(cpu_line())
+    print(f"threads {args.threads}, batch 1, seq {args.seq}, median of {args.rounds} turns x {args.block} runs")
+    sectioned_table(
+        "CPU backends: latency as a ratio to ONNX Runtime fp32 (lower is better), error against ORT fp32",
+        ("model", "variant", "ms (median)", "vs ORT fp32", "compile s", "SQNR dB", "metric", "max |err|", "note"),
+        [{**r, "variant": r["runner"]} for r in rows],
+        lambda r: ["-", "-", "-", "-", "-", "-", r["note"]] if "ms" not in r else [
+            f"{r['ms']:.3f}", f"{r['vs_ort']:.2f}x" if r.get("vs_ort") else "-",
+            "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}",
+            f"{r['sqnr_db']:.1f}" if "sqnr_db" in r else "-", metric_cell(r),
+            f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else "-", r["note"]])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=list(MODEL_NAMES), metavar="MODEL")
+    parser.add_argument("models", nargs="*", default=list(REAL_SIZE_NAMES), metavar="MODEL",
+                        help=f"default: {' '.join(REAL_SIZE_NAMES)}; also: {' '.join(MODEL_NAMES)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128, help="value of symbolic sequence dims (default 128)")
-    parser.add_argument("--rounds", type=int, default=6, help="turns per runner (default 6: 180 timed runs)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6, help="turns per runner (default 6)")
+    parser.add_argument("--block", type=int, default=20, help="timed runs per turn (after 5 untimed ones)")
     parser.add_argument("--settle", type=float, default=0.05,
                         help="seconds of pause before each runner's turn, so the previous runner's threads go idle")
-    parser.add_argument("--block", type=int, default=30, help="timed runs per turn (after 5 untimed ones)")
-    parser.add_argument("--tune", type=int, default=0, metavar="N", help="also benchmark llvm tuned with N trials")
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--tune", type=int, default=0, metavar="N", help="also llvm fp32 tuned with N trials")
     parser.add_argument("--tune-time", type=float, default=0, metavar="SECONDS",
-                        help="also benchmark llvm tuned for SECONDS per model")
+                        help="also llvm fp32 tuned for SECONDS per model")
     parser.add_argument("--tuning-db", default="tuning_db", help="folder for the tuning databases (one per model)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], choices=RUNNERS, metavar="RUNNER",
+                        help=f"runners to leave out: {', '.join(RUNNERS)}")
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in MODEL_NAMES + REAL_SIZE_NAMES]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {', '.join(MODEL_NAMES + REAL_SIZE_NAMES)}")
-
+        parser.error(f"unknown model(s) {unknown}; known: {', '.join(REAL_SIZE_NAMES + MODEL_NAMES)}")
     rows = []
-    if not args.json:  # rows print as each model finishes: a tuned run takes minutes per model
-        print(f"threads {args.threads}, batch 1, seq {args.seq}, median of {args.rounds * args.block} runs "
-              f"({args.rounds} turns per runner)")
-        header = f"{'model':<13} {'runner':<34} {'ms':>9} {'vs ORT':>7} {'compile s':>9} {'max |err|':>10}"
-        print(header)
-        print("-" * len(header), flush=True)
-    for name in args.models:
-        model_rows = bench_model(name, args)
-        rows.extend(model_rows)
-        if not args.json:
-            for r in model_rows:
-                print(format_row(r), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            rows.extend(bench_model(name, args, Path(tmp)))
+            print(f"{name} done", file=sys.stderr, flush=True)
+    print_table(rows, args)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
     return 0
 
-
-def format_row(r: dict) -> str:
-    if "error" in r:
-        return f"{r['model']:<13} {r['runner']:<34} {'-':>9} {'-':>7} {'-':>9} {'-':>10}  {r['error'][:90]}"
-    compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
-    return (f"{r['model']:<13} {r['runner']:<34} {r['ms']:>9.3f} {r['vs_ort']:>6.2f}x {compile_s:>9} "
-            f"{r['max_abs_err']:>10.2e}  {r['note']}")
 
 if __name__ == "__main__":
     sys.exit(main())
