@@ -359,19 +359,21 @@ class Contraction(CPUScheduleRule):
 
         # Split the spatial loops: outer tiles, then reductions, then the register block.
         outer, inner = [], []
+        outer_of = {}  # spatial iter position -> its outer tile loop's index in ``outer``
         for i, it in enumerate(s_iters):
             factor = width if i == vec_pos else rows if i == row_pos else 1
             if factor > 1 and (s_dims[i] is None or factor < s_dims[i]):
                 o, n = sch.split(it.loop_rv, factors=[None, factor])
+                outer_of[i] = len(outer)
                 outer.append(o)
                 inner.append((i, n))
             elif factor > 1:
                 inner.append((i, it.loop_rv))
             else:
+                outer_of[i] = len(outer)
                 outer.append(it.loop_rv)
         inner.sort(key=lambda pair: 0 if pair[0] == row_pos else 1)
         inner_loops = [lp for _, lp in inner]
-        sch.reorder(*outer, *[it.loop_rv for it in r_iters], *inner_loops)
 
         work = _work(_static(d) for d in main.dom())
         reduction = _work(_static(it.dom) for it in r_iters)
@@ -381,6 +383,14 @@ class Contraction(CPUScheduleRule):
         # processes); per row, 66-69 us, and ResNet's 7x7 stem 301 -> 291 us.
         row_pads = [info for info in prologue if self._pads_by_rows(sch, info.block_rv, lanes, reduction)] \
             if len(outer) >= 2 else []
+        if not row_pads and vec_pos in outer_of and row_pos in outer_of and outer_of[row_pos] < outer_of[vec_pos] \
+                and self._columns_outweigh_rows(sch, main, s_iters[vec_pos].var, s_iters[row_pos].var):
+            # Column strips outside row tiles: each strip of the larger operand (a weight) is
+            # read from memory once and stays in cache while every row tile uses it, instead of
+            # the whole weight streaming past once per row tile.
+            a, b = outer_of[row_pos], outer_of[vec_pos]
+            outer[a], outer[b] = outer[b], outer[a]
+        sch.reorder(*outer, *[it.loop_rv for it in r_iters], *inner_loops)
         rows_loop = None
         if row_pads:
             rows_loop = sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0]
@@ -441,6 +451,24 @@ class Contraction(CPUScheduleRule):
                 continue
             _parallelize_vectorize(sch, info.block_rv, lanes)
         return serial_when_small(sch, [total_work])
+
+    @staticmethod
+    def _columns_outweigh_rows(sch: s_tir.Schedule, main, column, row) -> bool:
+        """Whether the operand the column (vector) axis indexes, and the row axis does not, is
+        larger than the one the row axis indexes and the column axis does not: a matmul's
+        weight larger than its activations (batch-1 inference), not a conv over a large image."""
+        from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+        def size(uses, avoids):
+            total = 0
+            for region in sch.get(main.block_rv).reads:
+                used = {v.name for r in region.region for v in collect_vars_used_in_prim_expr(r.min)}
+                if uses.name in used and avoids.name not in used:
+                    dims = [_static(d) for d in region.source.shape]
+                    total = max(total, _work(dims))
+            return total
+
+        return size(column, row) > size(row, column)
 
     @staticmethod
     def _pads_by_rows(sch: s_tir.Schedule, block, lanes: int, reduction: int) -> bool:
