@@ -329,6 +329,40 @@ def test_constant_scalar_gathers_become_slices_and_match_ort():
         np.testing.assert_array_equal(actual[name], expected[name])
 
 
+@pytest.mark.parametrize("opset,sizes", [(17, [5, 2, 3]), (17, None), (18, None), (11, [4, 6])])
+def test_splits_become_slices_and_match_ort(opset, sizes):
+    """A float Split with known sizes (an input, the opset-11 attribute, or equal parts: opset
+    18's num_outputs with a smaller last part) imports as one strided slice per output; no
+    ``split`` kernel is left. Data movement only: exact."""
+    from infoptc.backends.tvm import prepare as _tvm_prepare
+    from onnx import TensorProto, helper, numpy_helper
+
+    parts = len(sizes) if sizes else 3 if opset >= 18 else 2
+    lengths = sizes or ([4, 4, 2] if opset >= 18 else [5, 5])
+    outputs = [f"y{i}" for i in range(parts)]
+    inputs, attrs, nodes = ["x"], {"axis": -1}, []
+    if sizes and opset >= 13:
+        nodes.append(helper.make_node("Constant", [], ["sizes"], value=numpy_helper.from_array(np.array(sizes, np.int64))))
+        inputs.append("sizes")
+    elif sizes:
+        attrs["split"] = sizes
+    if opset >= 18 and not sizes:
+        attrs["num_outputs"] = parts
+    nodes.append(helper.make_node("Split", inputs, outputs, **attrs))
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 10])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, size])
+                               for n, size in zip(outputs, lengths)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    prepared = _tvm_prepare.prepare(model)
+    assert prepared.counters["splits_sliced"] == 1
+    assert "R.split" not in _tvm_prepare.import_onnx(prepared.model)["main"].script()
+    x = np.arange(60, dtype=np.float32).reshape(2, 3, 10)
+    expected = OrtRunner(model).run({"x": x})
+    actual = infoptc.compile(model, target="llvm", opt_level=0).run({"x": x})
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+
+
 @pytest.mark.parametrize("m,k,n", [(197, 64, 197), (197, 192, 576), (5, 32, 1000)])
 def test_odd_matmul_extents_get_padded_register_tiles(m, k, n):
     """A matmul extent with no divisor of 4 or more (ViT's 197 tokens) is padded to whole
