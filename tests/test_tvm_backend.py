@@ -365,20 +365,53 @@ def test_splits_become_slices_and_match_ort(opset, sizes):
 
 @pytest.mark.parametrize("m,k,n", [(197, 64, 197), (197, 192, 576), (5, 32, 1000)])
 def test_odd_matmul_extents_get_padded_register_tiles(m, k, n):
-    """A matmul extent with no divisor of 4 or more (ViT's 197 tokens) is padded to whole
+    """A matmul extent with no divisor of 4 or more (ViT's 197 tokens; both operands computed,
+    as attention's are, so no packed weight) is padded to whole
     register tiles rather than tiled 1 wide (scalar code); extents a good tile divides, and
     ones that fit one vector, are not padded. Results match ORT within fp32 reassociation."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(m * k + n)
-    w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (text,) = [f.script() for f in kernels_by_name(lowered(model)).values()]
     assert ("_pad" in text) == (m == 197), text
-    x = rng.standard_normal((m, k)).astype(np.float32)
+    feeds = {"x": rng.standard_normal((m, k)).astype(np.float32), "w": rng.standard_normal((k, n)).astype(np.float32)}
+    _check(OrtRunner(model).run(feeds), infoptc.compile(model, target="llvm", opt_level=0).run(feeds))
+
+
+@pytest.mark.parametrize("shape,n,gemm", [((1, 128, 96), 256, False), ((197, 64), 96, False), ((3, 5, 48), 100, True),
+                                           ((8, 32), 16, False)])
+def test_constant_weights_are_packed_in_column_strips(shape, n, gemm):
+    """A matmul (or a Gemm, whose transposed weight folds first) with a constant weight at
+    least two register tiles wide reads it packed [N / w, K, w]: odd row counts (197) are
+    computed padded, odd column counts (100) read zero columns; a narrow weight (16 columns)
+    keeps the plain matmul. Results match ORT within fp32 reassociation."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = shape[-1]
+    rng = np.random.default_rng(n)
+    weight = rng.standard_normal((n, k) if gemm else (k, n)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w")]
+    if gemm:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"))
+        nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+                 helper.make_node("Gemm", ["x2", "w", "b"], ["y2"], transB=1),
+                 helper.make_node("Reshape", ["y2", "back"], ["y"])]
+        inits += [numpy_helper.from_array(np.array([-1, k], np.int64), "flat"),
+                  numpy_helper.from_array(np.array([*shape[:-1], n], np.int64), "back")]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    names = " ".join(kernels_by_name(lowered(model)))
+    assert ("matmul_packed" in names) == (n >= 64), names
+    assert "matmul_packed" not in " ".join(kernels_by_name(lowered(model, pack_weights=False)))
+    x = rng.standard_normal(shape).astype(np.float32)
     _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
 
 
@@ -392,16 +425,16 @@ def test_weight_strips_stay_in_cache_across_row_tiles(m, k, n, columns_outside):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(k)
-    w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (text,) = [f.script() for f in kernels_by_name(lowered(model)).values()]
     row = re.search(rf"v0 = T.axis.spatial\(T.int64\({m}\), (\w+) ([%/]+)", text)
     assert row and ("%" if columns_outside else "//") == row.group(2), text
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
+    feeds = {"x": rng.standard_normal((m, k)).astype(np.float32), "w": rng.standard_normal((k, n)).astype(np.float32)}
+    _check(OrtRunner(model).run(feeds), infoptc.compile(model, target="llvm", opt_level=0).run(feeds))
 
 
 def test_fast_math_sigmoid_is_polynomial_and_matches_ort():

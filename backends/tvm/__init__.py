@@ -73,6 +73,7 @@ OPTIONS = {
     "tune_timeout": "seconds per build/run of one tuning candidate",
     "schedules": "'rules' (default schedules) or 'none' (llvm: TVM's naive kernels; cuda: TVM's own default rules)",
     "cpu_layout": "llvm: run convolutions in NHWC (default true)",
+    "pack_weights": "llvm: constant matmul weights packed in the register tiles' column strips (default true)",
     "fast_math": "polynomial exp/tanh/erf/softmax, TVM's fast_* ops, and float sums LLVM may reassociate "
                  "(llvm default: true)",
     "dynamic_dims": "keep unbound symbolic input dims symbolic: one library runs any value of them "
@@ -521,6 +522,7 @@ class TvmTarget(Target):
         if self.schedules not in ("rules", "none"):
             raise UsageError(f"target option schedules={self.schedules!r}: expected 'rules' or 'none'")
         self.cpu_layout = _bool_option(options, "cpu_layout", True)
+        self.pack_weights = _bool_option(options, "pack_weights", True)
         self.fast_math = _bool_option(options, "fast_math", self.name == "llvm")
         # Tuning measures kernels on concrete shapes: it binds the dims unless told otherwise.
         self.dynamic_dims = _bool_option(options, "dynamic_dims", self.name == "llvm"
@@ -573,6 +575,7 @@ class TvmTarget(Target):
                     step = _tuning_text(budget) if budget else "optimizing the Relax module"
                     with stage(step, own_display=budget is not None):  # tuning draws its own bar
                         mod, tuning = build.optimize(mod, target, cpu_layout=self.cpu_layout,
+                                                     pack_weights=self.pack_weights,
                                                      schedules=self.schedules, tuning=budget, fast_math=self.fast_math)
                     with stage(f"building the TVM library ({target_text(_jsonable(target.export()))})"):
                         executable, blobs, more = self.build(mod, target)
@@ -602,6 +605,7 @@ class TvmTarget(Target):
             "schedules": "metaschedule+rules" if tuning and tuning.get("model_check", {}).get("use") != "rules"
                          else self.schedules,
             "relax_options": {"cpu_layout": self.cpu_layout and self.name == "llvm", "fast_math": self.fast_math,
+                              "pack_weights": self.pack_weights and self.name == "llvm",
                               "dynamic_dims": self.dynamic_dims},
             "defaulted_dims": prepared.defaulted_dims,
             "symbolic_dims": sorted(set(prepared.symbolic_dims.values())),
@@ -633,7 +637,8 @@ class TvmTarget(Target):
         and the tuned one is kept only where it is faster by the kernels' margin."""
         from . import build
 
-        rules_mod, _ = build.optimize(imported, target, cpu_layout=self.cpu_layout, schedules=self.schedules,
+        rules_mod, _ = build.optimize(imported, target, cpu_layout=self.cpu_layout, pack_weights=self.pack_weights,
+                                      schedules=self.schedules,
                                            fast_math=self.fast_math)
         rules = build.build(rules_mod, target)
         specs = _specs(tuned_mod, model, "input")

@@ -41,8 +41,8 @@ from infoptc.errors import CompileError, MissingDependencyError
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from . import packing, winograd
 from . import schedule as rules
-from . import winograd
 from .prepare import bound_value, op_name, relax_pass, tensor_dims
 from .runtime import PINNED_FFI, TUNING_FFI_SERIES, size_thread_pool
 
@@ -94,7 +94,7 @@ class TuningBudget:
 
 
 def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBudget | None = None,
-             fast_math: bool = False) -> tuple[object, dict | None]:
+             fast_math: bool = False, pack_weights: bool = True) -> tuple[object, dict | None]:
     """Relax graph passes, then tuning (optional), then default schedules."""
     is_cpu = target.kind.name == "llvm"
     first = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
@@ -104,6 +104,8 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
                   winograd.rewrite_pass(lanes)]
     if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
+    if is_cpu and pack_weights and schedules == "rules":  # constant weights packed in the rules' column strips
+        first += [relax.transform.FoldConstant(), packing.pack_weights_pass(target)]
     legalize = {}  # before the zero pipeline's LegalizeOps, which then finds these ops done
     if is_cpu and cpu_layout:  # our NCHW-in, NHWC-out conv
         legalize["relax.nn.conv2d"] = legalize_conv2d
