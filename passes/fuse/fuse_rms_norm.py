@@ -8,7 +8,10 @@
 ONNX Runtime registers its SimplifiedLayerNormalization only in the ONNX domain (which the
 ONNX checker rejects), so below opset 23 the contrib form is the Skip variant, emitted where
 the normalized value is a residual sum (the usual pre-norm block); the sum stays available to
-its other readers. The weight must be a constant varying only along the last axis.
+its other readers. That form only with ``device=gpu``: ONNX Runtime makes Add +
+SimplifiedLayerNormalization of the decomposed form at load, faster on its CPU provider than
+SkipSimplifiedLayerNormalization, so ``device=cpu`` (the default) leaves it decomposed and
+says so in ``--stats``. The weight must be a constant varying only along the last axis.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from infoptc.pass_manager import Option
 from infoptc.pattern import Const, Rule, rewrite_pass
 
 from .fuse_layer_norm import reduce_axes
+from .fuse_skip_layer_norm import DEVICE_OPTION, cpu_reason
 
 STANDARD_OPSET = 23
 STANDARD_DTYPES = {"float16", "float32", "float64"}
@@ -106,7 +110,8 @@ def check_skip(ctx, a, b, residual, mean, eps, w=None):
         return "SkipSimplifiedLayerNormalization wants a [B, S, H] input and a [B, S, H] or [S, H] skip"
     if len(sb) == 3 and sb[0] != sa[0]:
         return "skip batch differs from the input's"
-    return _common(ctx, out, mean, eps, w, CONTRIB_DTYPES)
+    found = _common(ctx, out, mean, eps, w, CONTRIB_DTYPES)
+    return (cpu_reason(ctx, "SkipSimplifiedLayerNormalization") or found) if isinstance(found, dict) else found
 
 
 def rms_norm(op, x, scale, epsilon):
@@ -129,5 +134,6 @@ FuseRmsNorm = rewrite_pass(
     "decomposed RMSNorm -> RMSNormalization (opset 23) or com.microsoft SkipSimplifiedLayerNormalization",
     RULES,
     options={"contrib": Option(True, "below opset 23, emit ONNX Runtime's SkipSimplifiedLayerNormalization "
-                                     "for the onnx target")},
+                                     "for the onnx target"),
+             "device": DEVICE_OPTION},
 )
