@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 from infoptc.op_policy import contrib_allowed, policy
-from infoptc.pass_manager import Option
-from infoptc.pattern import Const, Rule, rewrite_pass
+from infoptc.pass_manager import Option, register_pass
+from infoptc.pattern import Const, Rule, explain, rewrite_pass
 
 from ._dims import dims as _dims
 from ._dims import origin as _origin
@@ -336,10 +336,45 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
 
 RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=("Shape", "Reshape"))]
 
-FuseAttention = rewrite_pass(
+_FuseAttentionRules = rewrite_pass(
     "fuse-attention",
     "scaled-dot-product attention (head split, QK^T, scale, mask, Softmax, V, merge) -> one attention op",
     RULES,
     options={"form": Option("auto", "auto: Attention at opset >= 23, else com.microsoft MultiHeadAttention "
                                     "where the op policy allows it (--ops ort, onnx target); standard; contrib", choices=("auto", "standard", "contrib"))},
+    register=False,
 )
+
+
+def unfused_softmax_reason(graph, ctx, options) -> tuple[int, str | None]:
+    """Softmaxes left after the rules, and why the first one's attention block did not match.
+
+    The patterns are rooted at the merge Reshape, which the engine reaches only if the whole
+    structure is there, so a block the patterns do not describe (Llama's rotary embedding on the
+    split heads, grouped-query K/V repeated by Expand) would otherwise leave no trace in --stats:
+    here the pattern engine explains its best partial match at the Reshape after each Softmax."""
+    left = [n for n in graph.nodes if n.op == "Softmax"]
+    first = None
+    for softmax in left[:1]:
+        frontier, seen = [softmax], set()
+        for _ in range(4):
+            frontier = [c for n in frontier for t in n.outputs for c in t.outputs if id(c) not in seen]
+            seen.update(id(c) for c in frontier)
+            roots = [n for n in frontier if n.op == "Reshape"]
+            if roots:
+                first = f"at {softmax.name!r}: {explain(RULES[0], graph, roots[0], ctx, options)}"
+                break
+        first = first or f"at {softmax.name!r}: no Reshape merges the heads within 4 ops after it"
+    return len(left), first
+
+
+@register_pass
+class FuseAttention(_FuseAttentionRules):
+    def run(self, graph, ctx):
+        result = super().run(graph, ctx)
+        count, why = unfused_softmax_reason(graph, ctx, self.opts)
+        if count:  # each left Softmax is an attention block left as it was
+            result.counters["unfused_softmax"] = count
+            result.counters["rejected"] = max(result.counters.get("rejected", 0), count)
+            ctx.reports.setdefault(self.name, {}).setdefault("rejected", {}).setdefault("softmax", why)
+        return result
