@@ -60,6 +60,22 @@ def fused_counts(model: onnx.ModelProto) -> dict[str, int]:
 GPU_PASSES = "default<O3>,fuse-skip-layer-norm{device=gpu},fuse-rms-norm{device=gpu}"
 
 
+def as_ort_runs_it(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph ONNX Runtime's CPU provider runs: its own load-time fusions applied
+    (ORT_ENABLE_EXTENDED, the last level that still writes ONNX ops out)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "ort.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
 def run_infoptc(path: Path, ops: str, device: str = "cpu") -> onnx.ModelProto:
     import infoptc
 
@@ -99,7 +115,7 @@ def max_abs_error(model: onnx.ModelProto, feeds: dict, expected: list[np.ndarray
 
 
 def measure(name: str, exporter: str, opset: int, ops: str, batches: list[int], seq: int,
-            budget_s: float, device: str = "cpu") -> dict:
+            budget_s: float, device: str = "cpu", ort_units: bool = False) -> dict:
     path = real_exports.path(name, exporter, opset)
     original = onnx.load(str(path))
     row = {"model": name, "exporter": exporter, "opset": opset}
@@ -116,6 +132,9 @@ def measure(name: str, exporter: str, opset: int, ops: str, batches: list[int], 
         row[f"{label}_nodes"] = len(model.graph.node)
         if label != "original":
             row[f"{label}_fused"] = fused_counts(model)
+        if ort_units:
+            with contextlib.suppress(Exception):
+                row[f"{label}_runs_fused"] = fused_counts(as_ort_runs_it(model))
     feeds = real_exports.example_inputs(name, batch=2, seq=16)
     expected = [e.astype(np.float64) for e in reference_outputs(original, feeds)]
     for label in ("infoptc", "ort"):
@@ -147,9 +166,11 @@ def _fused(row, label) -> str:
     return "-" if f is None else "/".join(str(f[k]) for k in KINDS)
 
 
-def table(rows: list[dict], batches: list[int]) -> str:
+def table(rows: list[dict], batches: list[int], ort_units: bool = False) -> str:
     head = ["model", "exporter", "opset", "nodes orig", "nodes infoptc", "nodes ORT",
             "fused infoptc attn/LN/SkipLN/GELU/RMS", "fused ORT", "max err infoptc", "max err ORT"]
+    if ort_units:
+        head += ["as ORT runs: orig", "as ORT runs: infoptc", "as ORT runs: ORT"]
     for b in batches:
         head += [f"latency b{b} infoptc", f"latency b{b} ORT", f"b{b} infoptc / ORT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -157,6 +178,8 @@ def table(rows: list[dict], batches: list[int]) -> str:
         cells = [r["model"], r["exporter"], str(r["opset"]), str(r.get("original_nodes", "-")),
                  str(r.get("infoptc_nodes", "-")), str(r.get("ort_nodes", "-")), _fused(r, "infoptc"),
                  _fused(r, "ort"), _err(r, "infoptc"), _err(r, "ort")]
+        if ort_units:
+            cells += [_fused(r, f"{label}_runs") for label in ("original", "infoptc", "ort")]
         for b in batches:
             cells += [_ratio(r, "infoptc", b), _ratio(r, "ort", b), _ratio(r, "infoptc", b, "ort")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -178,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
                     help="infoptc's Skip*Normalization choice (fuse-skip-layer-norm / fuse-rms-norm device=): "
                          "cpu (default, -O3) keeps Add + normalization, gpu fuses them as ORT's optimizer does")
+    ap.add_argument("--ort-units", action="store_true",
+                    help="also count the units in the graph ONNX Runtime's CPU provider runs after its own "
+                         "load-time fusions, for the original and both outputs")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="batch 1 only, a short latency budget")
     ap.add_argument("--no-latency", action="store_true")
@@ -189,13 +215,14 @@ def main(argv=None) -> int:
     variants = real_exports.variants(args.names, args.exporters.split(","), [int(o) for o in args.opsets.split(",")])
     for name, exporter, opset in variants:
         try:
-            rows.append(measure(name, exporter, opset, args.ops, batches, args.seq, budget, args.device))
+            rows.append(measure(name, exporter, opset, args.ops, batches, args.seq, budget, args.device,
+                                args.ort_units))
         except Exception as e:  # the exporter could not write this one
             print(f"{name} {exporter} opset {opset}: skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}",
                   file=sys.stderr)
             continue
-        print(table(rows[-1:], batches).splitlines()[-1], file=sys.stderr, flush=True)
-    print(table(rows, batches))
+        print(table(rows[-1:], batches, args.ort_units).splitlines()[-1], file=sys.stderr, flush=True)
+    print(table(rows, batches, args.ort_units))
     notes = [f"{r['model']} {r['exporter']} {r['opset']}: {r[k]}" for r in rows for k in ("infoptc_error", "ort_error")
              if r.get(k)]
     for n in notes:

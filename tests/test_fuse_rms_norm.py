@@ -86,9 +86,10 @@ def test_residual_rms_norm_becomes_skip_simplified_layer_norm_below_opset_23(sum
 def test_for_the_cpu_provider_the_residual_rms_norm_is_left_to_onnx_runtime_with_the_reason():
     """ONNX Runtime makes Add + SimplifiedLayerNormalization of the decomposed form at load,
     faster on its CPU provider than SkipSimplifiedLayerNormalization."""
-    model = rms_model(opset=17, residual=True)
+    model = rms_model(opset=17, residual=True, form="div")
     out, counters = fuse(model)
     assert op_histogram(out)["ReduceMean"] == 1 and counters["fused"] == 0
+    assert "SimplifiedLayerNormalization" in _as_ort_runs_it(out)  # as ONNX Runtime makes of it
     graph = ir.to_graph(ir.infer_shapes(model))
     root = next(n for n in graph.nodes if n.op == "Mul" and "y" in [t.name for t in n.outputs])
     why = explain(fuse_rms_norm.RULES[1], graph, root, PassContext(opset=17, target="onnx"))
@@ -117,3 +118,35 @@ def test_layer_norms_of_the_golden_models_are_not_mistaken_for_rms_norms(golden,
     model = onnx.load(golden(name))
     out, counters = fuse(model)
     assert counters["fused"] == 0 and op_histogram(out) == op_histogram(model)
+
+
+def _as_ort_runs_it(model) -> set[str]:
+    """The op types ONNX Runtime's CPU provider runs after its own load-time fusions."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "o.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def test_below_opset_23_the_reciprocal_form_is_respelled_as_onnx_runtime_fuses_it():
+    """x * Reciprocal(Sqrt(...)) (the dynamo exporter's spelling) is not fused by ONNX Runtime at
+    load; Div(x, Sqrt(...)) is, into its vectorized SimplifiedLayerNormalization."""
+    model = rms_model(opset=17, form="reciprocal")
+    assert "SimplifiedLayerNormalization" not in _as_ort_runs_it(model)
+    out, counters = fuse(model)
+    assert counters["ort_form"] == 1 and "Reciprocal" not in op_histogram(out) and op_histogram(out)["Div"] == 1
+    assert "SimplifiedLayerNormalization" in _as_ort_runs_it(out)
+    check_equivalent(model, out, Contract.REASSOCIATING, samples=2)
+
+
+@pytest.mark.parametrize("passes, form", [("fuse-rms-norm", "div"), ("fuse-rms-norm{device=gpu}", "reciprocal")])
+def test_the_onnx_runtime_form_itself_and_other_devices_are_left(passes, form):
+    out, counters = fuse(rms_model(opset=17, form=form), passes=passes)
+    assert counters["fused"] == 0 and op_histogram(out)["ReduceMean"] == 1

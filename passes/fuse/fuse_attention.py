@@ -24,6 +24,7 @@ from infoptc.op_policy import contrib_allowed, policy
 from infoptc.pass_manager import Option, register_pass
 from infoptc.pattern import Const, Rule, explain, rewrite_pass
 
+from ._dims import KEEPS_DIMS
 from ._dims import dims as _dims
 from ._dims import origin as _origin
 from ._dims import same_dim as _same_dim
@@ -280,6 +281,29 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
     return found
 
 
+def _unit_output(ctx, t, i):
+    """Where to read dim ``i`` of ``t`` with a Shape without splitting a chain ONNX Runtime fuses
+    at load: forward through elementwise ops that are ``t``'s only reader and keep the dim.
+
+    The origin of the query's batch in T5 is the Div inside the decomposed RMSNorm before the
+    projections; a Shape read there gave that Div a second reader, and ONNX Runtime no longer
+    made its SimplifiedLayerNormalization of the block (two of seven norms left as six ops)."""
+    for _ in range(8):
+        readers = t.outputs
+        if len(readers) != 1 or ctx.is_graph_output(t) or readers[0].op not in KEEPS_DIMS or len(readers[0].outputs) != 1:
+            return t, i
+        out, rank = readers[0].outputs[0], ctx.rank(t)
+        if ctx.rank(out) != rank:
+            return t, i
+        for other in (x for x in readers[0].inputs if x is not t and x.name):
+            shape = ctx.shape(other)
+            k = i - (rank - len(shape)) if shape is not None else 0
+            if shape is None or (k >= 0 and shape[k] != 1):
+                return t, i
+        t = out
+    return t, i
+
+
 class _Dims:
     """B, S, L, N, H as 1-D int64 tensors, each built once per replacement."""
 
@@ -298,7 +322,7 @@ class _Dims:
             src, index = {"B": (self.q, 0), "S": (self.q, 1), "L": (self.k, 1)}[letter]
             # read the dim where it comes from (the hidden states before the projections), so the
             # projections feed the attention op alone and can be packed into one (fuse-qkv-projection)
-            src, index = _origin(self.op.ctx, src, index)
+            src, index = _unit_output(self.op.ctx, *_origin(self.op.ctx, src, index))
             self.made[letter] = self.op.Gather(self._shape(src), np.array([index], np.int64), axis=0)
         return self.made[letter]
 
