@@ -218,7 +218,7 @@ class FuseAttentionMask(Pass):
             ins = node.inputs
             if node.op != "Attention" or node.domain != MS or len(ins) < 6 or not ins[5].name:
                 continue
-            if any(i.name for i in ins[3:5]) or "mask_filter_value" in node.attrs:
+            if any(i.name for i in (*ins[3:5], *ins[6:])) or "mask_filter_value" in node.attrs:
                 continue
             try:
                 mask, fill = mask_of_bias(ins[5], ctx.opset)
