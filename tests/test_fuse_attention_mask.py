@@ -99,11 +99,12 @@ def test_standard_policy_leaves_the_bias():
     assert counters["fused"] == 0 and op_histogram(out)["Where"] == 1
 
 
-@pytest.mark.parametrize("name", ["bert"])
-def test_transformers_vmap_mask_of_a_torchscript_export(name):
-    """transformers 5's padding mask (index arithmetic over the flattened mask, an Expand per
-    layer) becomes the mask input of each layer's Attention, and about 40 nodes go."""
-    path = fixture_path(name, "torchscript", 17)
+@pytest.mark.parametrize("name, exporter, opset", [("bert", "torchscript", 17), ("bert", "dynamo", 20)])
+def test_transformers_vmap_mask_of_an_export(name, exporter, opset):
+    """transformers 5's padding mask (TorchScript: index arithmetic over the flattened mask;
+    dynamo: GatherND of (b, j) pairs; an Expand per layer) becomes the mask input of each
+    layer's Attention, and about 40 nodes go."""
+    path = fixture_path(name, exporter, opset)
     original = onnx.load(str(path))
     without = infoptc.optimize(str(path), passes=OPT_LEVELS["O3"].replace(",fuse-attention-mask", ""))
     art = infoptc.compile(str(path), opt_level=3)

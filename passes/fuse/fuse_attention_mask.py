@@ -151,6 +151,8 @@ def _padding_mask(cond: gs.Tensor, opset: int) -> gs.Tensor:
         if placed != [0, 3, 4]:
             raise _No(f"{src.name!r} is not unsqueezed to [B, 1, 1, T]")
         return src
+    if len(g.inputs) == 1 and g.inputs[0].op == "GatherND":
+        return _gather_nd_mask(g.inputs[0], opset)
     # Reshape(Reshape(Gather(F, idx), [-1]), Shape(idx)): the gathered values in idx's shape
     outer = _producer(g, "Reshape")
     gather = _producer(_peel(outer.inputs[0], ("Reshape",)), "Gather")
@@ -187,6 +189,31 @@ def _padding_mask(cond: gs.Tensor, opset: int) -> gs.Tensor:
         except _No:
             continue
     raise _No(f"gather index {idx.name!r} is not b * T + j over the mask's dimensions")
+
+
+def _gather_nd_mask(node: gs.Node, opset: int) -> gs.Tensor:
+    """GatherND(C, stack([b, j], -1)) as the dynamo exporter writes mask[b, j]: b a Range over
+    axis 0 and j a Range over axis 3 of a rank-4 index, each broadcast by Expand."""
+    mask, idx = node.inputs[0], node.inputs[1]
+    if not _bool_matrix(mask) or node.attrs.get("batch_dims", 0) != 0:
+        raise _No(f"GatherND {node.name!r} does not index a [B, T] bool mask")
+    cat = _producer(idx, "Concat")
+    if len(cat.inputs) != 2 or node_axis(cat, opset, 5) != 4:
+        raise _No(f"Concat {cat.name!r} does not stack two index tensors on the last axis")
+    placed = []
+    for part in cat.inputs:
+        unsq = _producer(part, "Unsqueeze")
+        if [a % 5 for a in _unsqueeze_axes(unsq, opset)] != [4]:
+            raise _No(f"Unsqueeze {unsq.name!r} does not add the last axis")
+        _, axis, rank = _placed_range(_peel(unsq.inputs[0], ("Expand",)), opset)
+        placed.append((axis, rank))
+    if placed != [(0, 4), (3, 4)]:
+        raise _No("the index does not put the batch on axis 0 and the key on axis 3")
+    return mask
+
+
+def node_axis(node: gs.Node, opset: int, rank: int) -> int:
+    return int(attr_value(node, "axis", opset, 0)) % rank
 
 
 def mask_of_bias(bias: gs.Tensor, opset: int) -> tuple[gs.Tensor, float]:
