@@ -8,10 +8,11 @@ One row per model x exporter x opset (golden_models/real_exports.py builds and c
 needs torch and transformers): node counts of the original, of `infoptc -O3 --ops ORT_POLICY`
 and of `onnxruntime.transformers.optimizer.optimize_model` (model_type bert / gpt2 / vit, its
 default opt_level); how many attention, LayerNorm, SkipLayerNorm, GELU and RMSNorm units each
-has fused; the largest absolute difference of each output from the original's (ONNX Runtime with
+has fused (`--device gpu`: infoptc with the Skip*Normalization forms ORT's CUDA provider wants); the largest absolute difference of each output from the original's (ONNX Runtime with
 graph optimizations off, one thread, valid token ids and a padded attention mask); and the ORT
 latency of each as a ratio to the original's (ORT_ENABLE_ALL, 2 threads, batch 1 and 8, seq
-128; sessions run in interleaved turns, medians). Ratios below 1 are faster. `--quick` measures
+128; sessions run in interleaved turns, medians), and infoptc's latency as a ratio to ORT's
+optimizer's output in the same turns. Ratios below 1 are faster. `--quick` measures
 batch 1 only with a short budget. Latencies on a shared machine are noisy: read the ratios of
 one run, not numbers across runs.
 """
@@ -55,9 +56,31 @@ def fused_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {k: sum(ops[o] for o in names) for k, names in KINDS.items()}
 
 
-def run_infoptc(path: Path, ops: str) -> onnx.ModelProto:
+# -O3 with the Skip*Normalization forms that pay off on ONNX Runtime's CUDA provider, not its CPU one
+GPU_PASSES = "default<O3>,fuse-skip-layer-norm{device=gpu},fuse-rms-norm{device=gpu}"
+
+
+def as_ort_runs_it(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph ONNX Runtime's CPU provider runs: its own load-time fusions applied
+    (ORT_ENABLE_EXTENDED, the last level that still writes ONNX ops out)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "ort.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
+def run_infoptc(path: Path, ops: str, device: str = "cpu") -> onnx.ModelProto:
     import infoptc
 
+    if device == "gpu":
+        return infoptc.optimize(str(path), passes=GPU_PASSES, ops=ops)
     return infoptc.optimize(str(path), opt_level=3, ops=ops)
 
 
@@ -92,12 +115,12 @@ def max_abs_error(model: onnx.ModelProto, feeds: dict, expected: list[np.ndarray
 
 
 def measure(name: str, exporter: str, opset: int, ops: str, batches: list[int], seq: int,
-            budget_s: float) -> dict:
+            budget_s: float, device: str = "cpu", ort_units: bool = False) -> dict:
     path = real_exports.path(name, exporter, opset)
     original = onnx.load(str(path))
     row = {"model": name, "exporter": exporter, "opset": opset}
     outputs = {"original": original}
-    for label, run in (("infoptc", lambda: run_infoptc(path, ops)),
+    for label, run in (("infoptc", lambda: run_infoptc(path, ops, device)),
                        ("ort", lambda: run_ort_optimizer(path, name))):
         start = time.perf_counter()
         try:
@@ -109,6 +132,9 @@ def measure(name: str, exporter: str, opset: int, ops: str, batches: list[int], 
         row[f"{label}_nodes"] = len(model.graph.node)
         if label != "original":
             row[f"{label}_fused"] = fused_counts(model)
+        if ort_units:
+            with contextlib.suppress(Exception):
+                row[f"{label}_runs_fused"] = fused_counts(as_ort_runs_it(model))
     feeds = real_exports.example_inputs(name, batch=2, seq=16)
     expected = [e.astype(np.float64) for e in reference_outputs(original, feeds)]
     for label in ("infoptc", "ort"):
@@ -130,9 +156,9 @@ def measure(name: str, exporter: str, opset: int, ops: str, batches: list[int], 
     return row
 
 
-def _ratio(row, label, batch) -> str:
+def _ratio(row, label, batch, base="original") -> str:
     ms = row.get(f"ms_b{batch}", {})
-    return f"{ms[label] / ms['original']:.2f}" if label in ms and "original" in ms else "-"
+    return f"{ms[label] / ms[base]:.2f}" if label in ms and base in ms else "-"
 
 
 def _fused(row, label) -> str:
@@ -140,18 +166,22 @@ def _fused(row, label) -> str:
     return "-" if f is None else "/".join(str(f[k]) for k in KINDS)
 
 
-def table(rows: list[dict], batches: list[int]) -> str:
+def table(rows: list[dict], batches: list[int], ort_units: bool = False) -> str:
     head = ["model", "exporter", "opset", "nodes orig", "nodes infoptc", "nodes ORT",
             "fused infoptc attn/LN/SkipLN/GELU/RMS", "fused ORT", "max err infoptc", "max err ORT"]
+    if ort_units:
+        head += ["as ORT runs: orig", "as ORT runs: infoptc", "as ORT runs: ORT"]
     for b in batches:
-        head += [f"latency b{b} infoptc", f"latency b{b} ORT"]
+        head += [f"latency b{b} infoptc", f"latency b{b} ORT", f"b{b} infoptc / ORT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["exporter"], str(r["opset"]), str(r.get("original_nodes", "-")),
                  str(r.get("infoptc_nodes", "-")), str(r.get("ort_nodes", "-")), _fused(r, "infoptc"),
                  _fused(r, "ort"), _err(r, "infoptc"), _err(r, "ort")]
+        if ort_units:
+            cells += [_fused(r, f"{label}_runs") for label in ("original", "infoptc", "ort")]
         for b in batches:
-            cells += [_ratio(r, "infoptc", b), _ratio(r, "ort", b)]
+            cells += [_ratio(r, "infoptc", b), _ratio(r, "ort", b), _ratio(r, "infoptc", b, "ort")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -168,6 +198,12 @@ def main(argv=None) -> int:
     ap.add_argument("--exporters", default=",".join(real_exports.EXPORTERS))
     ap.add_argument("--opsets", default=f"17,{real_exports.NEWEST_OPSET}")
     ap.add_argument("--ops", default="ort", choices=["standard", "ort"], help="infoptc's op policy (default ort)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                    help="infoptc's Skip*Normalization choice (fuse-skip-layer-norm / fuse-rms-norm device=): "
+                         "cpu (default, -O3) keeps Add + normalization, gpu fuses them as ORT's optimizer does")
+    ap.add_argument("--ort-units", action="store_true",
+                    help="also count the units in the graph ONNX Runtime's CPU provider runs after its own "
+                         "load-time fusions, for the original and both outputs")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="batch 1 only, a short latency budget")
     ap.add_argument("--no-latency", action="store_true")
@@ -179,13 +215,14 @@ def main(argv=None) -> int:
     variants = real_exports.variants(args.names, args.exporters.split(","), [int(o) for o in args.opsets.split(",")])
     for name, exporter, opset in variants:
         try:
-            rows.append(measure(name, exporter, opset, args.ops, batches, args.seq, budget))
+            rows.append(measure(name, exporter, opset, args.ops, batches, args.seq, budget, args.device,
+                                args.ort_units))
         except Exception as e:  # the exporter could not write this one
             print(f"{name} {exporter} opset {opset}: skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}",
                   file=sys.stderr)
             continue
-        print(table(rows[-1:], batches).splitlines()[-1], file=sys.stderr, flush=True)
-    print(table(rows, batches))
+        print(table(rows[-1:], batches, args.ort_units).splitlines()[-1], file=sys.stderr, flush=True)
+    print(table(rows, batches, args.ort_units))
     notes = [f"{r['model']} {r['exporter']} {r['opset']}: {r[k]}" for r in rows for k in ("infoptc_error", "ort_error")
              if r.get(k)]
     for n in notes:
@@ -194,8 +231,8 @@ def main(argv=None) -> int:
     import onnxruntime
 
     print(f"\ntorch {vs['torch_version']}, transformers {vs['transformers_version']}, onnxruntime "
-          f"{onnxruntime.__version__}; infoptc --ops {args.ops}; latency: ORT CPU, 2 threads, seq {args.seq}, "
-          "ratio to the original (median of interleaved turns)")
+          f"{onnxruntime.__version__}; infoptc --ops {args.ops}, device {args.device}; latency: ORT CPU, 2 threads, "
+          f"seq {args.seq}, ratio to the original and infoptc's to ORT's optimizer's (median of interleaved turns)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
     return 0

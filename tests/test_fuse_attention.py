@@ -49,12 +49,14 @@ class Builder:
 
 
 def attention_model(style="bert", opset=17, scale="div", softmax_axis=-1, fill=None, probs_output=False,
-                    constant_shape=None):
+                    constant_shape=None, rotary=False):
     """q/k/v projections of x, head split, scores, mask, Softmax, context, merge: as bert.py / gpt.py emit."""
     b = Builder()
     rng = np.random.default_rng(1)
     proj = {n: b.op("MatMul", "x", b.c(rng.standard_normal((HIDDEN, HIDDEN)) * 0.5)) for n in "qkv"}
     qh = b.split_heads(proj["q"], [0, 2, 1, 3], constant_shape)
+    if rotary:  # something computed on the split heads, as Llama's rotary embedding: q*cos + rot(q)*sin
+        qh = b.op("Add", b.op("Mul", qh, b.c(np.full(SIZE, 0.9))), b.op("Mul", qh, b.c(np.full(SIZE, 0.1))))
     vh = b.split_heads(proj["v"], [0, 2, 1, 3])
     if style == "gpt":
         kt = b.op("Transpose", b.split_heads(proj["k"], [0, 2, 1, 3]), perm=[0, 1, 3, 2])
@@ -130,6 +132,17 @@ def test_not_fused(case):
     why = explain(RULES[0], graph, root, PassContext(opset=17, target="onnx"))
     assert {"probs_used": "is a graph output", "softmax_axis": "attribute axis=2", "weak_fill": "Where fills masked",
             "fixed_batch_shape": "sets dim 0 to 2"}[case] in why
+
+
+def test_an_attention_block_no_pattern_describes_says_why_in_stats():
+    """Llama's rotary embedding on the split heads: no pattern's structure is there, so the engine
+    has no refused match to report; the Softmax left over is the rejected count, with the
+    pattern engine's best partial match at the merge Reshape after it as the reason."""
+    art = infoptc.compile(attention_model(rotary=True), passes="fuse-attention")
+    counters = art.pass_records[-1].counters
+    assert counters["fused"] == 0 and counters["unfused_softmax"] == 1 and counters["rejected"] == 1
+    why = art.reports["fuse-attention"]["rejected"]["softmax"]
+    assert why.startswith("at '/attn/Softmax_") and "wants Transpose, found Add node" in why
 
 
 def test_not_fused_for_a_target_without_the_contrib_op():

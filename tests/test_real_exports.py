@@ -41,12 +41,14 @@ def layers(name: str) -> int:
     return next(kw[k] for k in ("num_hidden_layers", "n_layer", "encoder_layers") if k in kw)
 
 
-def expected(name: str) -> dict[str, int]:
+def expected(name: str, device: str = "cpu") -> dict[str, int]:
     """Per layer: one attention, two residual Add + LayerNorm pairs (the post-norm BERT's two, or
     the pre-norm block's second plus the next block's first / the final norm), one GELU; the
-    embedding's LayerNorm has no residual; Whisper's two stem convolutions have a GELU each."""
+    embedding's LayerNorm has no residual; Whisper's two stem convolutions have a GELU each.
+    For ONNX Runtime's CPU provider (the default) the pairs stay Add + LayerNormalization."""
     n = layers(name)
-    return {"attention": n, "skip_ln": 2 * n, "ln": 1, "gelu": n + (2 if name == "whisper_encoder" else 0)}
+    skip = 2 * n if device == "gpu" else 0
+    return {"attention": n, "skip_ln": skip, "ln": 2 * n + 1 - skip, "gelu": n + (2 if name == "whisper_encoder" else 0)}
 
 
 def counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -66,6 +68,19 @@ def test_fusions_fire_on_real_exports_and_match(name, exporter, opset):
     assert counts(art.model) == expected(name)
     assert len(art.model.graph.node) < len(original.graph.node)
     check_equivalent(original, art.model, Contract.REASSOCIATING, feeds=feeds(name))
+
+
+GPU_PASSES = "default<O3>,fuse-skip-layer-norm{device=gpu},fuse-rms-norm{device=gpu}"
+
+
+@pytest.mark.parametrize("name, exporter, opset", [c for c in CASES if c[0] in ("bert", "gpt2", "vit")],
+                         ids=lambda c: str(c))
+def test_device_gpu_fuses_every_residual_layer_norm(name, exporter, opset):
+    path = fixture_path(name, exporter, opset)
+    original = onnx.load(str(path))
+    out = infoptc.optimize(str(path), passes=GPU_PASSES)
+    assert counts(out) == expected(name, "gpu")
+    check_equivalent(original, out, Contract.REASSOCIATING, feeds=feeds(name))
 
 
 @pytest.mark.parametrize("name, exporter, opset", [("bert", "torchscript", 17), ("gpt2", "dynamo", 20)])

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 from infoptc.op_policy import contrib_allowed, policy
-from infoptc.pass_manager import Option
-from infoptc.pattern import Const, Rule, rewrite_pass
+from infoptc.pass_manager import Option, register_pass
+from infoptc.pattern import Const, Rule, explain, rewrite_pass
 
+from ._dims import KEEPS_DIMS
 from ._dims import dims as _dims
 from ._dims import origin as _origin
 from ._dims import same_dim as _same_dim
@@ -280,6 +281,29 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
     return found
 
 
+def _unit_output(ctx, t, i):
+    """Where to read dim ``i`` of ``t`` with a Shape without splitting a chain ONNX Runtime fuses
+    at load: forward through elementwise ops that are ``t``'s only reader and keep the dim.
+
+    The origin of the query's batch in T5 is the Div inside the decomposed RMSNorm before the
+    projections; a Shape read there gave that Div a second reader, and ONNX Runtime no longer
+    made its SimplifiedLayerNormalization of the block (two of seven norms left as six ops)."""
+    for _ in range(8):
+        readers = t.outputs
+        if len(readers) != 1 or ctx.is_graph_output(t) or readers[0].op not in KEEPS_DIMS or len(readers[0].outputs) != 1:
+            return t, i
+        out, rank = readers[0].outputs[0], ctx.rank(t)
+        if ctx.rank(out) != rank:
+            return t, i
+        for other in (x for x in readers[0].inputs if x is not t and x.name):
+            shape = ctx.shape(other)
+            k = i - (rank - len(shape)) if shape is not None else 0
+            if shape is None or (k >= 0 and shape[k] != 1):
+                return t, i
+        t = out
+    return t, i
+
+
 class _Dims:
     """B, S, L, N, H as 1-D int64 tensors, each built once per replacement."""
 
@@ -298,7 +322,7 @@ class _Dims:
             src, index = {"B": (self.q, 0), "S": (self.q, 1), "L": (self.k, 1)}[letter]
             # read the dim where it comes from (the hidden states before the projections), so the
             # projections feed the attention op alone and can be packed into one (fuse-qkv-projection)
-            src, index = _origin(self.op.ctx, src, index)
+            src, index = _unit_output(self.op.ctx, *_origin(self.op.ctx, src, index))
             self.made[letter] = self.op.Gather(self._shape(src), np.array([index], np.int64), axis=0)
         return self.made[letter]
 
@@ -336,10 +360,45 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
 
 RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=("Shape", "Reshape"))]
 
-FuseAttention = rewrite_pass(
+_FuseAttentionRules = rewrite_pass(
     "fuse-attention",
     "scaled-dot-product attention (head split, QK^T, scale, mask, Softmax, V, merge) -> one attention op",
     RULES,
     options={"form": Option("auto", "auto: Attention at opset >= 23, else com.microsoft MultiHeadAttention "
                                     "where the op policy allows it (--ops ort, onnx target); standard; contrib", choices=("auto", "standard", "contrib"))},
+    register=False,
 )
+
+
+def unfused_softmax_reason(graph, ctx, options) -> tuple[int, str | None]:
+    """Softmaxes left after the rules, and why the first one's attention block did not match.
+
+    The patterns are rooted at the merge Reshape, which the engine reaches only if the whole
+    structure is there, so a block the patterns do not describe (Llama's rotary embedding on the
+    split heads, grouped-query K/V repeated by Expand) would otherwise leave no trace in --stats:
+    here the pattern engine explains its best partial match at the Reshape after each Softmax."""
+    left = [n for n in graph.nodes if n.op == "Softmax"]
+    first = None
+    for softmax in left[:1]:
+        frontier, seen = [softmax], set()
+        for _ in range(4):
+            frontier = [c for n in frontier for t in n.outputs for c in t.outputs if id(c) not in seen]
+            seen.update(id(c) for c in frontier)
+            roots = [n for n in frontier if n.op == "Reshape"]
+            if roots:
+                first = f"at {softmax.name!r}: {explain(RULES[0], graph, roots[0], ctx, options)}"
+                break
+        first = first or f"at {softmax.name!r}: no Reshape merges the heads within 4 ops after it"
+    return len(left), first
+
+
+@register_pass
+class FuseAttention(_FuseAttentionRules):
+    def run(self, graph, ctx):
+        result = super().run(graph, ctx)
+        count, why = unfused_softmax_reason(graph, ctx, self.opts)
+        if count:  # each left Softmax is an attention block left as it was
+            result.counters["unfused_softmax"] = count
+            result.counters["rejected"] = max(result.counters.get("rejected", 0), count)
+            ctx.reports.setdefault(self.name, {}).setdefault("rejected", {}).setdefault("softmax", why)
+        return result

@@ -8,7 +8,12 @@
 ONNX Runtime registers its SimplifiedLayerNormalization only in the ONNX domain (which the
 ONNX checker rejects), so below opset 23 the contrib form is the Skip variant, emitted where
 the normalized value is a residual sum (the usual pre-norm block); the sum stays available to
-its other readers. The weight must be a constant varying only along the last axis.
+its other readers. That form only with ``device=gpu``: ONNX Runtime makes Add +
+SimplifiedLayerNormalization of the decomposed form at load, faster on its CPU provider than
+SkipSimplifiedLayerNormalization, so ``device=cpu`` (the default) leaves it decomposed and
+says so in ``--stats``; and a spelling ONNX Runtime does not fuse at load (the dynamo
+exporter's ``x * Reciprocal(Sqrt(...))``) is respelled as ``Div(x, Sqrt(...))``, which it does
+(rule ``ort_form``). The weight must be a constant varying only along the last axis.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from infoptc.pass_manager import Option
 from infoptc.pattern import Const, Rule, rewrite_pass
 
 from .fuse_layer_norm import reduce_axes
+from .fuse_skip_layer_norm import DEVICE_OPTION, cpu_reason
 
 STANDARD_OPSET = 23
 STANDARD_DTYPES = {"float16", "float32", "float64"}
@@ -106,7 +112,8 @@ def check_skip(ctx, a, b, residual, mean, eps, w=None):
         return "SkipSimplifiedLayerNormalization wants a [B, S, H] input and a [B, S, H] or [S, H] skip"
     if len(sb) == 3 and sb[0] != sa[0]:
         return "skip batch differs from the input's"
-    return _common(ctx, out, mean, eps, w, CONTRIB_DTYPES)
+    found = _common(ctx, out, mean, eps, w, CONTRIB_DTYPES)
+    return (cpu_reason(ctx, "SkipSimplifiedLayerNormalization") or found) if isinstance(found, dict) else found
 
 
 def rms_norm(op, x, scale, epsilon):
@@ -119,9 +126,33 @@ def skip_rms_norm(op, a, b, scale, epsilon):
     return y, total
 
 
+def check_ort_form(ctx, x, mean, eps, w):
+    """For ONNX Runtime's CPU provider below opset 23: a weighted RMSNorm spelled other than
+    ``Pow(x, 2)`` ... ``Div(x, Sqrt(...))`` (the dynamo exporter writes ``x * Reciprocal(Sqrt(...))``),
+    which ONNX Runtime does not fuse at load, is respelled in that form, which it does."""
+    if ctx.opset >= STANDARD_OPSET:
+        return "the standard RMSNormalization is available"
+    if ctx.target != "onnx" or ctx.options.get("device", "cpu") != "cpu":
+        return f"only for ONNX Runtime's CPU provider (target {ctx.target!r}, device {ctx.options.get('device')!r})"
+    found = _common(ctx, x, mean, eps, w, CONTRIB_DTYPES)
+    if not isinstance(found, dict):
+        return found
+    axes = [mean.inputs[1]] if len(mean.inputs) > 1 else []
+    return {"two": np.array(2.0, ctx.dtype(x)), "axes": axes, "mean_attrs": dict(mean.attrs)}
+
+
+def ort_form(op, x, eps, w, two, axes, mean_attrs):
+    mean = op.ReduceMean(op.Pow(x, two), *axes, **mean_attrs)
+    return op.Mul(op.Div(x, op.Sqrt(op.Add(mean, eps))), w)
+
+
 RULES = [
     Rule("rms_norm", [_pattern(*v) for v in VARIANTS], rms_norm, check),
     Rule("skip_rms_norm", [_skip_pattern(*v) for v in VARIANTS], skip_rms_norm, check_skip),
+    # after both: the forms ONNX Runtime does not recognise, respelled in the one it fuses
+    Rule("ort_form", [_pattern(True, s, d) for s, d in (("pow", "reciprocal"), ("pow", "one_over"), ("mul", "div"),
+                                                        ("mul", "reciprocal"), ("mul", "one_over"))],
+         ort_form, check_ort_form),
 ]
 
 FuseRmsNorm = rewrite_pass(
@@ -129,5 +160,6 @@ FuseRmsNorm = rewrite_pass(
     "decomposed RMSNorm -> RMSNormalization (opset 23) or com.microsoft SkipSimplifiedLayerNormalization",
     RULES,
     options={"contrib": Option(True, "below opset 23, emit ONNX Runtime's SkipSimplifiedLayerNormalization "
-                                     "for the onnx target")},
+                                     "for the onnx target"),
+             "device": DEVICE_OPTION},
 )
