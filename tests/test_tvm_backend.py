@@ -420,6 +420,28 @@ def test_constant_weights_are_packed_in_column_strips(shape, n, gemm):
     _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
 
 
+@pytest.mark.parametrize("kernel,stride,features", [(1, 1, 256), (3, 2, 100), (1, 1, 16)])
+def test_constant_conv_weights_are_packed(kernel, stride, features):
+    """An NHWC convolution with a constant weight at least two tiles wide reads it packed
+    [F / w, KH, KW, C, w] (a 3x3 stride-1 one goes to Winograd instead); 100 features read zero
+    columns; 16 stay plain. Results match ORT within fp32 reassociation."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(features)
+    pad = kernel // 2
+    out = (9 + 2 * pad - kernel) // stride + 1
+    w = numpy_helper.from_array(rng.standard_normal((features, 32, kernel, kernel)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[kernel] * 2, strides=[stride] * 2,
+                              pads=[pad] * 4), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, features, out, out])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    names = " ".join(kernels_by_name(lowered(model)))
+    assert ("conv2d_packed" in names) == (features >= 64), names
+    x = rng.standard_normal((1, 32, 9, 9)).astype(np.float32)
+    _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
+
+
 @pytest.mark.parametrize("m,k,n,columns_outside", [(128, 512, 2048, True), (2048, 64, 64, False)])
 def test_weight_strips_stay_in_cache_across_row_tiles(m, k, n, columns_outside):
     """When the weight is the larger operand (batch-1 inference), the parallel loop walks column

@@ -1,5 +1,6 @@
-"""Packed weights for the llvm target's matmuls: ``x @ W`` with a constant ``W`` (K x N) reads
-``W`` as ``[N / w, K, w]``, the column strip of each register tile contiguous.
+"""Packed weights for the llvm target's matmuls and convolutions: ``x @ W`` with a constant ``W``
+(K x N) reads ``W`` as ``[N / w, K, w]``, the column strip of each register tile contiguous; an
+NHWC convolution with a constant HWIO weight reads it as ``[F / w, KH, KW, C, w]``.
 
 The ``Contraction`` rule (schedule.py) computes ``rows x w`` outputs per tile, reading a
 ``K x w`` strip of ``W`` whose rows are ``N`` floats apart: each of the ``K`` reads lands on
@@ -22,16 +23,17 @@ Imported only by the TVM targets (backends/tvm/) after TVM itself is known to be
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 
 from . import schedule as rules
+from .prepare import constant_value, op_name, relax_pass, tensor_dims
 
 MIN_COLUMNS_FACTOR = 2  # pack only weights at least this many register tiles wide
 
 
 def pack_weights_pass(target):
-    """A Relax module pass: constant-weight fp32 matmuls with static rows become packed ones."""
+    """A Relax pass: fp32 matmuls and NHWC convolutions with constant weights and static rows
+    read their weights packed."""
     lanes = rules.vector_lanes(target)
     registers = rules.accumulator_registers(target)
 
@@ -39,60 +41,62 @@ def pack_weights_pass(target):
     class Packer(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            packed = _packed(self.builder_, call, lanes, registers)
+            name = op_name(call)
+            weight = constant_value(self, call.args[1]) if name in ("relax.matmul", "relax.nn.conv2d") else None
+            if weight is None or weight.dtype != np.float32:
+                return call
+            if name == "relax.matmul":
+                packed = _packed_matmul(self.builder_, call, weight, lanes, registers)
+            else:
+                packed = _packed_conv2d(self.builder_, call, weight, lanes)
             return call if packed is None else packed
 
-    @tvm.transform.module_pass(opt_level=0, name="infoptc.PackWeights")
-    def transform(mod, _ctx):
-        packer = Packer(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                packer.builder_.update_func(gvar, packer.visit_expr(func))
-        return packer.builder_.get()
-
-    return transform
+    return relax_pass("PackWeights", Packer)
 
 
-def _static_dims(shape) -> list[int] | None:
-    values = getattr(shape, "values", None)
-    if values is None:
-        return None
-    dims = []
-    for v in values:
-        if not isinstance(v, tvm.tirx.IntImm):
-            return None
-        dims.append(int(v.value))
-    return dims
+def strip_width(columns: int, lanes: int) -> int | None:
+    """The width of the strips a weight of ``columns`` columns is packed in: the register tile's
+    width when it is whole vectors, otherwise whole vectors with zero columns added; None for a
+    weight under MIN_COLUMNS_FACTOR tiles wide (the plain layout's tile is as good)."""
+    width = rules.vector_tile(columns, lanes)
+    if width % lanes:
+        width = min((2 * lanes, lanes), key=lambda w: -(-columns // w) * w)
+    return width if columns >= MIN_COLUMNS_FACTOR * width else None
 
 
-def _packed(builder, call, lanes: int, registers: int):
-    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul" or len(call.args) != 2:
-        return None
-    x, weight = call.args
-    if not isinstance(weight, tvm.ir.GenericConst) or not hasattr(weight.value, "numpy"):
-        return None
-    w = weight.value.numpy()
-    x_type = x.ty
-    if w.ndim != 2 or w.dtype != np.float32 or getattr(x_type, "dtype", None) != "float32":
-        return None
-    dims = _static_dims(getattr(x_type, "shape", None))
-    if not dims or len(dims) < 2 or dims[-1] != w.shape[0]:
+def pack_columns(weight: np.ndarray, width: int) -> np.ndarray:
+    """``weight[..., n]`` as ``[n / width, ..., width]``, zero columns added to whole strips."""
+    *lead, n = weight.shape
+    strips = -(-n // width)
+    wide = np.zeros((*lead, strips * width), np.float32)
+    wide[..., :n] = weight
+    wide = wide.reshape(*lead, strips, width)
+    return np.ascontiguousarray(np.moveaxis(wide, -2, 0))
+
+
+def _crop(product, shape):
+    from tvm import topi
+
+    have = [int(d) for d in product.shape]
+    return product if have == list(shape) else topi.strided_slice(product, [0] * len(shape), list(shape))
+
+
+def _packed_matmul(builder, call, w: np.ndarray, lanes: int, registers: int):
+    x = call.args[0]
+    dims = tensor_dims(x)
+    if w.ndim != 2 or getattr(x.ty, "dtype", None) != "float32" or not dims or len(dims) < 2 \
+            or None in dims or dims[-1] != w.shape[0]:
         return None
     k, n = w.shape
-    width = rules.vector_tile(n, lanes)
-    if width % lanes:  # not whole vectors: pad the strips with zero columns instead
-        width = min((2 * lanes, lanes), key=lambda w: -(-n // w) * w)
-    if n < MIN_COLUMNS_FACTOR * width:
-        return None  # narrow weights: the plain matmul's tile is as good
+    width = strip_width(n, lanes)
+    if width is None:
+        return None
     rows = int(np.prod(dims[:-1]))
     most = max(1, registers // -(-width // lanes))
     tile_rows = rules.padded_rows(rows, most) if rows > 1 else 1
     padded_rows = -(-rows // tile_rows) * tile_rows
-    strips = -(-n // width)
-    wide = np.zeros((k, strips * width), np.float32)  # zero columns past n: never read out
-    wide[:, :n] = w
-    packed = np.ascontiguousarray(wide.reshape(k, strips, width).transpose(1, 0, 2))
-    out_shape = [*dims[:-1], n]
+    packed = pack_columns(w, width)
+    strips = packed.shape[0]
 
     def compute(data, strips_of_w):
         from tvm import te, topi
@@ -104,8 +108,45 @@ def _packed(builder, call, lanes: int, registers: int):
             (padded_rows, strips * width),
             lambda m, j: te.sum(flat[te.min(m, last), red] * strips_of_w[j // width, red, j % width], axis=red),
             name="packed_matmul")
-        if (padded_rows, strips * width) != (rows, n):
-            product = topi.strided_slice(product, [0, 0], [rows, n])
-        return topi.reshape(product, out_shape)
+        return topi.reshape(_crop(product, (rows, n)), [*dims[:-1], n])
 
     return builder.call_te(compute, x, relax.const(packed), primfunc_name_hint="matmul_packed")
+
+
+def _packed_conv2d(builder, call, w: np.ndarray, lanes: int):
+    """An NHWC/HWIO convolution (groups 1) read its weight as ``[F / w, KH, KW, C, w]``; 3x3
+    stride-1 ones went to Winograd before this pass, if eligible."""
+    attrs = call.attrs
+    x = call.args[0]
+    dims = tensor_dims(x)
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
+            or int(attrs.groups) != 1 or w.ndim != 4 or not dims or None in dims or dims[3] != w.shape[2] \
+            or str(attrs.out_dtype) not in ("", "None", "void", "float32") or getattr(x.ty, "dtype", None) != "float32":
+        return None
+    kh, kw, channels, features = w.shape
+    width = strip_width(features, lanes)
+    if width is None:
+        return None
+    (sh, sw), (dh, dw) = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    top, left, bottom, right = [int(v) for v in attrs.padding]
+    batch, height, width_in, _ = dims
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width_in + left + right - (kw - 1) * dw - 1) // sw + 1
+    packed = pack_columns(w, width)
+    strips = packed.shape[0]
+
+    def compute(data, strips_of_w):
+        from tvm import te, topi
+
+        padded = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], name="pad_temp") \
+            if top or left or bottom or right else data
+        ky, kx = te.reduce_axis((0, kh), "ky"), te.reduce_axis((0, kw), "kx")
+        c = te.reduce_axis((0, channels), "c")
+        product = te.compute(
+            (batch, out_h, out_w, strips * width),
+            lambda b, y, xx, f: te.sum(padded[b, y * sh + ky * dh, xx * sw + kx * dw, c]
+                                       * strips_of_w[f // width, ky, kx, c, f % width], axis=[ky, kx, c]),
+            name="packed_conv2d_nhwc")
+        return _crop(product, (batch, out_h, out_w, features))
+
+    return builder.call_te(compute, x, relax.const(packed), primfunc_name_hint="conv2d_packed")

@@ -560,6 +560,23 @@ def bound_value(mutator, expr):
     return value if value is not None else expr
 
 
+def constant_value(mutator, expr):
+    """The numpy value of a constant Relax expression (a weight), seen through the dataflow
+    variable it is bound to and ConvertLayout's ``permute_dims``; None for anything else."""
+    import numpy as np
+    import tvm
+
+    expr = bound_value(mutator, expr)
+    if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy"):
+        return expr.value.numpy()
+    if op_name(expr) == "relax.permute_dims":
+        inner = constant_value(mutator, expr.args[0])
+        axes = expr.attrs.axes
+        if inner is not None and axes is not None:
+            return np.transpose(inner, [int(a) for a in axes])
+    return None
+
+
 def tensor_dims(expr) -> list[int | None] | None:
     """The dims of a Relax tensor expression (None for a symbolic one); None if its shape is unknown."""
     import tvm
