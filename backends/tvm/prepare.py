@@ -458,6 +458,23 @@ def bound_value(mutator, expr):
     return value if value is not None else expr
 
 
+def constant_value(mutator, expr):
+    """The numpy value of a constant (a weight) seen from a ``PyExprMutator``, through the
+    ``permute_dims`` that ConvertLayout or Gemm's transB put before it; None if not constant."""
+    import numpy as np
+    import tvm
+
+    expr = bound_value(mutator, expr)
+    if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy"):
+        return expr.value.numpy()
+    if op_name(expr) == "relax.permute_dims":
+        inner = constant_value(mutator, expr.args[0])
+        axes = expr.attrs.axes
+        if inner is not None:
+            return np.transpose(inner, None if axes is None else [int(a) for a in axes])
+    return None
+
+
 def tensor_dims(expr) -> list[int | None] | None:
     """The dims of a Relax tensor expression (None for a symbolic one); None if its shape is unknown."""
     import tvm

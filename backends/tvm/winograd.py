@@ -40,7 +40,7 @@ from tvm.s_tir.dlight.base import try_inline
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
 from . import schedule as rules
-from .prepare import bound_value, op_name, relax_pass, tensor_dims
+from .prepare import constant_value, op_name, relax_pass, tensor_dims
 
 # Fewer output channels than this: untested. Fewer input channels than a vector holds: the
 # transforms run on part-vectors and lose (8 -> 8 on AVX-512: 132 us against 24 direct).
@@ -121,18 +121,6 @@ def rewrite_pass(lanes: int):
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
-        def _constant(self, expr) -> np.ndarray | None:
-            """The value of a constant weight, seen through ConvertLayout's permute_dims."""
-            expr = bound_value(self, expr)
-            if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy"):
-                return expr.value.numpy()
-            if op_name(expr) == "relax.permute_dims":
-                inner = self._constant(expr.args[0])
-                axes = expr.attrs.axes
-                if inner is not None and axes is not None:
-                    return np.transpose(inner, [int(a) for a in axes])
-            return None
-
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if op_name(call) != "relax.nn.conv2d":
@@ -143,7 +131,7 @@ def rewrite_pass(lanes: int):
                     or [int(v) for v in attrs.dilation] != [1, 1] or [int(v) for v in attrs.padding] != [1, 1, 1, 1]:
                 return call
             shape = tensor_dims(call.args[0])
-            weight = self._constant(call.args[1])
+            weight = constant_value(self, call.args[1])
             if shape is None or None in shape or weight is None or weight.shape[:2] != (3, 3) or weight.dtype != np.float32:
                 return call
             batch, height, width, channels = shape

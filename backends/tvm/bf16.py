@@ -1,0 +1,336 @@
+"""bf16 matmuls and convolutions for the TVM ``llvm`` target: AVX512_BF16 dot products.
+
+``--quantize bf16`` (convert-float) leaves MatMul/Gemm/Conv with bf16 inputs and outputs. TVM's
+own lowering of such an op accumulates in bf16 (8 bits of mantissa: a 512-long sum loses most of
+its low terms) and computes every multiply-add by converting both operands to fp32 and rounding
+the sum back, one lane at a time. Here instead:
+
+    Relax (after ConvertLayout, before LegalizeOps):      ``rewrite_pass``
+      matmul(x bf16, W const [K, N])          -> bf16_dense(x, Wp)  fp32 out, then astype bf16
+      conv2d NHWC/HWIO (x bf16, W const)      -> bf16_conv2d(pad(x), Wp)  the same
+        Wp: the weights packed at compile time as [N/16, ..., K/2, 16, 2]: 16 output channels by
+        a pair along the reduction, the 64 bytes one ``vdpbf16ps`` reads
+      any other bf16 matmul/conv2d (attention's activation x activation products, depthwise
+      convs, a 3-channel stem, N not a multiple of 16): out_dtype fp32, then astype bf16, so
+      TVM's lowering accumulates in fp32 (the existing Contraction rule schedules it)
+    Schedule (``Dot``, a dlight rule before ours):
+      register tile of ``rows`` x ``vectors`` x 16 fp32 accumulators; per pair of the reduction
+      one broadcast of x's two bf16 (32 bits) per row and one 64-byte load of Wp per vector,
+      then ``vdpbf16ps`` (the tensor intrinsic ``DOT_INTRIN``); the fused epilogue (cast, bias,
+      activation, residual) runs per tile on the fp32 accumulators
+
+The intrinsic: TVM legalizes every bf16 value to fp32 (compute) or uint16 (storage) before LLVM
+sees it, so it cannot pass the ``<32 x bfloat>`` operands LLVM's
+``llvm.x86.avx512bf16.dpbf16ps.512`` takes. A three-line LLVM function (``DPBF16PS_LL``) does
+the bitcast from ``<16 x i32>``; the intrinsic's body imports it (``pragma_import_llvm``) and
+calls it, and LLVM inlines it to one instruction.
+
+Only where the target has ``avx512bf16`` (``has_bf16``): elsewhere the rewrite only makes the
+accumulation fp32. Imported only after TVM is known to be importable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, s_tir, te, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.script import tirx as T
+
+from . import schedule as rules
+from .prepare import constant_value, op_name, relax_pass, tensor_dims
+
+LANES = 16  # fp32 accumulators per zmm register
+PAIR = 2  # bf16 values per fp32 lane that vdpbf16ps multiplies and adds
+DENSE, CONV = "bf16_dense", "bf16_conv2d"  # kernel names (primfunc_name_hint)
+BLOCK = "bf16_dot"  # the reduction block the schedule rule looks for
+OUT_ELEMWISE_FUSABLE = 4  # relax OpPatternKind::kOutEWiseFusable: the epilogue fuses in
+ACCUMULATORS = 24  # zmm registers for the tile's accumulators (of 32; the rest: loads, broadcasts)
+DOT_INTRIN = "infoptc_dot_16x2_bf16bf16f32"
+DOT_BITS_INTRIN = "infoptc_dot_16x2_u16bf16f32"
+PARALLEL_MIN_WORK = rules.PARALLEL_MIN_WORK
+# Normalizations whose TOPI kernels take fp32 and fp16 only: computed on fp32 copies (their
+# statistics are then fp32, as convert-float wants; the copies fuse into the kernel).
+FP32_NORMS = {"relax.nn.layer_norm", "relax.nn.rms_norm", "relax.nn.group_norm"}
+
+DPBF16PS_LL = """
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+define linkonce_odr <16 x float> @infoptc_dpbf16ps(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {
+  %x = bitcast <16 x i32> %a to <32 x bfloat>
+  %y = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %x, <32 x bfloat> %y)
+  ret <16 x float> %r
+}
+"""
+
+
+def has_bf16(target) -> bool:
+    """Whether the LLVM target has AVX512_BF16 (vdpbf16ps)."""
+    try:
+        return target.kind.name == "llvm" and bool(rules.llvm_cpu_has_features(["avx512bf16"], target))
+    except Exception:  # noqa: BLE001 - a triple this LLVM cannot query
+        return False
+
+
+# ----------------------------------------------------------------------------- the intrinsic
+
+
+def _intrinsic(a_dtype: str):
+    """(description, implementation) of one ``vdpbf16ps``: 16 fp32 accumulators += a pair of x
+    (bf16, or bf16 bits in uint16) times 16 pairs of packed weights."""
+    pair = f"{a_dtype}x2"
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), a_dtype, offset_factor=1, align=2),
+             B: T.Buffer((16, 2), "bfloat16", offset_factor=1, align=2),
+             C: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(T.reinterpret(A[vk], dtype="bfloat16"), "float32") \
+                            * T.cast(B[vi, vk], "float32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), a_dtype, offset_factor=1, align=2),
+             B: T.Buffer((16, 2), "bfloat16", offset_factor=1, align=2),
+             C: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            with T.attr(0, "pragma_import_llvm", DPBF16PS_LL):
+                bits = T.reinterpret(A.vload([0], pair), dtype="int32")
+                C[T.ramp(T.int32(0), 1, 16)] = T.call_pure_extern(
+                    "float32x16", "infoptc_dpbf16ps", C.vload([0], "float32x16"), T.broadcast(bits, 16),
+                    T.reinterpret(B.vload([0, 0], "bfloat16x32"), dtype="int32x16"))
+
+    return desc, impl
+
+
+s_tir.TensorIntrin.register(DOT_INTRIN, *_intrinsic("bfloat16"), override=True)
+# The same with x's pairs read from a uint16 buffer holding bf16 bits: the conv's padded copy. TVM's
+# bf16 legalization turns a kernel's own bf16 buffers into fp32 ones, whose pairs are no longer
+# the 32 bits vdpbf16ps broadcasts.
+s_tir.TensorIntrin.register(DOT_BITS_INTRIN, *_intrinsic("uint16"), override=True)
+
+
+# ----------------------------------------------------------------------------- compute
+
+
+def pack_weights(weight: np.ndarray) -> np.ndarray:
+    """``[..., K, N]`` (K even, N a multiple of 16) -> ``[N/16, ..., K/2, 16, 2]`` bf16."""
+    *window, k, n = weight.shape
+    packed = weight.reshape(*window, k // PAIR, PAIR, n // LANES, LANES)
+    order = [len(window) + 2, *range(len(window)), len(window), len(window) + 3, len(window) + 1]
+    return np.ascontiguousarray(packed.transpose(order))
+
+
+def _dot(a, b):
+    return a.astype("float32") * b.astype("float32")
+
+
+def dense(data: te.Tensor, packed: te.Tensor) -> te.Tensor:
+    """``out[..., n] = sum_k data[..., k] * W[k, n]`` in fp32, W packed by ``pack_weights``."""
+    pairs = int(packed.shape[1])
+    ko, ki = te.reduce_axis((0, pairs), "ko"), te.reduce_axis((0, PAIR), "ki")
+    shape = [*data.shape[:-1], int(packed.shape[0]) * LANES]
+
+    def compute(*idx):
+        *rows, n = idx
+        return te.sum(_dot(data[(*rows, ko * PAIR + ki)], packed[n // LANES, ko, n % LANES, ki]), axis=[ko, ki])
+
+    return te.compute(shape, compute, name=BLOCK)
+
+
+def conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te.Tensor:
+    """NHWC ``data``, weights packed from HWIO: NHWC fp32 output (the zero padding a stage of its own)."""
+    from tvm import topi
+
+    top, left, bottom, right = padding
+    (sh, sw), (dh, dw) = strides, dilation
+    batch, height, width, _ = (int(d) for d in data.shape)
+    groups, kh, kw, pairs = (int(d) for d in packed.shape[:4])
+    read = data.__getitem__
+    if any(padding):  # bf16 bits in a uint16 buffer (see DOT_BITS_INTRIN)
+        bits = topi.nn.pad(te.compute(data.shape, lambda *i: tirx.reinterpret("uint16", data[i]), name="bf16_bits"),
+                           [0, top, left, 0], [0, bottom, right, 0], name="pad_temp")
+        read = lambda index: tirx.reinterpret("bfloat16", bits[index])  # noqa: E731
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    ky, kx = te.reduce_axis((0, kh), "ky"), te.reduce_axis((0, kw), "kx")
+    ko, ki = te.reduce_axis((0, pairs), "ko"), te.reduce_axis((0, PAIR), "ki")
+    return te.compute(
+        (batch, out_h, out_w, groups * LANES),
+        lambda b, y, x, f: te.sum(_dot(read((b, y * sh + ky * dh, x * sw + kx * dw, ko * PAIR + ki)),
+                                       packed[f // LANES, ky, kx, ko, f % LANES, ki]), axis=[ky, kx, ko, ki]),
+        name=BLOCK)
+
+
+# ----------------------------------------------------------------------------- Relax rewrite
+
+
+def _void(dtype) -> bool:
+    return str(dtype) in ("", "None", "void")
+
+
+def rewrite_pass(target):
+    """A Relax pass: bf16 matmul/conv2d -> packed dot-product kernels (``has_bf16``), or fp32
+    accumulation for the rest; see the module docstring."""
+    packing = has_bf16(target)
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            name = op_name(call)
+            if name in FP32_NORMS and str(getattr(call.args[0].ty, "dtype", "")) == "bfloat16":
+                return self._in_fp32(call)
+            if name not in ("relax.matmul", "relax.nn.conv2d"):
+                return call
+            dtypes = {str(getattr(arg.ty, "dtype", "")) for arg in call.args}
+            if dtypes != {"bfloat16"} or not (_void(call.attrs.out_dtype) or str(call.attrs.out_dtype) == "bfloat16"):
+                return call
+            fp32 = self._packed(call, name) if packing else None
+            if fp32 is None:  # TVM's own kernel, accumulating in fp32
+                if name == "relax.matmul":
+                    fp32 = relax.op.matmul(call.args[0], call.args[1], out_dtype="float32")
+                else:
+                    a = call.attrs
+                    fp32 = relax.op.nn.conv2d(call.args[0], call.args[1], a.strides, a.padding, a.dilation, a.groups,
+                                              a.data_layout, a.kernel_layout, a.out_layout, "float32")
+            return relax.op.astype(fp32, "bfloat16")
+
+        def _in_fp32(self, call):
+            """A normalization TOPI has no bf16 kernel for, on fp32 copies of its bf16 inputs."""
+            emit = self.builder_.emit
+            args = [emit(relax.op.astype(arg, "float32")) if str(getattr(arg.ty, "dtype", "")) == "bfloat16" else arg
+                    for arg in call.args]
+            return relax.op.astype(emit(relax.Call(call.op, args, call.attrs)), "bfloat16")
+
+        def _packed(self, call, name):
+            weight = constant_value(self, call.args[1])
+            dims = tensor_dims(call.args[0])
+            if weight is None or dims is None or None in dims:
+                return None
+            if name == "relax.matmul":
+                if weight.ndim != 2 or len(dims) < 2 or dims[-1] != weight.shape[0]:
+                    return None
+            else:
+                a = call.attrs
+                if (a.data_layout, a.kernel_layout, a.out_layout) != ("NHWC", "HWIO", "NHWC") or int(a.groups) != 1 \
+                        or len(dims) != 4:
+                    return None
+            k, n = weight.shape[-2:]
+            if k % PAIR or n % LANES:
+                return None
+            packed = relax.const(pack_weights(weight))
+            attrs = {"op_pattern": OUT_ELEMWISE_FUSABLE}
+            if name == "relax.matmul":
+                return self.builder_.call_te(dense, call.args[0], packed, primfunc_name_hint=DENSE,
+                                             primfunc_attrs=attrs)
+            a = call.attrs
+            return self.builder_.call_te(conv2d, call.args[0], packed, [int(v) for v in a.strides],
+                                         [int(v) for v in a.padding], [int(v) for v in a.dilation],
+                                         primfunc_name_hint=CONV, primfunc_attrs=attrs)
+
+    return relax_pass("Bf16Contractions", Rewriter)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def register_tile(rows_extent: int, vectors_extent: int) -> tuple[int, int]:
+    """``(rows, vectors)``: vectors of 16 output channels per tile (4, 2 or 1, dividing the
+    channel vectors), rows the widest divisor of the row extent that keeps the accumulators
+    within ``ACCUMULATORS`` registers."""
+    vectors = next(v for v in (4, 2, 1) if vectors_extent % v == 0)
+    rows = rules._largest_divisor(rows_extent, ACCUMULATORS // vectors)
+    if vectors > 1 and rows < 4:  # few rows (a 7x7 map has 49 = 7 x 7): narrower and taller
+        vectors = 1 if vectors == 2 else 2
+        rows = rules._largest_divisor(rows_extent, ACCUMULATORS // vectors)
+    return rows, vectors
+
+
+class Dot(CPUScheduleRule):
+    """A ``bf16_dense``/``bf16_conv2d`` kernel with its fused epilogue: parallel over output
+    tiles; per tile, the reduction loops outside a ``rows x vectors x 16`` block of fp32
+    accumulators fed by ``vdpbf16ps``; the epilogue per tile, in vectors."""
+
+    def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target) or not has_bf16(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        mains = [info for info in infos if sch.get(info.block_rv).name_hint.startswith(BLOCK)]
+        if len(mains) != 1:
+            return None
+        try:
+            return self._schedule(sch, infos, mains[0], target)
+        except Exception:  # noqa: BLE001 - an unexpected loop nest: the other rules try (fp32 accumulation)
+            return None
+
+    def _schedule(self, sch, infos, main, target):
+        index = infos.index(main)
+        prologue, epilogue = infos[:index], infos[index + 1:]
+        block = main.block_rv
+        loops = sch.get_loops(block)
+        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+        n_spatial = kinds.index(tirx.IterVar.CommReduce)
+        spatial, reduction = loops[:n_spatial], loops[n_spatial:]
+        row_loops, channel = spatial[:-1], spatial[-1]
+        if not row_loops or rules._extent(sch, reduction[-1]) != PAIR:
+            return None
+        # The tile's rows along the last row axis (an output row's pixels; a matrix's rows): a
+        # split of fused axes (y, x) maps to the output by division, which tensorize cannot
+        # blockize.
+        *others, row = row_loops
+        work = int(np.prod([rules._extent(sch, loop) for loop in loops]))
+        rows_extent, channels = rules._extent(sch, row), rules._extent(sch, channel)
+        rows, vectors = register_tile(rows_extent, channels // LANES)
+        row_outer, row_inner = sch.split(row, factors=[None, rows])
+        ch_outer, ch_vec, ch_lane = sch.split(channel, factors=[None, vectors, LANES])
+        sch.reorder(*others, row_outer, ch_outer, *reduction[:-1], row_inner, ch_vec, ch_lane, reduction[-1])
+        tile = sch.fuse(*others, row_outer, ch_outer)
+
+        if work >= PARALLEL_MIN_WORK and rules._extent(sch, tile) != 1:
+            sch.parallel(tile)
+        local = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(local, tile, preserve_unit_loops=True)
+        init = sch.decompose_reduction(block, reduction[0])
+        sch.vectorize(sch.split(sch.get_loops(init)[-1], factors=[None, LANES])[1])
+        bits = any(str(region.source.dtype) == "uint16" for region in sch.get(block).reads)
+        sch.tensorize(ch_lane, DOT_BITS_INTRIN if bits else DOT_INTRIN)
+        sch.unroll(row_inner)
+        sch.unroll(ch_vec)
+
+        remaining = try_inline(sch, list(epilogue))
+        if len(remaining) == 1:
+            try:
+                sch.reverse_compute_inline(local)
+                local = None
+            except Exception:  # noqa: BLE001 - not inlinable: keep the copy block
+                pass
+        for info in remaining:
+            try:
+                sch.reverse_compute_at(info.block_rv, tile, preserve_unit_loops=True)
+                self._vectorize_lanes(sch, info.block_rv)
+            except Exception:  # noqa: BLE001 - a layout change: scheduled on its own
+                rules._parallelize_vectorize(sch, info.block_rv, LANES)
+        if local is not None:
+            self._vectorize_lanes(sch, local)
+        for info in reversed(prologue):  # the padding: one parallel pass
+            rules._parallelize_vectorize(sch, info.block_rv, 2 * LANES)
+        return sch
+
+    @staticmethod
+    def _vectorize_lanes(sch, block) -> None:
+        inner = sch.get_loops(block)[-1]
+        extent = rules._extent(sch, inner)
+        if extent and extent % LANES == 0:
+            sch.vectorize(sch.split(inner, factors=[None, LANES])[1])
