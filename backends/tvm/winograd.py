@@ -33,7 +33,6 @@ to be importable.
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
