@@ -16,7 +16,7 @@ the sum back, one lane at a time. Here instead:
     Schedule (``Dot``, a dlight rule before ours):
       register tile of ``rows`` x ``vectors`` x 16 fp32 accumulators; per pair of the reduction
       one broadcast of x's two bf16 (32 bits) per row and one 64-byte load of Wp per vector,
-      then ``vdpbf16ps`` (the tensor intrinsic ``DOT_INTRIN``); the fused epilogue (cast, bias,
+      then ``vdpbf16ps`` (the tensor intrinsics ``dot_intrinsic``); the fused epilogue (cast, bias,
       activation, residual) runs per tile on the fp32 accumulators
 
 The intrinsic: TVM legalizes every bf16 value to fp32 (compute) or uint16 (storage) before LLVM
@@ -39,20 +39,23 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.script import tirx as T
 
 from . import schedule as rules
-from .prepare import constant_value, op_name, relax_pass, tensor_dims
+from .prepare import bound_value, constant_value, op_name, relax_pass, tensor_dims
 
 LANES = 16  # fp32 accumulators per zmm register
 PAIR = 2  # bf16 values per fp32 lane that vdpbf16ps multiplies and adds
-DENSE, CONV = "bf16_dense", "bf16_conv2d"  # kernel names (primfunc_name_hint)
+DENSE, CONV, BATCH = "bf16_dense", "bf16_conv2d", "bf16_batch_matmul"  # kernel names (primfunc_name_hint)
 BLOCK = "bf16_dot"  # the reduction block the schedule rule looks for
 OUT_ELEMWISE_FUSABLE = 4  # relax OpPatternKind::kOutEWiseFusable: the epilogue fuses in
 ACCUMULATORS = 24  # zmm registers for the tile's accumulators (of 32; the rest: loads, broadcasts)
-DOT_INTRIN = "infoptc_dot_16x2_bf16bf16f32"
-DOT_BITS_INTRIN = "infoptc_dot_16x2_u16bf16f32"
+STORAGE = ("bfloat16", "uint16")  # bf16 values, or their bits in uint16 (``bits``)
 PARALLEL_MIN_WORK = rules.PARALLEL_MIN_WORK
 # Normalizations whose TOPI kernels take fp32 and fp16 only: computed on fp32 copies (their
 # statistics are then fp32, as convert-float wants; the copies fuse into the kernel).
 FP32_NORMS = {"relax.nn.layer_norm", "relax.nn.rms_norm", "relax.nn.group_norm"}
+# Elementwise ops an epilogue is made of, computed in fp32 after a contraction (``_epilogue_fp32``).
+ELEMENTWISE = {f"relax.{op}" for op in ("add", "subtract", "multiply", "divide", "maximum", "minimum", "erf", "tanh",
+                                         "sigmoid", "clip", "negative", "nn.relu", "nn.gelu", "nn.gelu_tanh",
+                                         "nn.silu")}
 
 DPBF16PS_LL = """
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
@@ -76,14 +79,19 @@ def has_bf16(target) -> bool:
 # ----------------------------------------------------------------------------- the intrinsic
 
 
-def _intrinsic(a_dtype: str):
+def dot_intrinsic(a_dtype: str, b_dtype: str) -> str:
+    """The name of the ``vdpbf16ps`` intrinsic for x and packed-weight buffers of these dtypes."""
+    return f"infoptc_dot_16x2_{a_dtype}_{b_dtype}_f32"
+
+
+def _intrinsic(a_dtype: str, b_dtype: str):
     """(description, implementation) of one ``vdpbf16ps``: 16 fp32 accumulators += a pair of x
-    (bf16, or bf16 bits in uint16) times 16 pairs of packed weights."""
-    pair = f"{a_dtype}x2"
+    times 16 pairs of packed weights, each held as bf16 or as bf16 bits in uint16."""
+    pair, block = f"{a_dtype}x2", f"{b_dtype}x32"
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((2,), a_dtype, offset_factor=1, align=2),
-             B: T.Buffer((16, 2), "bfloat16", offset_factor=1, align=2),
+             B: T.Buffer((16, 2), b_dtype, offset_factor=1, align=2),
              C: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:2], B[0:16, 0:2])
@@ -93,11 +101,11 @@ def _intrinsic(a_dtype: str):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(T.reinterpret(A[vk], dtype="bfloat16"), "float32") \
-                            * T.cast(B[vi, vk], "float32")
+                            * T.cast(T.reinterpret(B[vi, vk], dtype="bfloat16"), "float32")
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((2,), a_dtype, offset_factor=1, align=2),
-             B: T.Buffer((16, 2), "bfloat16", offset_factor=1, align=2),
+             B: T.Buffer((16, 2), b_dtype, offset_factor=1, align=2),
              C: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:2], B[0:16, 0:2])
@@ -106,16 +114,17 @@ def _intrinsic(a_dtype: str):
                 bits = T.reinterpret(A.vload([0], pair), dtype="int32")
                 C[T.ramp(T.int32(0), 1, 16)] = T.call_pure_extern(
                     "float32x16", "infoptc_dpbf16ps", C.vload([0], "float32x16"), T.broadcast(bits, 16),
-                    T.reinterpret(B.vload([0, 0], "bfloat16x32"), dtype="int32x16"))
+                    T.reinterpret(B.vload([0, 0], block), dtype="int32x16"))
 
     return desc, impl
 
 
-s_tir.TensorIntrin.register(DOT_INTRIN, *_intrinsic("bfloat16"), override=True)
-# The same with x's pairs read from a uint16 buffer holding bf16 bits: the conv's padded copy. TVM's
-# bf16 legalization turns a kernel's own bf16 buffers into fp32 ones, whose pairs are no longer
-# the 32 bits vdpbf16ps broadcasts.
-s_tir.TensorIntrin.register(DOT_BITS_INTRIN, *_intrinsic("uint16"), override=True)
+# Operands read from a kernel's own buffers (the conv's padded copy, a matmul's operands packed at
+# run time) are held as uint16 bits: TVM's bf16 legalization turns a kernel's own bf16 buffers
+# into fp32 ones, whose pairs are no longer the 32 bits vdpbf16ps broadcasts.
+for _a in STORAGE:
+    for _b in STORAGE:
+        s_tir.TensorIntrin.register(dot_intrinsic(_a, _b), *_intrinsic(_a, _b), override=True)
 
 
 # ----------------------------------------------------------------------------- compute
@@ -133,17 +142,65 @@ def _dot(a, b):
     return a.astype("float32") * b.astype("float32")
 
 
-def dense(data: te.Tensor, packed: te.Tensor) -> te.Tensor:
-    """``out[..., n] = sum_k data[..., k] * W[k, n]`` in fp32, W packed by ``pack_weights``."""
+def _bits(tensor: te.Tensor, shape, index, inside, name: str) -> te.Tensor:
+    """A uint16 copy of a bf16 ``tensor``'s bits in ``shape``: ``tensor[index(*i)]`` where
+    ``inside(*i)``, else zero (padding)."""
+    zero = tirx.const(0, "uint16")
+    return te.compute(shape, lambda *i: tirx.if_then_else(inside(*i), tirx.reinterpret("uint16", tensor[index(*i)]), zero),
+                      name=name)
+
+
+def _as_bf16(bits: te.Tensor):
+    return lambda *index: tirx.reinterpret("bfloat16", bits[index])
+
+
+def _rows_of(main: te.Tensor, shape) -> te.Tensor:
+    """The first ``shape`` of ``main`` (padded rows and columns dropped): part of the epilogue."""
+    return te.compute(shape, lambda *i: main[i], name="bf16_rows")
+
+
+def padded_rows(rows: int, channels: int) -> int:
+    """Rows to compute for ``rows`` when the register tile wants padding (``register_tile``:
+    a prime count such as ViT's 197 tokens leaves tiles of one row), else ``rows``."""
+    tile, vectors = register_tile(rows, channels // LANES)
+    if tile >= 4 or rows <= 4:
+        return rows
+    tile = ACCUMULATORS // vectors
+    return -(-rows // tile) * tile
+
+
+def dense(data: te.Tensor, packed: te.Tensor, rows: int | None = None) -> te.Tensor:
+    """``out[..., n] = sum_k data[..., k] * W[k, n]`` in fp32, W packed by ``pack_weights``;
+    ``rows``: the second-last axis computed padded to that many (``padded_rows``)."""
     pairs = int(packed.shape[1])
     ko, ki = te.reduce_axis((0, pairs), "ko"), te.reduce_axis((0, PAIR), "ki")
-    shape = [*data.shape[:-1], int(packed.shape[0]) * LANES]
+    *lead, m, k = (int(d) for d in data.shape)
+    n = int(packed.shape[0]) * LANES
+    read = lambda *i: data[i]  # noqa: E731
+    if rows is not None and rows != m:
+        read = _as_bf16(_bits(data, (*lead, rows, k), lambda *i: i, lambda *i: i[-2] < m, "bf16_bits"))
+    main = te.compute((*lead, rows or m, n), lambda *i: te.sum(
+        _dot(read(*i[:-1], ko * PAIR + ki), packed[i[-1] // LANES, ko, i[-1] % LANES, ki]), axis=[ko, ki]), name=BLOCK)
+    return main if rows in (None, m) else _rows_of(main, (*lead, m, n))
 
-    def compute(*idx):
-        *rows, n = idx
-        return te.sum(_dot(data[(*rows, ko * PAIR + ki)], packed[n // LANES, ko, n % LANES, ki]), axis=[ko, ki])
 
-    return te.compute(shape, compute, name=BLOCK)
+def batch_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """``a @ b`` of two bf16 activations (attention's scores and context), fp32: b packed at run
+    time as the weights are at compile time, the reduction padded to pairs, the columns to
+    vectors and the rows to whole tiles (``padded_rows``)."""
+    *lead, m, k = (int(d) for d in a.shape)
+    n = int(b.shape[-1])
+    pairs, vectors = -(-k // PAIR), -(-n // LANES)
+    rows = padded_rows(m, vectors * LANES)
+    x = _bits(a, (*lead, rows, pairs * PAIR), lambda *i: i, lambda *i: tirx.all(i[-2] < m, i[-1] < k), "bf16_bits")
+    packed = _bits(b, (*lead, vectors, pairs, LANES, PAIR),
+                   lambda *i: (*i[:-4], i[-3] * PAIR + i[-1], i[-4] * LANES + i[-2]),
+                   lambda *i: tirx.all(i[-3] * PAIR + i[-1] < k, i[-4] * LANES + i[-2] < n), "bf16_packed")
+    ko, ki = te.reduce_axis((0, pairs), "ko"), te.reduce_axis((0, PAIR), "ki")
+    main = te.compute((*lead, rows, vectors * LANES), lambda *i: te.sum(
+        _dot(_as_bf16(x)(*i[:-1], ko * PAIR + ki), _as_bf16(packed)(*i[:-2], i[-1] // LANES, ko, i[-1] % LANES, ki)),
+        axis=[ko, ki]), name=BLOCK)
+    return main if (rows, vectors * LANES) == (m, n) else _rows_of(main, (*lead, m, n))
 
 
 def conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te.Tensor:
@@ -155,7 +212,7 @@ def conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te
     batch, height, width, _ = (int(d) for d in data.shape)
     groups, kh, kw, pairs = (int(d) for d in packed.shape[:4])
     read = data.__getitem__
-    if any(padding):  # bf16 bits in a uint16 buffer (see DOT_BITS_INTRIN)
+    if any(padding):  # bf16 bits in a uint16 buffer (see STORAGE)
         bits = topi.nn.pad(te.compute(data.shape, lambda *i: tirx.reinterpret("uint16", data[i]), name="bf16_bits"),
                            [0, top, left, 0], [0, bottom, right, 0], name="pad_temp")
         read = lambda index: tirx.reinterpret("bfloat16", bits[index])  # noqa: E731
@@ -173,6 +230,10 @@ def conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te
 # ----------------------------------------------------------------------------- Relax rewrite
 
 
+def _dtype(expr) -> str:
+    return str(getattr(getattr(expr, "ty", None), "dtype", ""))
+
+
 def _void(dtype) -> bool:
     return str(dtype) in ("", "None", "void")
 
@@ -187,11 +248,13 @@ def rewrite_pass(target):
         def visit_call_(self, call):
             call = super().visit_call_(call)
             name = op_name(call)
-            if name in FP32_NORMS and str(getattr(call.args[0].ty, "dtype", "")) == "bfloat16":
+            if name in FP32_NORMS and _dtype(call.args[0]) == "bfloat16":
                 return self._in_fp32(call)
+            if name in ELEMENTWISE or (name == "relax.astype" and str(call.attrs.dtype) == "float32"):
+                return self._epilogue_fp32(call, name)
             if name not in ("relax.matmul", "relax.nn.conv2d"):
                 return call
-            dtypes = {str(getattr(arg.ty, "dtype", "")) for arg in call.args}
+            dtypes = {_dtype(arg) for arg in call.args}
             if dtypes != {"bfloat16"} or not (_void(call.attrs.out_dtype) or str(call.attrs.out_dtype) == "bfloat16"):
                 return call
             fp32 = self._packed(call, name) if packing else None
@@ -204,18 +267,48 @@ def rewrite_pass(target):
                                               a.data_layout, a.kernel_layout, a.out_layout, "float32")
             return relax.op.astype(fp32, "bfloat16")
 
+        def _fp32_source(self, arg):
+            """``x`` where ``arg`` is ``astype(x, bf16)`` of an fp32 ``x`` (a contraction's result)."""
+            value = bound_value(self, arg)
+            if op_name(value) == "relax.astype" and str(value.attrs.dtype) == "bfloat16" \
+                    and _dtype(value.args[0]) == "float32":
+                return value.args[0]
+            return None
+
+        def _epilogue_fp32(self, call, name):
+            """An elementwise op on a contraction's rounded result computes on its fp32 value
+            instead (the other bf16 operands widened: constants fold), rounded once after it.
+            A chain (bias, activation, residual) peels one op at a time: one rounding at its
+            end, fp32 math in the fused kernel; a cast back to fp32 drops the rounding."""
+            sources = [self._fp32_source(arg) for arg in call.args]
+            if not any(s is not None for s in sources):
+                return call
+            if name == "relax.astype":
+                return sources[0]
+            emit = self.builder_.emit
+            args = [src if src is not None else emit(relax.op.astype(arg, "float32")) if _dtype(arg) == "bfloat16"
+                    else arg for arg, src in zip(call.args, sources)]
+            return relax.op.astype(emit(relax.Call(call.op, args, call.attrs)), "bfloat16")
+
         def _in_fp32(self, call):
             """A normalization TOPI has no bf16 kernel for, on fp32 copies of its bf16 inputs."""
             emit = self.builder_.emit
-            args = [emit(relax.op.astype(arg, "float32")) if str(getattr(arg.ty, "dtype", "")) == "bfloat16" else arg
+            args = [emit(relax.op.astype(arg, "float32")) if _dtype(arg) == "bfloat16" else arg
                     for arg in call.args]
             return relax.op.astype(emit(relax.Call(call.op, args, call.attrs)), "bfloat16")
 
         def _packed(self, call, name):
             weight = constant_value(self, call.args[1])
             dims = tensor_dims(call.args[0])
-            if weight is None or dims is None or None in dims:
+            if dims is None or None in dims:
                 return None
+            if weight is None:
+                other = tensor_dims(call.args[1])
+                if name != "relax.matmul" or other is None or None in other or len(dims) < 3 \
+                        or dims[:-2] != other[:-2] or dims[-1] != other[-2]:
+                    return None
+                return self.builder_.call_te(batch_matmul, call.args[0], call.args[1], primfunc_name_hint=BATCH,
+                                             primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
             if name == "relax.matmul":
                 if weight.ndim != 2 or len(dims) < 2 or dims[-1] != weight.shape[0]:
                     return None
@@ -230,8 +323,8 @@ def rewrite_pass(target):
             packed = relax.const(pack_weights(weight))
             attrs = {"op_pattern": OUT_ELEMWISE_FUSABLE}
             if name == "relax.matmul":
-                return self.builder_.call_te(dense, call.args[0], packed, primfunc_name_hint=DENSE,
-                                             primfunc_attrs=attrs)
+                return self.builder_.call_te(dense, call.args[0], packed, padded_rows(dims[-2], n),
+                                             primfunc_name_hint=DENSE, primfunc_attrs=attrs)
             a = call.attrs
             return self.builder_.call_te(conv2d, call.args[0], packed, [int(v) for v in a.strides],
                                          [int(v) for v in a.padding], [int(v) for v in a.dilation],
@@ -295,8 +388,11 @@ class Dot(CPUScheduleRule):
         rows, vectors = register_tile(rows_extent, channels // LANES)
         row_outer, row_inner = sch.split(row, factors=[None, rows])
         ch_outer, ch_vec, ch_lane = sch.split(channel, factors=[None, vectors, LANES])
-        sch.reorder(*others, row_outer, ch_outer, *reduction[:-1], row_inner, ch_vec, ch_lane, reduction[-1])
-        tile = sch.fuse(*others, row_outer, ch_outer)
+        # Column tiles outside row tiles: a tile's weights (vectors x K x 32 bytes, 256 KB for
+        # BERT's 2048-long FFN reduction) stay in cache across the rows (BERT-small's FFN
+        # kernels: 35 -> ? ms in 4 calls)
+        sch.reorder(ch_outer, *others, row_outer, *reduction[:-1], row_inner, ch_vec, ch_lane, reduction[-1])
+        tile = sch.fuse(ch_outer, *others, row_outer)
 
         if work >= PARALLEL_MIN_WORK and rules._extent(sch, tile) != 1:
             sch.parallel(tile)
@@ -304,8 +400,8 @@ class Dot(CPUScheduleRule):
         sch.reverse_compute_at(local, tile, preserve_unit_loops=True)
         init = sch.decompose_reduction(block, reduction[0])
         sch.vectorize(sch.split(sch.get_loops(init)[-1], factors=[None, LANES])[1])
-        bits = any(str(region.source.dtype) == "uint16" for region in sch.get(block).reads)
-        sch.tensorize(ch_lane, DOT_BITS_INTRIN if bits else DOT_INTRIN)
+        operands = [str(region.source.dtype) for region in sch.get(block).reads]
+        sch.tensorize(ch_lane, dot_intrinsic(*[d for d in operands if d in STORAGE]))
         sch.unroll(row_inner)
         sch.unroll(ch_vec)
 
