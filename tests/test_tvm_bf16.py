@@ -170,3 +170,23 @@ def test_transformer_block_within_the_rounding_stages():
     error = np.abs(got - want).max()
     assert 0 < error <= 3 * U * stages * np.abs(want).max()
     assert _dpbf16_count(artifact) > 0
+
+
+def test_round_to_bf16_bits_is_round_to_nearest_even():
+    """The fp32 -> bf16 rounding the kernels apply to an fp32 model input, against ml_dtypes."""
+    import ml_dtypes
+    from infoptc.backends.tvm.bf16 import round_to_bf16_bits
+    from tvm import te
+
+    rng = np.random.default_rng(0)
+    ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0xFF800000, 0x00000001], np.uint32)
+    values = np.concatenate([rng.standard_normal(1000).astype(np.float32) * 1e3, ties.view(np.float32),
+                             np.array([np.inf, -np.inf, 0.0, -0.0, np.nan], np.float32)])
+    x = te.placeholder(values.shape, "float32", name="x")
+    y = te.compute(values.shape, lambda i: round_to_bf16_bits(x[i]), name="y")
+    func = tvm.compile(te.create_prim_func([x, y]), target=tvm.target.Target({"kind": "llvm"}))
+    out = tvm.runtime.tensor(np.zeros(values.shape, np.uint16))
+    func(tvm.runtime.tensor(values), out)
+    got = out.numpy()
+    np.testing.assert_array_equal(got[:-1], values[:-1].astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert np.isnan(got[-1:].view(ml_dtypes.bfloat16).astype(np.float32)).all()

@@ -131,7 +131,10 @@ for _a in STORAGE:
 
 
 def pack_weights(weight: np.ndarray) -> np.ndarray:
-    """``[..., K, N]`` (K even, N a multiple of 16) -> ``[N/16, ..., K/2, 16, 2]`` bf16."""
+    """``[..., K, N]`` (N a multiple of 16) -> ``[N/16, ..., K/2, 16, 2]`` bf16, an odd K padded
+    with a zero row (the input gets a zero channel to match: RGB stems)."""
+    if weight.shape[-2] % PAIR:
+        weight = np.concatenate([weight, np.zeros_like(weight[..., :1, :])], axis=-2)
     *window, k, n = weight.shape
     packed = weight.reshape(*window, k // PAIR, PAIR, n // LANES, LANES)
     order = [len(window) + 2, *range(len(window)), len(window), len(window) + 3, len(window) + 1]
@@ -144,10 +147,26 @@ def _dot(a, b):
 
 def _bits(tensor: te.Tensor, shape, index, inside, name: str) -> te.Tensor:
     """A uint16 copy of a bf16 ``tensor``'s bits in ``shape``: ``tensor[index(*i)]`` where
-    ``inside(*i)``, else zero (padding)."""
+    ``inside(*i)``, else zero (padding); an fp32 ``tensor`` (the model's input) rounded to bf16
+    on the way, so its Cast needs no kernel of its own."""
     zero = tirx.const(0, "uint16")
-    return te.compute(shape, lambda *i: tirx.if_then_else(inside(*i), tirx.reinterpret("uint16", tensor[index(*i)]), zero),
-                      name=name)
+
+    def value(*i):
+        v = tensor[index(*i)]
+        return tirx.reinterpret("uint16", v) if v.dtype == "bfloat16" else round_to_bf16_bits(v)
+
+    return te.compute(shape, lambda *i: tirx.if_then_else(inside(*i), value(*i), zero), name=name)
+
+
+def round_to_bf16_bits(value):
+    """The bf16 bits of an fp32 ``value``, rounded to nearest even (a NaN stays a quiet NaN), in
+    integer arithmetic: TVM's bf16 legalization computes a bf16 value as fp32, so the bits of a
+    rounded value cannot be had by reinterpreting it."""
+    bits = tirx.reinterpret("uint32", value)
+    rounded = (bits + tirx.const(0x7FFF, "uint32") + ((bits >> tirx.const(16, "uint32")) & tirx.const(1, "uint32"))) \
+        >> tirx.const(16, "uint32")
+    nan = (bits & tirx.const(0x7FFFFFFF, "uint32")) > tirx.const(0x7F800000, "uint32")
+    return tirx.Select(nan, tirx.const(0x7FC0, "uint16"), rounded.astype("uint16"))
 
 
 def _as_bf16(bits: te.Tensor):
@@ -177,11 +196,13 @@ def dense(data: te.Tensor, packed: te.Tensor, rows: int | None = None) -> te.Ten
     *lead, m, k = (int(d) for d in data.shape)
     n = int(packed.shape[0]) * LANES
     read = lambda *i: data[i]  # noqa: E731
-    if rows is not None and rows != m:
-        read = _as_bf16(_bits(data, (*lead, rows, k), lambda *i: i, lambda *i: i[-2] < m, "bf16_bits"))
-    main = te.compute((*lead, rows or m, n), lambda *i: te.sum(
+    rows = rows or m
+    if rows != m or k % PAIR or data.dtype != "bfloat16":
+        read = _as_bf16(_bits(data, (*lead, rows, pairs * PAIR), lambda *i: i,
+                              lambda *i: tirx.all(i[-2] < m, i[-1] < k), "bf16_bits"))
+    main = te.compute((*lead, rows, n), lambda *i: te.sum(
         _dot(read(*i[:-1], ko * PAIR + ki), packed[i[-1] // LANES, ko, i[-1] % LANES, ki]), axis=[ko, ki]), name=BLOCK)
-    return main if rows in (None, m) else _rows_of(main, (*lead, m, n))
+    return main if rows == m else _rows_of(main, (*lead, m, n))
 
 
 def batch_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
@@ -203,26 +224,31 @@ def batch_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
     return main if (rows, vectors * LANES) == (m, n) else _rows_of(main, (*lead, m, n))
 
 
-def conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te.Tensor:
-    """NHWC ``data``, weights packed from HWIO: NHWC fp32 output (the zero padding a stage of its own)."""
-    from tvm import topi
-
+def conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation, layout: str = "NHWC") -> te.Tensor:
+    """``data`` (NHWC, or NCHW: an RGB input read in place), weights packed from HWIO: NHWC fp32
+    output. The zero padding (of the borders, and of an odd channel count to pairs), the
+    transpose from NCHW and the rounding of an fp32 input are one copy stage of bf16 bits."""
     top, left, bottom, right = padding
     (sh, sw), (dh, dw) = strides, dilation
-    batch, height, width, _ = (int(d) for d in data.shape)
+    if layout == "NCHW":
+        batch, channels, height, width = (int(d) for d in data.shape)
+    else:
+        batch, height, width, channels = (int(d) for d in data.shape)
     groups, kh, kw, pairs = (int(d) for d in packed.shape[:4])
-    read = data.__getitem__
-    if any(padding):  # bf16 bits in a uint16 buffer (see STORAGE)
-        bits = topi.nn.pad(te.compute(data.shape, lambda *i: tirx.reinterpret("uint16", data[i]), name="bf16_bits"),
-                           [0, top, left, 0], [0, bottom, right, 0], name="pad_temp")
-        read = lambda index: tirx.reinterpret("bfloat16", bits[index])  # noqa: E731
+    read = lambda *i: data[i]  # noqa: E731
+    if any(padding) or channels % PAIR or layout != "NHWC" or data.dtype != "bfloat16":
+        read = _as_bf16(_bits(
+            data, (batch, height + top + bottom, width + left + right, pairs * PAIR),
+            lambda b, y, x, c: (b, c, y - top, x - left) if layout == "NCHW" else (b, y - top, x - left, c),
+            lambda b, y, x, c: tirx.all(y >= top, y < height + top, x >= left, x < width + left, c < channels),
+            "pad_temp"))
     out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
     out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
     ky, kx = te.reduce_axis((0, kh), "ky"), te.reduce_axis((0, kw), "kx")
     ko, ki = te.reduce_axis((0, pairs), "ko"), te.reduce_axis((0, PAIR), "ki")
     return te.compute(
         (batch, out_h, out_w, groups * LANES),
-        lambda b, y, x, f: te.sum(_dot(read((b, y * sh + ky * dh, x * sw + kx * dw, ko * PAIR + ki)),
+        lambda b, y, x, f: te.sum(_dot(read(b, y * sh + ky * dh, x * sw + kx * dw, ko * PAIR + ki),
                                        packed[f // LANES, ky, kx, ko, f % LANES, ki]), axis=[ky, kx, ko, ki]),
         name=BLOCK)
 
@@ -314,20 +340,20 @@ def rewrite_pass(target):
                     return None
             else:
                 a = call.attrs
-                if (a.data_layout, a.kernel_layout, a.out_layout) != ("NHWC", "HWIO", "NHWC") or int(a.groups) != 1 \
-                        or len(dims) != 4:
+                if a.data_layout not in ("NHWC", "NCHW") or (a.kernel_layout, a.out_layout) != ("HWIO", "NHWC") \
+                        or int(a.groups) != 1 or len(dims) != 4:
                     return None
-            k, n = weight.shape[-2:]
-            if k % PAIR or n % LANES:
+            if weight.shape[-1] % LANES:
                 return None
             packed = relax.const(pack_weights(weight))
             attrs = {"op_pattern": OUT_ELEMWISE_FUSABLE}
+            data = self._fp32_source(call.args[0])  # the model's fp32 input: rounded in the kernel
+            data = call.args[0] if data is None else data
             if name == "relax.matmul":
-                return self.builder_.call_te(dense, call.args[0], packed, padded_rows(dims[-2], n),
+                return self.builder_.call_te(dense, data, packed, padded_rows(dims[-2], weight.shape[-1]),
                                              primfunc_name_hint=DENSE, primfunc_attrs=attrs)
-            a = call.attrs
-            return self.builder_.call_te(conv2d, call.args[0], packed, [int(v) for v in a.strides],
-                                         [int(v) for v in a.padding], [int(v) for v in a.dilation],
+            return self.builder_.call_te(conv2d, data, packed, [int(v) for v in a.strides],
+                                         [int(v) for v in a.padding], [int(v) for v in a.dilation], str(a.data_layout),
                                          primfunc_name_hint=CONV, primfunc_attrs=attrs)
 
     return relax_pass("Bf16Contractions", Rewriter)
@@ -421,7 +447,7 @@ class Dot(CPUScheduleRule):
         if local is not None:
             self._vectorize_lanes(sch, local)
         for info in reversed(prologue):  # the padding: one parallel pass
-            rules._parallelize_vectorize(sch, info.block_rv, 2 * LANES)
+            rules._parallelize_vectorize(sch, info.block_rv, LANES)
         return sch
 
     @staticmethod
