@@ -1,32 +1,36 @@
 """bf16 matmuls and convolutions for the TVM ``llvm`` target: AVX512_BF16 dot products.
 
 ``--quantize bf16`` (convert-float) leaves MatMul/Gemm/Conv with bf16 inputs and outputs. TVM's
-own lowering of such an op accumulates in bf16 (8 bits of mantissa: a 512-long sum loses most of
-its low terms) and computes every multiply-add by converting both operands to fp32 and rounding
-the sum back, one lane at a time. Here instead:
+own lowering legalizes every bf16 op to fp32 arithmetic with a rounding after each, runs the
+contractions as the fp32 rules' loop nests converting each element, and has no bf16 LayerNorm.
+Here instead (docs/targets/tvm.md, "bf16 kernels"):
 
     Relax (after ConvertLayout, before LegalizeOps):      ``rewrite_pass``
-      matmul(x bf16, W const [K, N])          -> bf16_dense(x, Wp)  fp32 out, then astype bf16
-      conv2d NHWC/HWIO (x bf16, W const)      -> bf16_conv2d(pad(x), Wp)  the same
+      matmul(x, W const [K, N])               -> bf16_dense(x, Wp)            fp32 out
+      conv2d NHWC or NCHW-in, W const         -> bf16_conv2d(x, Wp)           fp32 out
         Wp: the weights packed at compile time as [N/16, ..., K/2, 16, 2]: 16 output channels by
-        a pair along the reduction, the 64 bytes one ``vdpbf16ps`` reads
-      any other bf16 matmul/conv2d (attention's activation x activation products, depthwise
-      convs, a 3-channel stem, N not a multiple of 16): out_dtype fp32, then astype bf16, so
-      TVM's lowering accumulates in fp32 (the existing Contraction rule schedules it)
+        a pair along the reduction, the 64 bytes one ``vdpbf16ps`` reads (an odd K: a zero row)
+      matmul(a, b) of two activations         -> bf16_batch_matmul(a, b)      b packed at run time
+      any other bf16 matmul/conv2d (depthwise, N not a multiple of 16): out_dtype fp32, so TVM's
+        kernel accumulates in fp32
+      elementwise ops after one (bias, activation, residual): on the fp32 result, one rounding
+        to bf16 at the end of the chain (``_epilogue_fp32``)
+      layer_norm/rms_norm/group_norm on bf16: on fp32 copies
     Schedule (``Dot``, a dlight rule before ours):
       register tile of ``rows`` x ``vectors`` x 16 fp32 accumulators; per pair of the reduction
       one broadcast of x's two bf16 (32 bits) per row and one 64-byte load of Wp per vector,
-      then ``vdpbf16ps`` (the tensor intrinsics ``dot_intrinsic``); the fused epilogue (cast, bias,
-      activation, residual) runs per tile on the fp32 accumulators
+      then ``vdpbf16ps`` (the tensor intrinsics ``dot_intrinsic``); the fused epilogue runs per
+      tile on the fp32 accumulators
 
 The intrinsic: TVM legalizes every bf16 value to fp32 (compute) or uint16 (storage) before LLVM
 sees it, so it cannot pass the ``<32 x bfloat>`` operands LLVM's
 ``llvm.x86.avx512bf16.dpbf16ps.512`` takes. A three-line LLVM function (``DPBF16PS_LL``) does
 the bitcast from ``<16 x i32>``; the intrinsic's body imports it (``pragma_import_llvm``) and
-calls it, and LLVM inlines it to one instruction.
+calls it, and LLVM inlines it to one instruction. A kernel's own buffers of bf16 would become
+fp32 ones, so its copies (padding, run-time packing) hold uint16 bits.
 
 Only where the target has ``avx512bf16`` (``has_bf16``): elsewhere the rewrite only makes the
-accumulation fp32. Imported only after TVM is known to be importable.
+accumulation and the epilogues fp32. Imported only after TVM is known to be importable.
 """
 
 from __future__ import annotations
@@ -271,6 +275,16 @@ def rewrite_pass(target):
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
+        def __init__(self, mod=None):
+            super().__init__(mod)
+            self.widened = set()  # the fp32 values this pass made (a model's own Casts stay)
+
+        def _rounded(self, fp32):
+            """``fp32`` bound to a variable the epilogues may read, rounded to bf16."""
+            var = self.builder_.emit(fp32) if not isinstance(fp32, relax.Var) else fp32
+            self.widened.add(var)
+            return relax.op.astype(var, "bfloat16")
+
         def visit_call_(self, call):
             call = super().visit_call_(call)
             name = op_name(call)
@@ -291,13 +305,14 @@ def rewrite_pass(target):
                     a = call.attrs
                     fp32 = relax.op.nn.conv2d(call.args[0], call.args[1], a.strides, a.padding, a.dilation, a.groups,
                                               a.data_layout, a.kernel_layout, a.out_layout, "float32")
-            return relax.op.astype(fp32, "bfloat16")
+            return self._rounded(fp32)
 
         def _fp32_source(self, arg):
-            """``x`` where ``arg`` is ``astype(x, bf16)`` of an fp32 ``x`` (a contraction's result)."""
+            """``x`` where ``arg`` is ``astype(x, bf16)`` of an fp32 ``x`` this pass made (a
+            contraction's result, an epilogue's)."""
             value = bound_value(self, arg)
             if op_name(value) == "relax.astype" and str(value.attrs.dtype) == "bfloat16" \
-                    and _dtype(value.args[0]) == "float32":
+                    and any(value.args[0].same_as(v) for v in self.widened):
                 return value.args[0]
             return None
 
@@ -314,14 +329,14 @@ def rewrite_pass(target):
             emit = self.builder_.emit
             args = [src if src is not None else emit(relax.op.astype(arg, "float32")) if _dtype(arg) == "bfloat16"
                     else arg for arg, src in zip(call.args, sources)]
-            return relax.op.astype(emit(relax.Call(call.op, args, call.attrs)), "bfloat16")
+            return self._rounded(relax.Call(call.op, args, call.attrs))
 
         def _in_fp32(self, call):
             """A normalization TOPI has no bf16 kernel for, on fp32 copies of its bf16 inputs."""
             emit = self.builder_.emit
             args = [emit(relax.op.astype(arg, "float32")) if _dtype(arg) == "bfloat16" else arg
                     for arg in call.args]
-            return relax.op.astype(emit(relax.Call(call.op, args, call.attrs)), "bfloat16")
+            return self._rounded(relax.Call(call.op, args, call.attrs))
 
         def _packed(self, call, name):
             weight = constant_value(self, call.args[1])
@@ -347,8 +362,9 @@ def rewrite_pass(target):
                 return None
             packed = relax.const(pack_weights(weight))
             attrs = {"op_pattern": OUT_ELEMWISE_FUSABLE}
-            data = self._fp32_source(call.args[0])  # the model's fp32 input: rounded in the kernel
-            data = call.args[0] if data is None else data
+            data, value = call.args[0], bound_value(self, call.args[0])
+            if op_name(value) == "relax.astype" and _dtype(value.args[0]) == "float32":
+                data = value.args[0]  # an fp32 input (the model's): the kernel rounds it as it copies
             if name == "relax.matmul":
                 return self.builder_.call_te(dense, data, packed, padded_rows(dims[-2], weight.shape[-1]),
                                              primfunc_name_hint=DENSE, primfunc_attrs=attrs)
