@@ -55,7 +55,8 @@ class OpenVinoRunner:
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         self.compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.request = self.compiled.create_infer_request()
         self.names = [o.get_any_name() for o in self.compiled.outputs]
 
