@@ -431,8 +431,8 @@ class Dot(CPUScheduleRule):
         row_outer, row_inner = sch.split(row, factors=[None, rows])
         ch_outer, ch_vec, ch_lane = sch.split(channel, factors=[None, vectors, LANES])
         # Column tiles outside row tiles: a tile's weights (vectors x K x 32 bytes, 256 KB for
-        # BERT's 2048-long FFN reduction) stay in cache across the rows (BERT-small's FFN
-        # kernels: 35 -> ? ms in 4 calls)
+        # BERT's 2048-long FFN reduction) stay in cache across the rows (BERT-small's
+        # FFN-down kernel: 35 -> 2.6 ms in 4 calls, under load)
         sch.reorder(ch_outer, *others, row_outer, *reduction[:-1], row_inner, ch_vec, ch_lane, reduction[-1])
         tile = sch.fuse(ch_outer, *others, row_outer)
 
