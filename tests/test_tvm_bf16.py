@@ -65,6 +65,14 @@ def _bound(magnitude, reduction, stages) -> np.ndarray:
 def _check(model, contraction, feeds, reduction, stages, **options):
     """Compile ``model`` for llvm bf16, run it, and hold it to the bound; returns the artifact."""
     artifact = infoptc.compile(model, target="llvm", opt_level=3, quantize="bf16", **options)
+    got, want, bound = _within_bound(artifact, model, contraction, feeds, reduction, stages)
+    # not vacuous: the bound is of bf16's size, and the outputs differ from fp32
+    assert bound.max() < 0.05 * np.abs(want).max()
+    assert np.abs(got - want).max() > 0
+    return artifact
+
+
+def _within_bound(artifact, model, contraction, feeds, reduction, stages):
     got = artifact.run(feeds)["y"].astype(np.float64)
     want = _ort(model, feeds)
     abs_model = onnx.ModelProto()
@@ -76,10 +84,7 @@ def _check(model, contraction, feeds, reduction, stages, **options):
     bound = _bound(magnitude, reduction, stages(exact))
     excess = np.abs(got - want) - bound
     assert excess.max() <= 0, f"error {np.abs(got - want).max():.3g} over the bound by {excess.max():.3g}"
-    # not vacuous: the bound is of bf16's size, and the outputs differ from fp32
-    assert bound.max() < 0.05 * np.abs(want).max()
-    assert np.abs(got - want).max() > 0
-    return artifact
+    return got, want, bound
 
 
 def test_pack_weights_layout():
@@ -113,6 +118,19 @@ def test_without_avx512bf16_accumulates_in_fp32():
     model, contraction, feeds, k, stages = _dense_case()
     artifact = _check(model, contraction, feeds, k, stages, mattr="-avx512bf16")
     assert _dpbf16_count(artifact) == 0
+
+
+def test_symbolic_rows_run_vdpbf16ps_within_the_bf16_bound():
+    """Batch and sequence known only at run time: the rows are padded to whole tiles in the kernel."""
+    model, contraction, feeds, k, stages = _dense_case()
+    for m in (model, contraction):
+        for value in (*m.graph.input, *m.graph.output):
+            dims = value.type.tensor_type.shape.dim
+            dims[0].dim_param, dims[1].dim_param = "batch", "seq"
+    artifact = _check(model, contraction, feeds, k, stages)
+    assert artifact.manifest["symbolic_dims"] == ["batch", "seq"] and _dpbf16_count(artifact) > 0
+    x = np.random.default_rng(1).standard_normal((1, 7, k)).astype(np.float32)  # a partial tile of rows
+    _within_bound(artifact, model, contraction, {"x": x}, k, stages)
 
 
 @pytest.mark.parametrize("stride, residual", [(1, True), (2, False)])

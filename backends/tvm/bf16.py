@@ -6,7 +6,8 @@ contractions as the fp32 rules' loop nests converting each element, and has no b
 Here instead (docs/targets/tvm.md, "bf16 kernels"):
 
     Relax (after ConvertLayout, before LegalizeOps):      ``rewrite_pass``
-      matmul(x, W const [K, N])               -> bf16_dense(x, Wp)            fp32 out
+      matmul(x, W const [K, N])               -> bf16_dense(x, Wp)            fp32 out (symbolic
+                                                 rows: padded to whole tiles in the kernel)
       conv2d NHWC or NCHW-in, W const         -> bf16_conv2d(x, Wp)           fp32 out
         Wp: the weights packed at compile time as [N/16, ..., K/2, 16, 2]: 16 output channels by
         a pair along the reduction, the 64 bytes one ``vdpbf16ps`` reads (an odd K: a zero row)
@@ -197,16 +198,19 @@ def dense(data: te.Tensor, packed: te.Tensor, rows: int | None = None) -> te.Ten
     ``rows``: the second-last axis computed padded to that many (``padded_rows``)."""
     pairs = int(packed.shape[1])
     ko, ki = te.reduce_axis((0, pairs), "ko"), te.reduce_axis((0, PAIR), "ki")
-    *lead, m, k = (int(d) for d in data.shape)
     n = int(packed.shape[0]) * LANES
+    *lead, m, k = (d if rules._static(d) is None else int(d) for d in data.shape)
+    if any(rules._static(d) is None for d in data.shape):  # rows known at run time: padded to tiles
+        tile = ACCUMULATORS // next(v for v in (4, 2, 1) if (n // LANES) % v == 0)
+        rows = tirx.floordiv(m + tile - 1, tile) * tile
     read = lambda *i: data[i]  # noqa: E731
-    rows = rows or m
-    if rows != m or k % PAIR or data.dtype != "bfloat16":
+    rows = m if rows is None or rows == m else rows
+    if rows is not m or k % PAIR or data.dtype != "bfloat16":
         read = _as_bf16(_bits(data, (*lead, rows, pairs * PAIR), lambda *i: i,
                               lambda *i: tirx.all(i[-2] < m, i[-1] < k), "bf16_bits"))
     main = te.compute((*lead, rows, n), lambda *i: te.sum(
         _dot(read(*i[:-1], ko * PAIR + ki), packed[i[-1] // LANES, ko, i[-1] % LANES, ki]), axis=[ko, ki]), name=BLOCK)
-    return main if rows == m else _rows_of(main, (*lead, m, n))
+    return main if rows is m else _rows_of(main, (*lead, m, n))
 
 
 def batch_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
@@ -341,8 +345,8 @@ def rewrite_pass(target):
         def _packed(self, call, name):
             weight = constant_value(self, call.args[1])
             dims = tensor_dims(call.args[0])
-            if dims is None or None in dims:
-                return None
+            if dims is None or dims[-1] is None or (None in dims and (weight is None or name != "relax.matmul")):
+                return None  # symbolic dims: only a dense (its rows)
             if weight is None:
                 other = tensor_dims(call.args[1])
                 if name != "relax.matmul" or other is None or None in other or len(dims) < 3 \
@@ -366,7 +370,8 @@ def rewrite_pass(target):
             if op_name(value) == "relax.astype" and _dtype(value.args[0]) == "float32":
                 data = value.args[0]  # an fp32 input (the model's): the kernel rounds it as it copies
             if name == "relax.matmul":
-                return self.builder_.call_te(dense, data, packed, padded_rows(dims[-2], weight.shape[-1]),
+                rows = None if None in dims else padded_rows(dims[-2], weight.shape[-1])
+                return self.builder_.call_te(dense, data, packed, rows,
                                              primfunc_name_hint=DENSE, primfunc_attrs=attrs)
             return self.builder_.call_te(conv2d, data, packed, [int(v) for v in a.strides],
                                          [int(v) for v in a.padding], [int(v) for v in a.dilation], str(a.data_layout),
@@ -425,9 +430,13 @@ class Dot(CPUScheduleRule):
         # split of fused axes (y, x) maps to the output by division, which tensorize cannot
         # blockize.
         *others, row = row_loops
-        work = int(np.prod([rules._extent(sch, loop) for loop in loops]))
+        work = rules._work([rules._extent(sch, loop) for loop in loops])
         rows_extent, channels = rules._extent(sch, row), rules._extent(sch, channel)
-        rows, vectors = register_tile(rows_extent, channels // LANES)
+        if rows_extent is None:  # symbolic rows, padded to whole tiles of this many (``dense``)
+            vectors = next(v for v in (4, 2, 1) if (channels // LANES) % v == 0)
+            rows = ACCUMULATORS // vectors
+        else:
+            rows, vectors = register_tile(rows_extent, channels // LANES)
         row_outer, row_inner = sch.split(row, factors=[None, rows])
         ch_outer, ch_vec, ch_lane = sch.split(channel, factors=[None, vectors, LANES])
         # Column tiles outside row tiles: a tile's weights (vectors x K x 32 bytes, 256 KB for
