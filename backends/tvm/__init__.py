@@ -779,6 +779,9 @@ def _dim(value) -> int | str:
 class LlvmTarget(TvmTarget):
     name = "llvm"
     summary = "TVM-compiled CPU library (.so) for this machine (or mtriple=...); TVM installed"
+    # bf16: fp32 inputs and outputs (numpy has no bf16 that DLPack passes; the Casts fuse into
+    # the first and last kernels), bf16 inside (backends/tvm/bf16.py)
+    quantize_defaults = {"bf16": {"keep-io-types": True}}
 
     def tvm_target(self) -> tuple[dict, dict]:
         from tvm.target import codegen

@@ -561,8 +561,8 @@ def bound_value(mutator, expr):
 
 
 def constant_value(mutator, expr):
-    """The numpy value of a constant Relax expression (a weight), seen through the dataflow
-    variable it is bound to and ConvertLayout's ``permute_dims``; None for anything else."""
+    """The numpy value of a constant (a weight) seen from a ``PyExprMutator``, through the
+    ``permute_dims`` that ConvertLayout or Gemm's transB put before it; None if not constant."""
     import numpy as np
     import tvm
 
@@ -572,8 +572,8 @@ def constant_value(mutator, expr):
     if op_name(expr) == "relax.permute_dims":
         inner = constant_value(mutator, expr.args[0])
         axes = expr.attrs.axes
-        if inner is not None and axes is not None:
-            return np.transpose(inner, [int(a) for a in axes])
+        if inner is not None:
+            return np.transpose(inner, None if axes is None else [int(a) for a in axes])
     return None
 
 
