@@ -40,6 +40,7 @@ from infoptc.errors import CompileError, MissingDependencyError
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from . import int8
 from . import schedule as rules
 from . import winograd
 from .prepare import bound_value, op_name, relax_pass, tensor_dims
@@ -68,7 +69,7 @@ class BuildResult:
 
 
 def cpu_schedule_pass():
-    return dl.ApplyDefaultSchedule(winograd.Transform(), rules.Contraction(), rules.GEMV(), rules.Reduction(),
+    return dl.ApplyDefaultSchedule(int8.Int8Contraction(), winograd.Transform(), rules.Contraction(), rules.GEMV(), rules.Reduction(),
                                    rules.Injective())
 
 
@@ -99,8 +100,8 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
     first = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     if is_cpu and cpu_layout:
         lanes = rules.vector_lanes(target)
-        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(lanes),
-                  winograd.rewrite_pass(lanes)]
+        first += [int8.decompose_qdq_pass(), relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
+                  int8.rewrite_pass(target), read_narrow_inputs_in_place(lanes), winograd.rewrite_pass(lanes)]
     if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
     if is_cpu and cpu_layout:  # the zero pipeline's LegalizeOps, with our NCHW-in, NHWC-out conv
