@@ -59,15 +59,16 @@ def mlp_model():
 
 def conv_model():
     """NCHW [1, 3, 16, 16]: a 3-channel stem (channels padded to 4), a residual block, a strided
-    1x1 conv, a conv to 8 channels (ymm vectors), global pool and a Gemm with an fp32 output."""
+    1x1 conv, a depthwise conv, a conv to 8 channels (ymm vectors), global pool and a Gemm with
+    an fp32 output."""
     rng = _rng(2)
     inits = []
 
-    def conv(name, x, cin, cout, k, stride=1, relu=True):
-        inits.extend([_init(f"{name}_w", rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)),
+    def conv(name, x, cin, cout, k, stride=1, relu=True, groups=1):
+        inits.extend([_init(f"{name}_w", rng.standard_normal((cout, cin // groups, k, k)) / np.sqrt(cin // groups * k * k)),
                       _init(f"{name}_b", rng.standard_normal(cout) * 0.1)])
         out = [helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], kernel_shape=[k, k],
-                                strides=[stride, stride], pads=[k // 2] * 4)]
+                                strides=[stride, stride], pads=[k // 2] * 4, group=groups)]
         if relu:
             out.append(helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"]))
         return out, f"{name}_r" if relu else f"{name}_c"
@@ -80,7 +81,9 @@ def conv_model():
     nodes += made + [helper.make_node("Add", [c2, "stem_r"], ["res"]), helper.make_node("Relu", ["res"], ["res_r"])]
     made, c3 = conv("c3", "res_r", 16, 32, 1, stride=2)
     nodes += made
-    made, c4 = conv("c4", c3, 32, 8, 3)
+    made, dw = conv("dw", c3, 32, 32, 3, groups=32)
+    nodes += made
+    made, c4 = conv("c4", dw, 32, 8, 3)
     nodes += made
     inits += [_init("fc_w", rng.standard_normal((16, 8)) / np.sqrt(8)), _init("fc_b", rng.standard_normal(16) * 0.1)]
     nodes += [helper.make_node("GlobalAveragePool", [c4], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
@@ -239,6 +242,7 @@ def test_quantized_cnn_runs_nhwc_between_its_convs():
     mod = lowered(quantize(conv_model(), isa="vnni"))
     names = list(kernels_by_name(mod))
     assert sum("int8_conv2d" in n for n in names) == 5
+    assert sum("int8_depthwise" in n for n in names) == 1
     assert sum("int8_dense" in n for n in names) == 1  # the Gemm
     producer, transposed = {}, []
     for block in mod["main"].body.blocks:
@@ -247,9 +251,9 @@ def test_quantized_cnn_runs_nhwc_between_its_convs():
             if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.call_tir":
                 kernel = value.args[0].name_hint
                 producer[binding.var] = kernel
-                if "int8_conv2d" in kernel:
+                if "int8_conv2d" in kernel or "int8_depthwise" in kernel:
                     transposed += [producer[a] for a in value.args[1].fields if "transpose" in producer.get(a, "")]
-    assert len(transposed) == 1 and "divide" in transposed[0], transposed  # the input's Q + transpose
+    assert len(transposed) == 1 and "round" in transposed[0], transposed  # the input's Q + transpose
 
 
 def test_pack_weights_layout():

@@ -59,7 +59,7 @@ from .prepare import bound_value, op_name, relax_pass, tensor_dims
 
 log = logging.getLogger("infoptc.backends.tvm")
 
-CONV_BLOCK, DENSE_BLOCK = "int8_conv2d", "int8_dense"
+CONV_BLOCK, DENSE_BLOCK, DEPTHWISE_BLOCK = "int8_conv2d", "int8_dense", "int8_depthwise"
 OUT_ELEMWISE_FUSABLE = 4  # relax OpPatternKind::kOutEWiseFusable: the epilogue fuses in
 PMADD_WEIGHT_MAX = 63  # |w| for which vpmaddubsw's int16 pair sums cannot saturate
 MAX_VECTORS = 4  # vectors of output channels per register tile
@@ -204,6 +204,27 @@ def conv2d_te(data: te.Tensor, packed: te.Tensor, strides, padding, dilation, ze
         name=CONV_BLOCK)
 
 
+def depthwise_te(data: te.Tensor, weight: te.Tensor, strides, padding, dilation, zero_point: int):
+    """NHWC u8 ``data`` and ``weight [kh, kw, C]`` (int8 values as fp32) -> NHWC fp32 sums of
+    ``(x - zero_point) * w``: exact integers (9 taps of 255 x 127 are far below 2^24), read from
+    the u8 tensor the previous kernel wrote. The padding holds ``zero_point`` (a real 0)."""
+    kh, kw, _ = (int(d) for d in weight.shape)
+    top, left, bottom, right = (int(v) for v in padding)
+    (sh, sw), (dh, dw) = [int(v) for v in strides], [int(v) for v in dilation]
+    zero_point = int(zero_point)
+    batch, height, width, channels = data.shape
+    if top or left or bottom or right:
+        data = topi.nn.pad(data, [0, top, left, 0], [0, bottom, right, 0], pad_value=zero_point, name="pad_u8")
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    ky, kx = te.reduce_axis((0, kh), "ky"), te.reduce_axis((0, kw), "kx")
+    return te.compute(
+        (batch, out_h, out_w, channels),
+        lambda n, y, x, c: te.sum((data[n, y * sh + ky * dh, x * sw + kx * dw, c].astype("float32")
+                                   - tirx.const(zero_point, "float32")) * weight[ky, kx, c], axis=[ky, kx]),
+        name=DEPTHWISE_BLOCK)
+
+
 def dense_te(data: te.Tensor, packed: te.Tensor):
     """u8 ``data [..., K]`` and packed weights ``[F/L, K4/4, L, 4]`` -> int32 ``[..., F]``."""
     *lead, k = data.shape
@@ -260,7 +281,9 @@ def decompose_qdq_pass():
             if out_dtype not in ("uint8", "int8") or str(call.args[0].ty.dtype) != "float32":
                 return call
             info = np.iinfo(out_dtype)
-            value = self.builder_.emit(relax.op.round(relax.op.divide(call.args[0], f32(scale))))
+            # times 1/s, as ONNX Runtime's fused int8 kernels requantize: a division per element
+            # cost more than the rest of a 1x1 conv's epilogue (MobileNetV2's expansions)
+            value = self.builder_.emit(relax.op.round(relax.op.multiply(call.args[0], f32(1 / np.float32(scale)))))
             value = self.builder_.emit(relax.op.add(value, f32(zero)))
             value = self.builder_.emit(relax.op.minimum(relax.op.maximum(value, f32(info.min)), f32(info.max)))
             return relax.op.astype(value, out_dtype)
@@ -344,20 +367,32 @@ def rewrite_pass(target):
 
         def _conv2d(self, call):
             attrs = call.attrs
-            if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC") \
-                    or int(attrs.groups) != 1:
+            if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "HWIO", "NHWC"):
                 return None
             activation, weight = self._dequantized(call.args[0]), self._weight(call.args[1])
             if activation is None or weight is None or weight[0].ndim != 4:
                 return None
-            q, _, zx, axes = activation
+            q, sx, zx, axes = activation
             if axes not in (None, [0, 2, 3, 1]):
                 return None
             values, scale = weight
             channels = values.shape[3]
             per_output = self._per_output(scale, channels)
+            groups = int(attrs.groups)
+            if groups != 1:
+                if groups != channels or values.shape[2] != 1 or per_output is None:
+                    return None  # grouped, not depthwise: fp32
+                if axes is not None:
+                    q = self.builder_.emit(relax.op.permute_dims(q, axes))
+                sums = self.builder_.emit(self.builder_.call_te(
+                    depthwise_te, q, relax.const(values[:, :, 0, :].astype(np.float32)),
+                    [int(v) for v in attrs.strides], [int(v) for v in attrs.padding], [int(v) for v in attrs.dilation],
+                    zx, primfunc_name_hint=DEPTHWISE_BLOCK, primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE}))
+                return relax.op.multiply(sums, relax.const((np.float64(sx) * per_output).astype(np.float32)))
+            if per_output is None:
+                return None
             choice = choose_lanes(target, channels, int(np.abs(values.astype(np.int32)).max(initial=0)))
-            if per_output is None or choice is None:
+            if choice is None:
                 return None
             if axes is not None:
                 q = self.builder_.emit(relax.op.permute_dims(q, axes))
@@ -427,14 +462,17 @@ class Int8Contraction(CPUScheduleRule):
         kind = instruction(target, lanes)
         if kind is None:
             return None
-        loops = sch.get_loops(main)
-        if name == CONV_BLOCK:
-            *outer, x, f, ky, kx, c = loops
-            window = [ky, kx]
-        else:
-            *outer, f, c = loops
-            window = []
-            x = outer.pop() if outer else None
+        # The loops by role (normalize_prim_func drops unit loops: a 1x1 window, a batch of 1):
+        # output channels last of the spatial ones, the row axis (output x, or a matrix row)
+        # before them; the input channels last of the reductions, the window's before them.
+        info = infos[index]
+        spatial = [it.loop_rv for it in info.iters if it.kind == "S"]
+        reduction = [it.loop_rv for it in info.iters if it.kind == "R"]
+        if len(spatial) + len(reduction) != len(info.iters) or not reduction:
+            return None
+        *outer, f = spatial
+        x = outer.pop() if outer else None
+        *window, c = reduction
         features = rules._extent(sch, f)
         vectors = rules._largest_divisor(features // lanes, MAX_VECTORS)
         fo, fb, fi = sch.split(f, factors=[None, vectors, lanes])
@@ -451,8 +489,8 @@ class Int8Contraction(CPUScheduleRule):
         # while it sweeps the rows; else the rows are outer and the input tile stays.
         weight_bytes = int(np.prod([int(d) for d in packed.shape]))
         data_bytes = rules._work(rules._static(d) for d in data.shape)
-        spatial = [lp for lp in [*outer, xo] if lp is not None]
-        tiles = [fo, *spatial] if weight_bytes > data_bytes else [*spatial, fo]
+        row_loops = [lp for lp in [*outer, xo] if lp is not None]
+        tiles = [fo, *row_loops] if weight_bytes > data_bytes else [*row_loops, fo]
         sch.reorder(*tiles, *window, co, *inner, fb, fi, ci)
         fused = sch.fuse(*tiles) if len(tiles) > 1 else tiles[0]
         work = rules._work(rules._static(d) for d in stmt.writes[0].source.shape) \
