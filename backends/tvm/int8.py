@@ -436,7 +436,6 @@ class Int8Contraction(CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
         names = {CONV_BLOCK, DENSE_BLOCK}
         found = []
         tvm_ffi.structural_walk(func.body, (s_tir.SBlock, lambda b: found.append(b.name_hint) if b.name_hint in names
@@ -444,7 +443,7 @@ class Int8Contraction(CPUScheduleRule):
         if len(found) != 1:
             return None
         try:
-            return self._schedule(sch, found[0], target)
+            return self._schedule(s_tir.Schedule(func), found[0], target)
         except Exception as e:  # noqa: BLE001 - an unexpected loop nest: the other rules try
             log.debug("int8 schedule failed: %s", e, exc_info=True)
             return None
