@@ -233,7 +233,7 @@ def test_without_vnni_8bit_weights_stay_fp32_rather_than_saturate(caplog):
     with caplog.at_level(logging.WARNING, logger="infoptc"):
         artifact = infoptc.compile(qmodel, target="llvm", opt_level=0, mattr=NO_VNNI)
     assert instruction_used(artifact) == set()
-    assert any("saturates" in r.getMessage() for r in caplog.records)
+    assert sum("saturates" in r.getMessage() for r in caplog.records) == 1  # one line for all such layers
     assert_agrees(qmodel, artifact)
 
 

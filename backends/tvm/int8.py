@@ -151,15 +151,14 @@ def instruction(target, lanes: int) -> str | None:
     return "pmadd"
 
 
-def choose_lanes(target, channels: int, weight_max: int) -> tuple[int, str] | None:
-    """Output channels per vector and the instruction for a layer, or None (it stays fp32)."""
+def choose_lanes(target, channels: int, weight_max: int) -> tuple[int, str] | str | None:
+    """Output channels per vector and the instruction for a layer; ``"saturates"`` where only
+    ``vpmaddubsw`` is available and the weights exceed its exact range; None where neither fits
+    (both: the layer stays fp32)."""
     for lanes in (16, 8):
         kind = instruction(target, lanes) if channels % lanes == 0 else None
         if kind == "pmadd" and weight_max > PMADD_WEIGHT_MAX:
-            log.warning("int8 layer with weights up to %d kept in fp32: this CPU has no VNNI, and its u8 x s8 "
-                        "instruction saturates above %d (quantize with --isa avx2 for 7-bit weights)",
-                        weight_max, PMADD_WEIGHT_MAX)
-            return None
+            return "saturates"
         if kind is not None:
             return lanes, kind
     return None
@@ -293,7 +292,17 @@ def decompose_qdq_pass():
 
 def rewrite_pass(target):
     """A pass: conv2d / matmul of dequantized u8 activations and int8 constant weights ->
-    ``int8_conv2d`` / ``int8_dense`` kernels with the dequantization after them."""
+    ``int8_conv2d`` / ``int8_dense`` / ``int8_depthwise`` kernels with the dequantization after
+    them; one warning names the layers a saturating instruction keeps in fp32."""
+    saturating: list[int] = []  # per layer kept fp32 for vpmaddubsw's range: its largest |w|
+
+    def lanes_for(channels: int, values: np.ndarray):
+        weight_max = int(np.abs(values.astype(np.int32)).max(initial=0))
+        choice = choose_lanes(target, channels, weight_max)
+        if choice == "saturates":
+            saturating.append(weight_max)
+            return None
+        return choice
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
@@ -391,7 +400,7 @@ def rewrite_pass(target):
                 return relax.op.multiply(sums, relax.const((np.float64(sx) * per_output).astype(np.float32)))
             if per_output is None:
                 return None
-            choice = choose_lanes(target, channels, int(np.abs(values.astype(np.int32)).max(initial=0)))
+            choice = lanes_for(channels, values)
             if choice is None:
                 return None
             if axes is not None:
@@ -412,7 +421,7 @@ def rewrite_pass(target):
             values, scale = weight
             channels = values.shape[1]
             per_output = self._per_output(scale, channels)
-            choice = choose_lanes(target, channels, int(np.abs(values.astype(np.int32)).max(initial=0)))
+            choice = lanes_for(channels, values)
             if per_output is None or choice is None:
                 return None
             acc = self.builder_.call_te(dense_te, activation[0], relax.const(pack_weights(values, choice[0])),
@@ -420,7 +429,18 @@ def rewrite_pass(target):
                                         primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
             return self._finish(acc, values, per_output, activation)
 
-    return relax_pass("Int8Contractions", Rewriter)
+    rewrite = relax_pass("Int8Contractions", Rewriter)
+
+    def run(mod, _ctx):
+        saturating.clear()
+        mod = rewrite(mod)
+        if saturating:
+            log.warning("%d int8 layer(s) kept in fp32: this CPU has no VNNI, and its u8 x s8 instruction "
+                        "(vpmaddubsw) saturates with weights beyond +-%d (these reach %d); quantize with --isa avx2 "
+                        "for 7-bit weights", len(saturating), PMADD_WEIGHT_MAX, max(saturating))
+        return mod
+
+    return tvm.transform.module_pass(run, opt_level=0, name="Int8ContractionsReported")
 
 
 # ----------------------------------------------------------------------------- schedule
