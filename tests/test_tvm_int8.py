@@ -218,11 +218,16 @@ def test_int8_model_runs_on_the_hosts_dot_product_and_agrees_with_ort(build):
 
 
 @needs_avx2
-def test_without_vnni_7bit_weights_run_on_vpmaddubsw_and_agree():
+@pytest.mark.parametrize("mattr", [NO_VNNI, "-avx512f,-avxvnni"], ids=["avx512bw-zmm", "avx2-ymm"])
+def test_without_vnni_7bit_weights_run_on_vpmaddubsw_and_agree(mattr):
     """The quantizer's AVX2 recipe (|w| <= 63): pairs of u8 x s8 products cannot saturate int16."""
+    if mattr == NO_VNNI and "avx512bw" not in FLAGS:
+        pytest.skip("no AVX-512BW here")
     qmodel = quantize(conv_model(), isa="avx2")
-    artifact = infoptc.compile(qmodel, target="llvm", opt_level=0, mattr=NO_VNNI)
+    artifact = infoptc.compile(qmodel, target="llvm", opt_level=0, mattr=mattr)
+    asm = assembly(artifact)
     assert instruction_used(artifact) == {"vpmaddubsw"}
+    assert ("zmm" in asm) == (mattr == NO_VNNI)  # ymm only without AVX-512
     assert_agrees(qmodel, artifact)
 
 
