@@ -273,3 +273,21 @@ def test_pack_weights_layout():
     for f, ky, kx, c in [(0, 0, 0, 0), (17, 2, 1, 5), (31, 1, 2, 3)]:
         assert packed[f // 16, ky, kx, c // 4, f % 16, c % 4] == w[ky, kx, c, f]
     assert not packed[:, :, :, 1, :, 2:].any()  # channels 6 and 7: zeros
+
+
+@needs_avx2
+def test_compile_quantizes_for_llvm_without_timing_onnx_runtime(monkeypatch):
+    """``infoptc.compile(model, target="llvm", quantize="int8", calibration=...)``, the call the
+    benchmarks make: the quantizer's speed check times ONNX Runtime's int8 kernels, which the llvm
+    target does not run, so it is skipped there and every layer is quantized."""
+    from infoptc.passes.quantize import speed
+
+    def timed(*_args, **_kwargs):
+        raise AssertionError("the speed check ran ONNX Runtime for an llvm build")
+
+    monkeypatch.setattr(speed, "compare", timed)
+    model = conv_model()
+    artifact = infoptc.compile(model, target="llvm", opt_level=3, quantize="int8", calibration=feeds(model, 8))
+    assert instruction_used(artifact) == {host_instruction()}
+    assert sum(n.op_type == "DequantizeLinear" for n in artifact.model.graph.node) > 0
+    assert_agrees(artifact.model, artifact)
