@@ -41,7 +41,7 @@ from infoptc.errors import CompileError, MissingDependencyError
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
-from . import bf16, packing, winograd
+from . import bf16, int8, packing, winograd
 from . import schedule as rules
 from .prepare import bound_value, op_name, relax_pass, tensor_dims
 from .runtime import PINNED_FFI, TUNING_FFI_SERIES, size_thread_pool
@@ -69,8 +69,8 @@ class BuildResult:
 
 
 def cpu_schedule_pass():
-    return dl.ApplyDefaultSchedule(bf16.Dot(), winograd.Transform(), rules.Contraction(), rules.GEMV(), rules.Reduction(),
-                                   rules.Injective())
+    return dl.ApplyDefaultSchedule(int8.Int8Contraction(), bf16.Dot(), winograd.Transform(), rules.Contraction(),
+                                   rules.GEMV(), rules.Reduction(), rules.Injective())
 
 
 def gpu_schedule_pass():
@@ -100,8 +100,8 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
     first = [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()]
     if is_cpu and cpu_layout:
         lanes = rules.vector_lanes(target)
-        first += [relax.transform.ConvertLayout(CPU_CONV_LAYOUT), read_narrow_inputs_in_place(lanes),
-                  winograd.rewrite_pass(lanes)]
+        first += [int8.decompose_qdq_pass(), relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
+                  int8.rewrite_pass(target), read_narrow_inputs_in_place(lanes), winograd.rewrite_pass(lanes)]
     if is_cpu:  # bf16 matmuls and convs: AVX512_BF16 kernels, or at least fp32 accumulation
         first.append(bf16.rewrite_pass(target))
     if fast_math:  # on Relax ops: before anything legalizes them
