@@ -297,6 +297,30 @@ def test_relax_fixes_make_clip_layout_friendly_and_gather_safe():
     _check(OrtRunner(model).run({"x": x, "idx": idx}), artifact.run({"x": x, "idx": idx}))
 
 
+def test_log_handlers_made_during_native_capture_survive_it(capfd, monkeypatch):
+    """A library that sets up logging while TVM's native output is captured (a StreamHandler on
+    the stand-in stderr) keeps logging afterwards, to the real stderr, instead of failing with
+    "I/O operation on closed file" on every later line (seen after an llvm compile)."""
+    import io
+    import logging
+
+    from infoptc.backends.tvm.runtime import native_output_to_log
+
+    real = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)  # Python's stderr on fd 2
+    monkeypatch.setattr(sys, "stderr", real)
+    logger = logging.getLogger("infoptc.test.capture")
+    with native_output_to_log():
+        assert sys.stderr is not real  # the capture stands in for it
+        handler = logging.StreamHandler()  # binds whatever sys.stderr is now
+        logger.addHandler(handler)
+    try:
+        assert handler.stream is real
+        logger.warning("after the capture")
+        assert "after the capture" in capfd.readouterr().err
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_constant_scalar_gathers_become_slices_and_match_ort():
     """Gather(x, i) with a constant scalar index (ViT's split of its fused QKV) imports as a
     strided slice, no ``take``; negative indices count from the end; an integer Gather (shape

@@ -3,9 +3,13 @@ the CUDA kernels compiled by nvcc.
 
     relax (from the ONNX frontend)
       -> DecomposeOpsForInference, CanonicalizeBindings     batch norm as arithmetic
-      -> ConvertLayout(conv2d: NHWC/HWIO)                    llvm only: channels innermost
+      -> int8 Q/DQ as arithmetic, ConvertLayout(conv2d: NHWC/HWIO), int8 kernels (int8.py)
+                                                             llvm only: channels innermost
       -> ReadNarrowInputsInPlace, WinogradConv2d             llvm only
+      -> bf16 kernels (bf16.py)                              llvm only
       -> FastMathTransform                                   when fast_math (llvm default)
+      -> FoldConstant, PackWeights (packing.py)              llvm with the rules
+      -> LegalizeOps: our conv2d (NCHW in, NHWC out), fast sigmoid
       -> zero pipeline: LegalizeOps, FoldConstant, FuseOps, FuseTIR
       -> [MetaSchedule: tune the tasks the database lacks, apply the database]
       -> default schedules for what is still unscheduled    dlight rules (ours for CPU)

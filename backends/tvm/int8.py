@@ -526,22 +526,7 @@ class Int8Contraction(CPUScheduleRule):
 
         remaining = try_inline(sch, list(epilogue))
         out_lanes = rules.vector_lanes(target)
-        for info in remaining:
-            done = False
-            if len(remaining) == 1:
-                try:
-                    sch.reverse_compute_inline(local)
-                    local = None
-                except Exception:  # noqa: BLE001 - not inlinable: keep the copy block
-                    pass
-                try:
-                    sch.reverse_compute_at(info.block_rv, fused, preserve_unit_loops=True)
-                    rules.Contraction._vectorize_tail(sch, info.block_rv, out_lanes)
-                    done = True
-                except Exception:  # noqa: BLE001 - a layout change: on its own
-                    done = False
-            if not done:
-                rules._parallelize_vectorize(sch, info.block_rv, out_lanes)
+        local = rules.epilogue_per_tile(sch, remaining, local, fused, out_lanes)
         rules.Contraction._vectorize_tail(sch, local, out_lanes)
         for info in reversed(prologue):
             try:

@@ -36,6 +36,18 @@ def tvm_versions() -> dict[str, str]:
     return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?")}
 
 
+def _repoint_log_handlers(old, new) -> None:
+    """Log handlers made while ``old`` stood in for sys.stderr (a library that configures
+    logging when TVM first imports it) write to ``new`` instead: ``old`` is closed next, and a
+    handler left on it fails on every later log line ("I/O operation on closed file")."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(new)
+
+
 @contextlib.contextmanager
 def native_output_to_log():
     """TVM's C++ side logs warnings straight to file descriptor 2 (and MetaSchedule's worker
@@ -61,6 +73,7 @@ def native_output_to_log():
             if python_stderr is not None:
                 sys.stderr.flush()
                 sys.stderr = python_stderr
+                _repoint_log_handlers(terminal, python_stderr)
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)

@@ -150,6 +150,26 @@ def serial_when_small(sch: s_tir.Schedule, works: list) -> s_tir.Schedule:
     return s_tir.Schedule(func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, branched)))
 
 
+def epilogue_per_tile(sch: s_tir.Schedule, remaining: list, local, loop, lanes: int):
+    """Schedule a contraction's epilogue blocks (what ``try_inline`` left): a single one folds
+    the accumulator copy ``local`` into itself and is computed per output tile inside ``loop``,
+    while it is in cache; several, or one that changes the layout, get their own parallel
+    vectorized loops. Returns ``local``, or None once folded."""
+    for info in remaining:
+        if loop is not None and len(remaining) == 1:
+            if _try(sch.reverse_compute_inline, local):
+                local = None
+
+            def per_tile(block=info.block_rv):
+                sch.reverse_compute_at(block, loop, preserve_unit_loops=True)
+                Contraction._vectorize_tail(sch, block, lanes)
+
+            if _try(per_tile):
+                continue
+        _parallelize_vectorize(sch, info.block_rv, lanes)
+    return local
+
+
 def _try(primitive, *args) -> bool:
     """Apply a schedule primitive; False (the schedule unchanged) where it does not apply."""
     try:
@@ -462,22 +482,7 @@ class Contraction(CPUScheduleRule):
             remaining = []
         else:
             remaining = try_inline(sch, list(epilogue))
-        for info in remaining:
-            done = False
-            if fused is not None and len(remaining) == 1:
-                try:
-                    sch.reverse_compute_inline(local)
-                    local = None
-                except Exception:  # noqa: BLE001 - not inlinable: keep the copy block
-                    pass
-                try:
-                    sch.reverse_compute_at(info.block_rv, fused, preserve_unit_loops=True)
-                    self._vectorize_tail(sch, info.block_rv, lanes)
-                    done = True
-                except Exception:  # noqa: BLE001 - layout change: schedule it on its own
-                    done = False
-            if not done:
-                _parallelize_vectorize(sch, info.block_rv, lanes)
+        local = epilogue_per_tile(sch, remaining, local, fused, lanes)
         self._vectorize_tail(sch, local, lanes)
         for info in reversed(prologue):
             if any(info is pad for pad in row_pads):
