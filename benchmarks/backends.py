@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -87,18 +85,17 @@ class OrtSession:
 
 
 class OpenVinoSession:
-    """OpenVINO's CPU plugin, LATENCY hint, ``threads`` threads; ``precision`` "f32" or None (its default)."""
+    """OpenVINO's CPU plugin, LATENCY hint, ``threads`` threads; ``precision`` "f32" or None (its
+    default: bf16 where the CPU has AVX512_BF16 or AMX)."""
 
-    def __init__(self, model: onnx.ModelProto, threads: int, precision: str | None, work: Path):
+    def __init__(self, model: onnx.ModelProto, threads: int, precision: str | None = None):
         import openvino as ov
 
-        path = work / "openvino_input.onnx"
-        onnx.save(model, path)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.request = self.compiled.create_infer_request()
@@ -149,7 +146,7 @@ def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(max(float(np.sum(ref * ref)), 1e-30) / noise))
 
 
-def build_runners(name: str, model: onnx.ModelProto, cal: list[dict], args, work: Path):
+def build_runners(name: str, model: onnx.ModelProto, cal: list[dict], args):
     """``[(label, runner, compile seconds, note)]``; a runner that cannot be built is a note."""
     shapes = bound_shapes(model, args.seq)
     llvm = {"target": "llvm", "opt_level": 3, "input_shapes": shapes, "threads": args.threads}
@@ -172,8 +169,8 @@ def build_runners(name: str, model: onnx.ModelProto, cal: list[dict], args, work
     makers = {
         "ort fp32": lambda: OrtSession(model, args.threads),
         "ort int8": ort_int8,
-        "openvino fp32": lambda: OpenVinoSession(model, args.threads, "f32", work),
-        "openvino default": lambda: OpenVinoSession(model, args.threads, None, work),
+        "openvino fp32": lambda: OpenVinoSession(model, args.threads, "f32"),
+        "openvino default": lambda: OpenVinoSession(model, args.threads),
         "llvm fp32": lambda: infoptc.compile(model, **llvm),
         "llvm bf16": lambda: infoptc.compile(model, quantize="bf16", quantize_options={"keep-io-types": True}, **llvm),
         "llvm int8": llvm_int8,
@@ -210,10 +207,10 @@ def build_runners(name: str, model: onnx.ModelProto, cal: list[dict], args, work
     return runners
 
 
-def bench_model(name: str, args, work: Path) -> list[dict]:
+def bench_model(name: str, args) -> list[dict]:
     model = {**BUILDERS, **REAL_SIZE_BUILDERS}[name]()
     kind, cal, ev = model_data(name, model, args)
-    built = build_runners(name, model, cal, args, work)
+    built = build_runners(name, model, cal, args)
     live = [(label, runner) for label, runner, _, _ in built if runner is not None]
     outputs = {label: [list(runner.run(feed).values()) for feed in ev] for label, runner in live}
     feed = ev[0]
@@ -239,20 +236,11 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
 
 
 def cpu_line() -> str:
-    """The CPU's model, clock and the flags that pick kernels, as /proc/cpuinfo has them."""
-    model, mhz, flags = platform.processor() or platform.machine(), "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name":
-                model = value.strip()
-            elif key == "cpu MHz" and mhz == "?":
-                mhz = f"{float(value):.0f} MHz"
-            elif key == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    """The CPU's model, clock and the flags that pick kernels."""
+    from infoptc.bench import cpu_info
+    from infoptc.passes.quantize.recipe import cpu_flags
+
+    cpu, flags = cpu_info(), cpu_flags()
     llvm_cpu = ""
     try:
         from tvm.target import codegen
@@ -260,7 +248,8 @@ def cpu_line() -> str:
         llvm_cpu = f", LLVM cpu {codegen.llvm_get_system_cpu()}"
     except ImportError:
         pass
-    return f"CPU: {model}, {mhz}{llvm_cpu}; flags: {' '.join(f for f in CPU_FLAGS if f in flags) or 'none of ' + '/'.join(CPU_FLAGS)}"
+    shown = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + "/".join(CPU_FLAGS)
+    return f"CPU: {cpu.model}, {f'{cpu.mhz:.0f} MHz' if cpu.mhz else '? MHz'}{llvm_cpu}; flags: {shown}"
 
 
 def metric_cell(r: dict) -> str:
@@ -309,10 +298,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; known: {', '.join(REAL_SIZE_NAMES + MODEL_NAMES)}")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            rows.extend(bench_model(name, args, Path(tmp)))
-            print(f"{name} done", file=sys.stderr, flush=True)
+    for name in args.models:
+        rows.extend(bench_model(name, args))
+        print(f"{name} done", file=sys.stderr, flush=True)
     print_table(rows, args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=float))

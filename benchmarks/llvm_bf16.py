@@ -33,8 +33,7 @@ if str(ROOT) not in sys.path:
 
 import infoptc
 import numpy as np
-import onnx
-from benchmarks.backends import OrtSession, bound_shapes, with_shapes
+from benchmarks.backends import OpenVinoSession, OrtSession, bound_shapes, with_shapes
 from infoptc.bench import cpu_info, run_interleaved
 from infoptc.errors import InfoptcError
 from infoptc.passes.quantize.recipe import cpu_flags
@@ -43,26 +42,6 @@ from infoptc.verify import random_inputs
 from golden_models import BUILDERS, REAL_SIZE_BUILDERS
 
 DEFAULT_MODELS = ["resnet18", "mobilenetv2", "bert_small", "vit_tiny"]
-
-
-class OpenVinoRunner:
-    """OpenVINO's CPU plugin at its default precision hint (bf16 where the CPU has AVX512_BF16
-    or AMX), ``threads`` inference threads, latency mode."""
-
-    def __init__(self, model: onnx.ModelProto, threads: int):
-        import openvino as ov
-
-        core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-        self.request = self.compiled.create_infer_request()
-        self.names = [o.get_any_name() for o in self.compiled.outputs]
-
-    def run(self, feeds):
-        result = self.request.infer(feeds)
-        return {name: np.asarray(result[i]) for i, name in enumerate(self.names)}
 
 
 def openvino_note() -> str | None:
@@ -133,7 +112,7 @@ def bench_model(name: str, args) -> tuple[list[dict], list]:
     if note is None:
         start = time.perf_counter()
         try:
-            ov_runner = OpenVinoRunner(with_shapes(model, shapes), args.threads)
+            ov_runner = OpenVinoSession(with_shapes(model, shapes), args.threads)
             runners.append((f"OpenVINO ({ov_runner.precision})", ov_runner, time.perf_counter() - start))
         except Exception as e:  # noqa: BLE001 - a model OpenVINO cannot read
             rows.append({"model": name, "runner": "OpenVINO", "error": f"{type(e).__name__}: {str(e)[:200]}"})
