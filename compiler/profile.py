@@ -174,10 +174,11 @@ def profile_onnx(model, feeds: dict[str, np.ndarray], *, iterations: int = 20, w
 
 def profile_artifact(artifact, feeds: dict[str, np.ndarray], *, iterations: int = 20, warmup: int = 3,
                      threads: int | None = None) -> ProfileRun:
-    """ONNX Runtime's profiler for artifacts that hold an ONNX model; the artifact's own
-    ``profile()`` for other targets; otherwise a ``UsageError`` naming the target."""
+    """The artifact's own ``profile()`` where it has one (a TVM library: its kernels); ONNX
+    Runtime's profiler for artifacts that hold an ONNX model; otherwise a ``UsageError`` naming
+    the target."""
     model = getattr(artifact, "model", None)
-    if model is not None:
+    if model is not None and not callable(getattr(artifact, "profile", None)):
         return profile_onnx(model, feeds, iterations=iterations, warmup=warmup,
                             threads=threads or getattr(artifact, "threads", None),
                             providers=getattr(artifact, "providers", None))

@@ -297,6 +297,21 @@ def test_relax_fixes_make_clip_layout_friendly_and_gather_safe():
     _check(OrtRunner(model).run({"x": x, "idx": idx}), artifact.run({"x": x, "idx": idx}))
 
 
+def test_profile_times_each_tvm_kernel(compiled, cli, tmp_path):
+    """`infoptc profile model.so` times the library's own kernels (the VM's instrument hook),
+    grouped by fusion pattern, with the VM's builtins apart; not ONNX Runtime on the model."""
+    path = tmp_path / "resnet.so"
+    compiled("resnet")[0].save(path)
+    code, out, err = cli("profile", path, "--iterations", "3", "--warmup", "1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["target"] == "llvm" and data["runs"] == 3
+    ops = {r["op_type"]: r for r in data["by_op"]}
+    assert "winograd_conv2d_add_relu" in ops and "vm.builtin" in ops, sorted(ops)
+    assert not any(op[0].isupper() for op in ops)  # kernel patterns, not ONNX op types
+    assert 0 < data["kernel_us"] <= data["run_us"]
+
+
 def test_log_handlers_made_during_native_capture_survive_it(capfd, monkeypatch):
     """A library that sets up logging while TVM's native output is captured (a StreamHandler on
     the stand-in stderr) keeps logging afterwards, to the real stderr, instead of failing with

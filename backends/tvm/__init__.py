@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import struct
 import tempfile
@@ -167,6 +168,7 @@ class TvmArtifact(Artifact):
         if model is not None:
             self.model = model  # the optimized ONNX model that was lowered (compile summary)
         self._vm = None
+        self._module = None
         self._device = None
         self._specs = None
         self._staging = threading.local()  # per calling thread: input name -> aligned buffer
@@ -266,20 +268,9 @@ class TvmArtifact(Artifact):
             raise UsageError("inputs do not match the compiled shapes: "
                              + ", ".join(f"{n}: {list(np.shape(inputs[n]))} (compiled for {list(shape)})"
                                          for n, (_, shape) in expected.items() if not _fits(np.shape(inputs[n]), shape)))
-        vm, device = self._machine()
+        vm, _ = self._machine()
         self._configure_threads()
-        import tvm
-
-        if self.target == "cuda":
-            args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), device) for name in specs]
-        else:  # zero-copy: copying into a fresh TVM tensor costs more than a small model runs
-            import tvm_ffi
-
-            if self.manifest.get("unaligned_inputs"):
-                args = [tvm_ffi.from_dlpack(np.ascontiguousarray(inputs[name])) for name in specs]
-            else:  # built before kernels accepted unaligned inputs: they assume 64 bytes
-                staging = self._staging.__dict__
-                args = [tvm_ffi.from_dlpack(_aligned(inputs[name], staging, name)) for name in specs]
+        args = self._arguments(inputs, specs)
         try:
             result = vm["main"](*args)
         except Exception as e:  # noqa: BLE001 - a runtime check failed inside TVM
@@ -292,6 +283,53 @@ class TvmArtifact(Artifact):
             return {name: value.numpy() for name, value in zip(names, values)}
         # Copy out: the VM reuses its output buffers on the next call.
         return {name: np.from_dlpack(value).copy() for name, value in zip(names, values)}
+
+    def _arguments(self, inputs: dict[str, np.ndarray], specs) -> list:
+        import tvm
+
+        if self.target == "cuda":
+            return [tvm.runtime.tensor(np.ascontiguousarray(inputs[name]), self._device) for name in specs]
+        import tvm_ffi  # zero-copy: copying into a fresh TVM tensor costs more than a small model runs
+
+        if self.manifest.get("unaligned_inputs"):
+            return [tvm_ffi.from_dlpack(np.ascontiguousarray(inputs[name])) for name in specs]
+        staging = self._staging.__dict__  # built before kernels accepted unaligned inputs: 64-byte copies
+        return [tvm_ffi.from_dlpack(_aligned(inputs[name], staging, name)) for name in specs]
+
+    def profile(self, inputs: dict[str, np.ndarray], iterations: int, warmup: int) -> list[dict]:
+        """Chrome-trace events of ``warmup + iterations`` runs (infoptc.profile's protocol): each
+        VM call timed through the VM's instrument hook, a kernel's op being its name without
+        numbers (``_kernel_kind``: all kernels of one fusion pattern together), the VM's own
+        builtins (allocations, shape checks) as ``vm.builtin``, and each run as ``model_run``.
+        The instrumented VM is a separate one: ``run`` keeps its uninstrumented speed."""
+        import time
+
+        from tvm import relax
+
+        self.run(inputs)  # checks the inputs, loads the library, sizes the thread pool
+        vm = relax.VirtualMachine(self._module, self._device)
+        args = self._arguments(inputs, [s.name for s in self.inputs])
+        origin = time.perf_counter()
+        started: dict[str, float] = {}
+        events: list[dict] = []
+
+        def instrument(_func, name, before, _ret, *_args):
+            now = (time.perf_counter() - origin) * 1e6
+            if before:
+                started[name] = now
+            elif name in started:
+                begin = started.pop(name)
+                op = "vm.builtin" if name.startswith("vm.builtin") else _kernel_kind(name)
+                events.append({"cat": "Node", "name": name, "ts": begin, "dur": now - begin, "args": {"op_name": op}})
+            return 0
+
+        vm.set_instrument(instrument)
+        for _ in range(warmup + iterations):
+            begin = (time.perf_counter() - origin) * 1e6
+            vm["main"](*args)
+            events.append({"cat": "Session", "name": "model_run", "ts": begin,
+                           "dur": (time.perf_counter() - origin) * 1e6 - begin})
+        return events
 
     def _machine(self):
         if self._vm is None:
@@ -308,6 +346,7 @@ class TvmArtifact(Artifact):
                 # TVM logs "Scope Loaded" once per kernel of a tuned library as it loads: debug log
                 with native_output_to_log():
                     module = _load_library(self.path)
+            self._module = module
             try:
                 self._vm = relax.VirtualMachine(module, self._device)
             except Exception as e:  # noqa: BLE001
@@ -331,6 +370,13 @@ class TvmArtifact(Artifact):
 
 
 _POOL_CONFIG: dict[int, int] = {}
+
+
+def _kernel_kind(name: str) -> str:
+    """A kernel's fusion pattern: its name without the ``fused_`` prefix and the numbers TVM
+    appends to tell kernels of one pattern apart (``fused_conv2d13_add26_relu2`` ->
+    ``conv2d_add_relu``)."""
+    return re.sub(r"(?<=[A-Za-z])\d+(?=_|$)", "", name).removeprefix("fused_")
 
 
 def _fits(shape: tuple, compiled: tuple) -> bool:
