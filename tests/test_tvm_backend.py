@@ -54,6 +54,24 @@ def _check(expected: dict, actual: dict) -> None:
     assert not bad, bad
 
 
+def _check_llvm(model, feeds: dict) -> None:
+    """``model`` compiled for llvm (-O0: the lowering alone) against ORT on the same feeds."""
+    _check(OrtRunner(model).run(feeds), infoptc.compile(model, target="llvm", opt_level=0).run(feeds))
+
+
+def _two_input_matmul(m: int, k: int, n: int, rng) -> tuple:
+    """``x[m, k] @ w[k, n]`` with both operands inputs (as attention's are: no constant weight
+    to pack), and random feeds for it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
+    feeds = {"x": rng.standard_normal((m, k)).astype(np.float32), "w": rng.standard_normal((k, n)).astype(np.float32)}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), feeds
+
+
 @pytest.fixture(scope="module")
 def compiled(golden):
     """``compiled(name) -> (artifact, path of the original model)``, built once per module."""
@@ -408,14 +426,7 @@ def test_odd_matmul_extents_get_padded_register_tiles(m, k, n):
     as attention's are, so no packed weight) is padded to whole
     register tiles rather than tiled 1 wide (scalar code); extents a good tile divides, and
     ones that fit one vector, are not padded. Results match ORT within fp32 reassociation."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(m * k + n)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k]),
-                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, feeds = _two_input_matmul(m, k, n, np.random.default_rng(m * k + n))
     (text,) = [f.script() for f in kernels_by_name(lowered(model)).values()]
     assert ("_pad" in text) == (m == 197), text
     # columns padded (197 -> 224): the padded copy of the right operand and the crop of the
@@ -423,8 +434,7 @@ def test_odd_matmul_extents_get_padded_register_tiles(m, k, n):
     if n == 197:
         assert text.index('T.sblock("w_pad")') < text.index("T.parallel"), text
         assert text.count("T.parallel") == 2, text
-    feeds = {"x": rng.standard_normal((m, k)).astype(np.float32), "w": rng.standard_normal((k, n)).astype(np.float32)}
-    _check(OrtRunner(model).run(feeds), infoptc.compile(model, target="llvm", opt_level=0).run(feeds))
+    _check_llvm(model, feeds)
 
 
 @pytest.mark.parametrize("shape,n,gemm", [((1, 128, 96), 256, False), ((197, 64), 96, False), ((3, 5, 48), 100, True),
@@ -456,7 +466,7 @@ def test_constant_weights_are_packed_in_column_strips(shape, n, gemm):
     assert ("matmul_packed" in names) == (n >= 64), names
     assert "matmul_packed" not in " ".join(kernels_by_name(lowered(model, pack_weights=False)))
     x = rng.standard_normal(shape).astype(np.float32)
-    _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
+    _check_llvm(model, {"x": x})
 
 
 @pytest.mark.parametrize("kernel,stride,features", [(1, 1, 256), (3, 2, 100), (1, 1, 16)])
@@ -478,7 +488,7 @@ def test_constant_conv_weights_are_packed(kernel, stride, features):
     names = " ".join(kernels_by_name(lowered(model)))
     assert ("conv2d_packed" in names) == (features >= 64), names
     x = rng.standard_normal((1, 32, 9, 9)).astype(np.float32)
-    _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
+    _check_llvm(model, {"x": x})
 
 
 @pytest.mark.parametrize("m,k,n,columns_outside", [(128, 512, 2048, True), (2048, 64, 64, False)])
@@ -488,19 +498,12 @@ def test_weight_strips_stay_in_cache_across_row_tiles(m, k, n, columns_outside):
     activation with a small weight keeps rows outside. Results match ORT."""
     import re
 
-    from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(k)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k]),
-                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, feeds = _two_input_matmul(m, k, n, np.random.default_rng(k))
     (text,) = [f.script() for f in kernels_by_name(lowered(model)).values()]
     row = re.search(rf"v0 = T.axis.spatial\(T.int64\({m}\), (\w+) ([%/]+)", text)
     assert row and ("%" if columns_outside else "//") == row.group(2), text
-    feeds = {"x": rng.standard_normal((m, k)).astype(np.float32), "w": rng.standard_normal((k, n)).astype(np.float32)}
-    _check(OrtRunner(model).run(feeds), infoptc.compile(model, target="llvm", opt_level=0).run(feeds))
+    _check_llvm(model, feeds)
 
 
 def test_fast_math_sigmoid_is_polynomial_and_matches_ort():
@@ -541,7 +544,7 @@ def test_row_reductions_leave_rows_whole_for_llvm():
         text = kernel.script()
         assert "T.parallel" in text and "T.vectorized" not in text and "T.where" not in text, name
     x = (3 * rng.standard_normal((3, 197, 197))).astype(np.float32)
-    _check(OrtRunner(model).run({"x": x}), infoptc.compile(model, target="llvm", opt_level=0).run({"x": x}))
+    _check_llvm(model, {"x": x})
     assert get_target("llvm")().tvm_target()[0].get("fast-math-reassoc") is True
     assert "fast-math-reassoc" not in get_target("llvm")(fast_math="false").tvm_target()[0]
 

@@ -197,25 +197,40 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
+def _rewrite_nodes(model: onnx.ModelProto, rewrite) -> int:
+    """Replace each top-level node for which ``rewrite(node)`` returns a list of nodes (None:
+    keep it); returns how many were replaced."""
+    rewritten, nodes = 0, []
+    for node in model.graph.node:
+        replacement = rewrite(node)
+        if replacement is None:
+            nodes.append(node)
+        else:
+            nodes.extend(replacement)
+            rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return rewritten
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 13)
+
+
 def fold_static_shapes(model: onnx.ModelProto) -> int:
     """``Shape(x)`` -> a constant wherever ``x`` has a fully static shape."""
     shapes = _static_shapes(model)
-    folded = 0
-    nodes = []
-    for node in model.graph.node:
-        if node.op_type == "Shape" and node.domain in ONNX_DOMAINS and node.input[0] in shapes:
-            dims = shapes[node.input[0]]
-            attrs = {a.name: a.i for a in node.attribute}
-            value = np.array(dims[attrs.get("start", 0): attrs.get("end", len(dims))], dtype=np.int64)
-            nodes.append(helper.make_node("Constant", [], list(node.output), name=node.name,
-                                          value=numpy_helper.from_array(value)))
-            folded += 1
-        else:
-            nodes.append(node)
-    if folded:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return folded
+
+    def rewrite(node):
+        if node.op_type != "Shape" or node.domain not in ONNX_DOMAINS or node.input[0] not in shapes:
+            return None
+        dims = shapes[node.input[0]]
+        attrs = {a.name: a.i for a in node.attribute}
+        value = np.array(dims[attrs.get("start", 0): attrs.get("end", len(dims))], dtype=np.int64)
+        return [helper.make_node("Constant", [], list(node.output), name=node.name, value=numpy_helper.from_array(value))]
+
+    return _rewrite_nodes(model, rewrite)
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -233,31 +248,25 @@ def split_constant_clips(model: onnx.ModelProto) -> int:
     """``Clip(x, lo, hi)`` with constant bounds -> ``Min(Max(x, lo), hi)``: the same math the
     frontend emits, but as Relax ops that layout conversion can see through."""
     consts = _constants(model)
-    rewritten = 0
-    nodes = []
-    for node in model.graph.node:
+
+    def rewrite(node):
         bounds = list(node.input[1:3]) + [""] * (3 - len(node.input))
         if (node.op_type != "Clip" or node.domain not in ONNX_DOMAINS
                 or any(b and (b not in consts or consts[b].size != 1 or np.isnan(consts[b]).any()) for b in bounds[:2])):
-            nodes.append(node)
-            continue
+            return None
         lo, hi = bounds[:2]
         x = node.input[0]
         if lo and hi:
             mid = f"{node.output[0]}__clip_lo"
-            nodes.append(helper.make_node("Max", [x, lo], [mid], name=f"{node.name}__max"))
-            nodes.append(helper.make_node("Min", [mid, hi], list(node.output), name=f"{node.name}__min"))
-        elif lo:
-            nodes.append(helper.make_node("Max", [x, lo], list(node.output), name=f"{node.name}__max"))
-        elif hi:
-            nodes.append(helper.make_node("Min", [x, hi], list(node.output), name=f"{node.name}__min"))
-        else:
-            nodes.append(helper.make_node("Identity", [x], list(node.output), name=node.name))
-        rewritten += 1
-    if rewritten:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return rewritten
+            return [helper.make_node("Max", [x, lo], [mid], name=f"{node.name}__max"),
+                    helper.make_node("Min", [mid, hi], list(node.output), name=f"{node.name}__min")]
+        if lo:
+            return [helper.make_node("Max", [x, lo], list(node.output), name=f"{node.name}__max")]
+        if hi:
+            return [helper.make_node("Min", [x, hi], list(node.output), name=f"{node.name}__min")]
+        return [helper.make_node("Identity", [x], list(node.output), name=node.name)]
+
+    return _rewrite_nodes(model, rewrite)
 
 
 def unroll_small_pows(model: onnx.ModelProto) -> int:
@@ -265,26 +274,20 @@ def unroll_small_pows(model: onnx.ModelProto) -> int:
     TVM lowers other exponents to a scalar ``powf`` call per element, which LLVM cannot
     vectorize: in GPT's MLP it cost more than the matmul it is fused with."""
     consts = _constants(model)
-    rewritten = 0
-    nodes = []
-    for node in model.graph.node:
+
+    def rewrite(node):
         exponent = consts.get(node.input[1]) if node.op_type == "Pow" and len(node.input) == 2 else None
         if (node.domain not in ONNX_DOMAINS or exponent is None or exponent.size != 1
                 or exponent.dtype.kind != "f" or float(exponent.reshape(())) not in (2.0, 3.0)):
-            nodes.append(node)
-            continue
+            return None
         x, out = node.input[0], node.output[0]
         if float(exponent.reshape(())) == 2.0:
-            nodes.append(helper.make_node("Mul", [x, x], [out], name=f"{node.name}__square"))
-        else:
-            square = f"{out}__square"
-            nodes.append(helper.make_node("Mul", [x, x], [square], name=f"{node.name}__square"))
-            nodes.append(helper.make_node("Mul", [square, x], [out], name=f"{node.name}__cube"))
-        rewritten += 1
-    if rewritten:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return rewritten
+            return [helper.make_node("Mul", [x, x], [out], name=f"{node.name}__square")]
+        square = f"{out}__square"
+        return [helper.make_node("Mul", [x, x], [square], name=f"{node.name}__square"),
+                helper.make_node("Mul", [square, x], [out], name=f"{node.name}__cube")]
+
+    return _rewrite_nodes(model, rewrite)
 
 
 def _float_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
@@ -298,63 +301,71 @@ def _float_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return dims
 
 
+def _axis(dims: dict, node, axis: int) -> tuple[int, int] | None:
+    """``(axis, extent)`` of the float input of ``node`` along ``axis`` (negative counts from the
+    end), when its rank and that extent are known; None otherwise."""
+    shape = dims.get(node.input[0])
+    if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] is None:
+        return None
+    return axis % len(shape), shape[axis]
+
+
+def _slice(data: str, start: int, end: int, axis: int, out: str, name: str, base: str) -> list:
+    """``data[start:end]`` along ``axis`` as a Slice written to ``out``, with its constant bounds
+    (``{base}_starts``, ``{base}_ends``, ``{base}_axes``)."""
+    bounds = {"starts": [start], "ends": [end], "axes": [axis]}
+    return [*(helper.make_node("Constant", [], [f"{base}_{key}"], name=f"{name}_{key}",
+                               value=numpy_helper.from_array(np.array(value, dtype=np.int64)))
+              for key, value in bounds.items()),
+            helper.make_node("Slice", [data, f"{base}_starts", f"{base}_ends", f"{base}_axes"], [out], name=name)]
+
+
 def slice_constant_gathers(model: onnx.ModelProto) -> int:
     """``Gather(x, i)`` with a constant scalar index -> ``Squeeze(Slice(x, i, i+1))``: the same
     elements, but as a strided slice that fuses with the reshapes and transposes around it. TVM
     lowers a Gather to ``take``, an opaque kernel with index arithmetic per element (ViT's split
     of its fused QKV: 36 such kernels, 4 ms of a 38 ms run)."""
+    if _opset(model) < 13:  # Squeeze takes its axes as an input from opset 13
+        return 0
     consts = _constants(model)
     dims = _float_dims(model)  # shape arithmetic (integer Gathers) the frontend evaluates itself
-    opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 13)
-    if opset < 13:  # Squeeze takes its axes as an input from opset 13
-        return 0
-    rewritten = 0
-    nodes = []
-    for node in model.graph.node:
-        gather = node.op_type == "Gather" and node.domain in ONNX_DOMAINS and len(node.input) == 2
-        index = consts.get(node.input[1]) if gather else None
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        shape = dims.get(node.input[0]) if gather else None
-        extent = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
-        if (index is None or index.ndim != 0 or index.dtype.kind not in "iu"
-                or extent is None or not -extent <= int(index) < extent):
-            nodes.append(node)
-            continue
+
+    def rewrite(node):
+        if node.op_type != "Gather" or node.domain not in ONNX_DOMAINS or len(node.input) != 2:
+            return None
+        index = consts.get(node.input[1])
+        found = _axis(dims, node, next((a.i for a in node.attribute if a.name == "axis"), 0))
+        if (index is None or index.ndim != 0 or index.dtype.kind not in "iu" or found is None
+                or not -found[1] <= int(index) < found[1]):
+            return None
+        axis, extent = found
         start = int(index) % extent
-        axis %= len(shape)
         base = f"{node.output[0]}__gather"
-        values = {"starts": [start], "ends": [start + 1], "axes": [axis]}
-        for key, value in values.items():
-            nodes.append(helper.make_node("Constant", [], [f"{base}_{key}"], name=f"{node.name}__{key}",
-                                          value=numpy_helper.from_array(np.array(value, dtype=np.int64))))
-        nodes.append(helper.make_node("Slice", [node.input[0], f"{base}_starts", f"{base}_ends", f"{base}_axes"],
-                                      [f"{base}_slice"], name=f"{node.name}__slice"))
-        nodes.append(helper.make_node("Squeeze", [f"{base}_slice", f"{base}_axes"], list(node.output),
-                                      name=f"{node.name}__squeeze"))
-        rewritten += 1
-    if rewritten:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return rewritten
+        return [*_slice(node.input[0], start, start + 1, axis, f"{base}_slice", f"{node.name}__slice", base),
+                helper.make_node("Squeeze", [f"{base}_slice", f"{base}_axes"], list(node.output),
+                                 name=f"{node.name}__squeeze")]
+
+    return _rewrite_nodes(model, rewrite)
 
 
 def slice_splits(model: onnx.ModelProto) -> int:
     """A float ``Split`` with known sizes -> one ``Slice`` per output: the same elements, but
     each part fuses with what reads it (GPT-2's QKV split feeds three reshape-transposes). TVM
     lowers a Split to one kernel writing every part (GPT-2: 0.6 ms per layer, run on one thread)."""
+    if _opset(model) < 10:  # Slice takes its bounds as inputs from opset 10
+        return 0
     consts = _constants(model)
     dims = _float_dims(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 13)
-    rewritten = 0
-    nodes = []
-    for node in model.graph.node:
-        shape = dims.get(node.input[0]) if node.op_type == "Split" and node.domain in ONNX_DOMAINS else None
+
+    def rewrite(node):
+        if node.op_type != "Split" or node.domain not in ONNX_DOMAINS:
+            return None
         attrs = {a.name: a for a in node.attribute}
-        axis = attrs["axis"].i if "axis" in attrs else 0
-        extent = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
-        if extent is None or opset < 10:  # Slice takes its bounds as inputs from opset 10
-            sizes = None
-        elif "split" in attrs:  # before opset 13
+        found = _axis(dims, node, attrs["axis"].i if "axis" in attrs else 0)
+        if found is None:
+            return None
+        axis, extent = found
+        if "split" in attrs:  # before opset 13
             sizes = list(attrs["split"].ints)
         elif len(node.input) > 1 and node.input[1]:
             sizes = consts.get(node.input[1])
@@ -363,24 +374,13 @@ def slice_splits(model: onnx.ModelProto) -> int:
             part = -(-extent // len(node.output))
             sizes = [min(part, extent - i * part) for i in range(len(node.output))]
         if sizes is None or len(sizes) != len(node.output) or sum(sizes) != extent or min(sizes) < 0:
-            nodes.append(node)
-            continue
-        axis %= len(shape)
-        start = 0
-        for index, (size, out) in enumerate(zip(sizes, node.output)):
-            if out:
-                base = f"{out}__split{index}"
-                for key, value in {"starts": [start], "ends": [start + size], "axes": [axis]}.items():
-                    nodes.append(helper.make_node("Constant", [], [f"{base}_{key}"], name=f"{node.name}__{index}_{key}",
-                                                  value=numpy_helper.from_array(np.array(value, dtype=np.int64))))
-                nodes.append(helper.make_node("Slice", [node.input[0], f"{base}_starts", f"{base}_ends",
-                                                        f"{base}_axes"], [out], name=f"{node.name}__slice{index}"))
-            start += size
-        rewritten += 1
-    if rewritten:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return rewritten
+            return None
+        starts = np.cumsum([0, *sizes]).tolist()
+        return [n for index, out in enumerate(node.output) if out
+                for n in _slice(node.input[0], starts[index], starts[index + 1], axis, out,
+                                f"{node.name}__slice{index}", f"{out}__split{index}")]
+
+    return _rewrite_nodes(model, rewrite)
 
 
 # ----------------------------------------------------------------------------- import

@@ -377,7 +377,6 @@ class Contraction(CPUScheduleRule):
         padding = {vec_pos: width, row_pos: rows}
         padding = {i: f for i, f in padding.items()
                    if i is not None and f > 1 and (_static(s_iters[i].dom) is None or _static(s_iters[i].dom) % f)}
-        s_iters_before = s_iters
         padded = False
         if padding:
             # Symbolic extents: pad them to whole tiles (zero rows in, the extra rows of the
@@ -400,6 +399,11 @@ class Contraction(CPUScheduleRule):
                 main = next(b for b in infos if not b.is_injective())
                 if [it.kind for it in main.iters] != order:
                     return None
+        # A static column count padded to whole vectors (197 -> 224): per tile, the crop to the
+        # real columns would store lane by lane under a condition (TVM's vectorizer does not
+        # predicate); as its own pass over the padded result (fused with the elementwise
+        # epilogue) it streams rows that LLVM vectorizes.
+        cropped_columns = padded and vec_pos in padding and _static(s_iters[vec_pos].dom) is not None
         index = infos.index(main)
         prologue, epilogue = infos[:index], infos[index + 1:]
         s_iters = [it for it in main.iters if it.kind == "S"]
@@ -467,34 +471,24 @@ class Contraction(CPUScheduleRule):
         init_loops = sch.get_loops(init)
         sch.vectorize(init_loops[-1])
 
-        # Epilogue: fold the elementwise chain into one block, computed per output tile.
-        # A static column count padded to whole vectors (197 -> 224): per tile, the crop to the
-        # real columns would store lane by lane under a condition (TVM's vectorizer does not
-        # predicate); as its own pass over the padded result (fused with the elementwise
-        # epilogue) it streams rows that LLVM vectorizes.
-        cropped_columns = padded and vec_pos in padding and _static(s_iters_before[vec_pos].dom) is not None
+        # Epilogue: fold the elementwise chain into one block, computed per output tile; after
+        # cropped columns, one pass of whole rows instead.
         if cropped_columns:
             remaining = list(epilogue)
-            while any(_try(sch.compute_inline, info.block_rv) and not remaining.remove(info) for info in remaining):
-                pass
+            while (inlined := next((b for b in remaining if _try(sch.compute_inline, b.block_rv)), None)) is not None:
+                remaining.remove(inlined)
             for info in remaining:
                 _parallelize_vectorize(sch, info.block_rv, lanes)
-            remaining = []
         else:
-            remaining = try_inline(sch, list(epilogue))
-        local = epilogue_per_tile(sch, remaining, local, fused, lanes)
+            local = epilogue_per_tile(sch, try_inline(sch, list(epilogue)), local, fused, lanes)
         self._vectorize_tail(sch, local, lanes)
         for info in reversed(prologue):
             if any(info is pad for pad in row_pads):
                 sch.compute_at(info.block_rv, rows_loop, preserve_unit_loops=True)
                 continue
             conditional = _has_if_then_else(sch.get(info.block_rv))
-            if not conditional or reduction <= INLINE_PAD_MAX_REDUCTION:  # a plain copy always goes
-                try:
-                    sch.compute_inline(info.block_rv)
-                    continue
-                except Exception:  # noqa: BLE001
-                    pass
+            if (not conditional or reduction <= INLINE_PAD_MAX_REDUCTION) and _try(sch.compute_inline, info.block_rv):
+                continue  # a plain copy always goes
             if conditional and fused is not None and self._pad_per_tile(sch, info.block_rv, fused, lanes):
                 continue
             _parallelize_vectorize(sch, info.block_rv, lanes)
