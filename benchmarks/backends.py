@@ -99,7 +99,7 @@ class OpenVinoSession:
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.request = self.compiled.create_infer_request()
-        self.names = [o.get_any_name() for o in self.compiled.outputs]
+        self.names = [o.name for o in model.graph.output]  # OpenVINO's own may be an inner tensor's name
 
     def run(self, feeds):
         result = self.request.infer(feeds)

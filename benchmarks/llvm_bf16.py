@@ -33,10 +33,9 @@ if str(ROOT) not in sys.path:
 
 import infoptc
 import numpy as np
-from benchmarks.backends import OpenVinoSession, OrtSession, bound_shapes, with_shapes
-from infoptc.bench import cpu_info, run_interleaved
+from benchmarks.backends import OpenVinoSession, OrtSession, bound_shapes, cpu_line, with_shapes
+from infoptc.bench import run_interleaved
 from infoptc.errors import InfoptcError
-from infoptc.passes.quantize.recipe import cpu_flags
 from infoptc.verify import random_inputs
 
 from golden_models import BUILDERS, REAL_SIZE_BUILDERS
@@ -163,11 +162,9 @@ def main(argv=None) -> int:
     unknown = [m for m in args.models if m not in {**BUILDERS, **REAL_SIZE_BUILDERS}]
     if unknown:
         parser.error(f"unknown model(s) {unknown}")
-    cpu = cpu_info()
     rows = []
     if not args.json:
-        flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")) or "vnni" in f)
-        print(f"{cpu.model} ({cpu.mhz or '?'} MHz, {cpu.isa}), flags: {' '.join(flags)}")
+        print(cpu_line())
         print(f"threads {args.threads}, batch 1, seq {args.seq}, median of {args.rounds * args.block} runs")
         header = (f"{'model':<12} {'runner':<22} {'ms':>9} {'vs ORT':>7} {'compile s':>9} {'max |err|':>10} "
                   f"{'rel err':>9}")

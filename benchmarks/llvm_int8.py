@@ -38,25 +38,14 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import numpy as np
-import onnx
 
-import importlib.util
 
 import infoptc
 import quantize as qbench  # benchmarks/quantize.py: data, sessions, SQNR
 from infoptc.bench import run_interleaved
 
+from benchmarks.backends import OrtSession, bound_shapes, cpu_line  # ORT as that table runs it; batch 1, seq
 
-def _backends_benchmark():
-    """benchmarks/backends.py (its name is also the top-level ``backends`` package's)."""
-    spec = importlib.util.spec_from_file_location("backends_benchmark", ROOT / "benchmarks" / "backends.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_bb = _backends_benchmark()
-OrtSession, bound_shapes = _bb.OrtSession, _bb.bound_shapes  # ORT as that table runs it; batch 1, seq
 
 DEFAULT = ["resnet18", "mobilenetv2", "bert_small", "vit_tiny"]
 
@@ -134,12 +123,11 @@ def main(argv=None) -> int:
     unknown = [m for m in args.models if m not in qbench.MODELS or m in qbench.TRAINED]
     if unknown:
         parser.error(f"unknown model(s) {unknown}")
-    flags = sorted({f for f in qbench_flags() if f.startswith(("avx", "amx"))})
     rows = []
     if not args.json:
-        print(f"threads {args.threads}, batch 1, seq {qbench.SEQ}, median of {args.rounds * args.block} runs; "
-              f"CPU flags: {' '.join(flags)}" + (f"; llvm mattr {args.mattr}, quantizer isa {args.isa}"
-                                                 if args.mattr or args.isa != "auto" else ""))
+        print(cpu_line())
+        print(f"threads {args.threads}, batch 1, seq {qbench.SEQ}, median of {args.rounds * args.block} runs"
+              + (f"; llvm mattr {args.mattr}, quantizer isa {args.isa}" if args.mattr or args.isa != "auto" else ""))
         header = (f"{'model':<12} {'runner':<10} {'ms':>8} {'vs ORT fp32':>11} {'SQNR dB':>8} {'max |err|':>10} "
                   f"{'vs ORT int8':>11}  kernels")
         print(header)
@@ -160,12 +148,6 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
-
-
-def qbench_flags() -> set[str]:
-    from infoptc.passes.quantize.recipe import cpu_flags
-
-    return cpu_flags()
 
 
 if __name__ == "__main__":
