@@ -235,6 +235,23 @@ def padded_rows(extent: int, most: int) -> int:
     return most if 2 * rows < most and extent > most else rows
 
 
+def dot_register_tile(rows_extent: int | None, vector_extent: int, accumulators: int, max_vectors: int = 4
+                      ) -> tuple[int, int]:
+    """``(rows, vectors)`` of a dot-product kernel's register tile (int8 ``vpdpbusd``, bf16
+    ``vdpbf16ps``): ``vectors`` divides the output's channel vectors, ``rows`` the row extent,
+    ``rows * vectors`` accumulators at most. Each step of the reduction loads ``vectors`` weight
+    vectors and broadcasts ``rows`` inputs for ``rows * vectors`` dot products, so the tile with
+    the most products per load wins (the larger tile on a tie). A 7-wide map: 7 x 2 (14 products
+    for 9 loads), not 1 x 4 (4 for 5) as the widest channel block alone would give."""
+    best = (0.0, 0, 1, 1)
+    for vectors in range(min(max_vectors, vector_extent), 0, -1):
+        if vector_extent % vectors:
+            continue
+        rows = _largest_divisor(rows_extent, max(1, accumulators // vectors)) if rows_extent else 1
+        best = max(best, (rows * vectors / (rows + vectors), rows * vectors, rows, vectors))
+    return best[2], best[3]
+
+
 def _strided_innermost(sch: s_tir.Schedule, block) -> bool:
     """Whether the innermost iterator also indexes a non-last dimension of some input."""
     from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
