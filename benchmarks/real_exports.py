@@ -240,8 +240,10 @@ def main(argv=None) -> int:
 
 # ----------------------------------------------------------------------------- EmbedLayerNormalization
 # --device gpu: also the embeddings as EmbedLayerNormalization (fuse-embed-layer-norm keeps the
-# lookups for ONNX Runtime's CPU provider, see docs/passes/fuse-embed-layer-norm.md)
-GPU_PASSES += ",fuse-embed-layer-norm{device=gpu}"
+# lookups for ONNX Runtime's CPU provider, see docs/passes/fuse-embed-layer-norm.md), before
+# fuse-skip-layer-norm, which would otherwise take an embedding sum of two same-shape lookups
+GPU_PASSES = GPU_PASSES.replace("fuse-skip-layer-norm{device=gpu}",
+                                "fuse-embed-layer-norm{device=gpu},fuse-skip-layer-norm{device=gpu}")
 
 
 # ----------------------------------------------------------------------------- --opset N
