@@ -147,3 +147,17 @@ def test_for_the_cpu_provider_the_lookups_stay_with_the_reason():
         assert EMBED not in op_histogram(art.model)
         reason = art.reports["fuse-embed-layer-norm"]["rejected"]["embed_layer_norm"]
         assert "CPU provider" in reason and "device=gpu" in reason
+
+
+def test_a_shape_read_of_a_lookup_other_than_the_words_is_refused():
+    """Shape(position lookup) is [1, S, H], not the output's [B, S, H]: it cannot be re-pointed."""
+    from onnx import TensorProto, helper
+
+    model = embeddings.build("bert")
+    pos = next(n for n in model.graph.node if n.name.endswith("position_embeddings/Gather")).output[0]
+    model.graph.node.append(helper.make_node("Shape", [pos], ["pos_shape"], name="/pos_shape"))
+    model.graph.output.append(helper.make_tensor_value_info("pos_shape", TensorProto.INT64, [3]))
+    art, counters = fused(model)
+    assert EMBED not in op_histogram(art.model) and counters["rejected"] == 1
+    assert "not provably the output's" in art.reports["fuse-embed-layer-norm"]["rejected"]["embed_layer_norm"]
+    matches(model, art.model)

@@ -204,7 +204,8 @@ CPU_REASON = ("on ONNX Runtime's CPU provider the fused op makes the model slowe
               "SkipLayerNormalization kernel at load (device=gpu fuses it)")
 
 
-def check(ctx, norm, gamma, i0, i1, t0, t1, gather0, gather1, shape_uses, i2=None, t2=None, gather2=None, beta=None):
+def check(ctx, norm, gamma, i0, i1, t0, t1, gather0, gather1, add0, shape_uses, i2=None, t2=None, gather2=None,
+          add1=None, beta=None):
     if not contrib_allowed(ctx.pass_ctx):
         return f"contrib ops are not allowed (ops {policy(ctx.pass_ctx)!r}, target {ctx.target!r})"
     total = norm.inputs[0]
@@ -231,10 +232,16 @@ def check(ctx, norm, gamma, i0, i1, t0, t1, gather0, gather1, shape_uses, i2=Non
         return roles
     if ctx.options.get("device", "cpu") != "gpu":
         return CPU_REASON
-    gathers = {f"gather{k}": g for k, g in enumerate((gather0, gather1, gather2)) if g is not None}
-    for name, nodes in shape_uses.items():  # a Shape of the word lookup or of a sum reads the output's [B, S, H]
-        if nodes and name not in ("add0", "add1") and not (name in gathers and gathers[name].inputs[1] is roles["ids"]):
-            return f"Shape {nodes[0].name!r} reads {name!r}, whose shape is not the output's"
+    # a Shape may read what has the output's [B, S, H]: the word lookup, or a sum that includes it
+    word = next(g for g in (gather0, gather1, gather2) if g is not None and g.inputs[1] is roles["ids"]
+                and g.inputs[0] is roles["word"])
+    same = {id(word), id(add1 if add1 is not None else add0)}
+    if add1 is not None and any(t is word.outputs[0] for t in add0.inputs):
+        same.add(id(add0))
+    bound = {"gather0": gather0, "gather1": gather1, "gather2": gather2, "add0": add0, "add1": add1}
+    for name, nodes in shape_uses.items():
+        if nodes and id(bound.get(name)) not in same:
+            return f"Shape {nodes[0].name!r} reads {name!r}, whose shape is not provably the output's"
     return {**roles, "epsilon": float(ctx.attr(norm, "epsilon", 1e-5)), "width": width}
 
 
