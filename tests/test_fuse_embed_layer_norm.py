@@ -7,6 +7,7 @@ from pathlib import Path
 
 import infoptc
 import numpy as np
+import onnx
 import pytest
 from infoptc.analysis import op_histogram
 from infoptc.pass_manager import Contract
@@ -161,3 +162,23 @@ def test_a_shape_read_of_a_lookup_other_than_the_words_is_refused():
     assert EMBED not in op_histogram(art.model) and counters["rejected"] == 1
     assert "not provably the output's" in art.reports["fuse-embed-layer-norm"]["rejected"]["embed_layer_norm"]
     matches(model, art.model)
+
+
+@pytest.mark.parametrize("name, exporter, opset", [("bert", "torchscript", 17), ("bert", "dynamo", 20),
+                                                   ("bert_sdpa", "torchscript", 17)])
+def test_real_exports_fixtures_fuse_with_device_gpu_and_match(name, exporter, opset):
+    """What torch.onnx writes (the committed tiny exports, tests/fixtures/real_exports)."""
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "real_exports"
+    sys.path.insert(0, str(fixtures))
+    from make_fixtures import TINY, fixture_path
+
+    from golden_models import real_exports
+
+    path = fixture_path(name, exporter, opset)
+    original = onnx.load(str(path))
+    art, counters = fused(original)
+    hist = op_histogram(art.model)
+    assert hist[EMBED] == 1 and counters["embed_layer_norm"] == 1
+    assert not [n for n in art.model.graph.node if n.op_type == "Gather" and "embeddings" in n.input[0]]
+    inputs = [real_exports.example_inputs(name, batch=2, seq=12, seed=s, overrides=TINY[name]) for s in (0, 1)]
+    check_equivalent(original, art.model, Contract.REASSOCIATING, feeds=inputs)

@@ -114,3 +114,23 @@ def test_a_conversion_that_changes_the_outputs_is_refused(monkeypatch):
     monkeypatch.setattr(opset_mod.onnx.version_converter, "convert_version", wrong)
     with pytest.raises(VerificationError, match="opset-23 model differs from the original"):
         infoptc.compile(rms_model(), opset=23)
+
+
+@pytest.mark.parametrize("name, exporter", [("gpt2", "torchscript"), ("bert", "torchscript")])
+def test_real_export_fixtures_get_standard_attention_after_the_bump(name, exporter):
+    """The committed tiny torch.onnx exports (opset 17): standard Attention only after --opset 23."""
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "real_exports"
+    sys.path.insert(0, str(fixtures))
+    from make_fixtures import TINY, fixture_path
+
+    from golden_models import real_exports
+
+    path = fixture_path(name, exporter, 17)
+    original = onnx.load(str(path))
+    layers = next(TINY[name][k] for k in ("num_hidden_layers", "n_layer") if k in TINY[name])
+    before = op_histogram(infoptc.optimize(str(path), opt_level=3, ops="standard"))
+    art = infoptc.compile(str(path), opt_level=3, ops="standard", opset=23)
+    hist = op_histogram(art.model)
+    assert "Attention" not in before and hist["Attention"] == layers and not any("::" in op for op in hist)
+    inputs = [real_exports.example_inputs(name, batch=2, seq=12, seed=s, overrides=TINY[name]) for s in (0, 1)]
+    check_equivalent(original, art.model, Contract.REASSOCIATING, feeds=inputs)
