@@ -533,6 +533,35 @@ def test_conv_weight_strips_stay_in_cache_across_output_rows(size, channels, col
     _check_llvm(model, {"x": rng.standard_normal((1, channels, size, size)).astype(np.float32)})
 
 
+def test_conv_transpose_after_nhwc_convs_compiles_and_matches_ort():
+    """A ConvTranspose fed by a conv (which runs NHWC on the CPU): it stays NCHW with transposes
+    around it, since TVM cannot lower an NHWC conv2d_transpose (PP-OCRv4's text detector
+    upsamples this way; it failed with "CodeGenVM cannot emit this Relax operator")."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32) / 9, "w"),
+             numpy_helper.from_array(rng.standard_normal((16, 8, 2, 2)).astype(np.float32) / 4, "wt")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "wt"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "upsample", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 24, 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _check_llvm(model, {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)})
+
+
+def test_tvm_errors_read_as_one_line_naming_the_op():
+    from infoptc.backends.tvm.runtime import error_line
+
+    unlowered = RuntimeError("CodeGenVM cannot emit this Relax operator directly. Run the lowering pass.\n"
+                             "Offending call:\nR.nn.conv2d_transpose(alloc108, metadata[0], strides=[2, 2])\n"
+                             "# Metadata omitted. Use show_meta=True in script() method to show it.")
+    assert error_line(unlowered) == "CodeGenVM cannot emit this Relax operator directly: R.nn.conv2d_transpose"
+    assert error_line(ValueError("context\nthe reason\n# Metadata omitted.")) == "the reason"
+    assert error_line(ValueError()) == "ValueError"
+
+
 def test_fast_math_sigmoid_is_polynomial_and_matches_ort():
     """With fast_math, fp32 sigmoid (swish, squeeze-excitation gates) is 1 / (1 + fast_exp(-x)):
     no per-element call of the C library's expf; fast_math=false keeps TOPI's. Inputs span
