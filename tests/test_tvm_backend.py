@@ -533,22 +533,31 @@ def test_conv_weight_strips_stay_in_cache_across_output_rows(size, channels, col
     _check_llvm(model, {"x": rng.standard_normal((1, channels, size, size)).astype(np.float32)})
 
 
-def test_conv_transpose_after_nhwc_convs_compiles_and_matches_ort():
-    """A ConvTranspose fed by a conv (which runs NHWC on the CPU): it stays NCHW with transposes
-    around it, since TVM cannot lower an NHWC conv2d_transpose (PP-OCRv4's text detector
-    upsamples this way; it failed with "CodeGenVM cannot emit this Relax operator")."""
+@pytest.mark.parametrize("kernel,stride,pad,as_conv", [(2, 2, 0, True), (3, 2, 1, False)])
+def test_conv_transpose_after_nhwc_convs_compiles_and_matches_ort(kernel, stride, pad, as_conv):
+    """A ConvTranspose fed by a conv (which runs NHWC on the CPU). With its stride equal to its
+    kernel and no padding (a learned 2x upsampling, as in PP-OCRv4's text detector) it is a 1x1
+    conv to O*k*k channels and a DepthToSpace; otherwise it stays NCHW with transposes around
+    it, since TVM cannot lower an NHWC conv2d_transpose ("CodeGenVM cannot emit this Relax
+    operator")."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from infoptc.backends.tvm.prepare import prepare
+
     rng = np.random.default_rng(11)
+    size, out = 12, (12 - 1) * stride - 2 * pad + kernel
     inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32) / 9, "w"),
-             numpy_helper.from_array(rng.standard_normal((16, 8, 2, 2)).astype(np.float32) / 4, "wt")]
+             numpy_helper.from_array(rng.standard_normal((16, 8, kernel, kernel)).astype(np.float32) / 4, "wt"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bt")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
              helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("ConvTranspose", ["r", "wt"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
-    graph = helper.make_graph(nodes, "upsample", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 24, 24])], inits)
+             helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["y"], kernel_shape=[kernel] * 2,
+                              strides=[stride] * 2, pads=[pad] * 4)]
+    graph = helper.make_graph(nodes, "upsample", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, out, out])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    _check_llvm(model, {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)})
+    assert prepare(model).counters["conv_transposes_as_convs"] == int(as_conv)
+    _check_llvm(model, {"x": rng.standard_normal((1, 8, size, size)).astype(np.float32)})
 
 
 def test_tvm_errors_read_as_one_line_naming_the_op():
