@@ -135,14 +135,15 @@ def test_not_fused(case):
 
 
 def test_an_attention_block_no_pattern_describes_says_why_in_stats():
-    """Llama's rotary embedding on the split heads: no pattern's structure is there, so the engine
-    has no refused match to report; the Softmax left over is the rejected count, with the
-    pattern engine's best partial match at the merge Reshape after it as the reason."""
+    """Something computed on the split heads that is not transformers' rotate_half (the rotary
+    the patterns describe, tests/test_fuse_attention_llama.py): no pattern's structure is there, so
+    the engine has no refused match to report; the Softmax left over is the rejected count, with
+    the pattern engine's best partial match at the merge Reshape after it as the reason."""
     art = infoptc.compile(attention_model(rotary=True), passes="fuse-attention")
     counters = art.pass_records[-1].counters
     assert counters["fused"] == 0 and counters["unfused_softmax"] == 1 and counters["rejected"] == 1
     why = art.reports["fuse-attention"]["rejected"]["softmax"]
-    assert why.startswith("at '/attn/Softmax_") and "wants Transpose, found Add node" in why
+    assert why.startswith("at '/attn/Softmax_") and "no match: Concat#9 wants Concat, found Transpose node" in why
 
 
 def test_not_fused_for_a_target_without_the_contrib_op():

@@ -27,11 +27,16 @@ from infoptc.pattern import Const, Rule, explain, rewrite_pass
 from ._dims import KEEPS_DIMS
 from ._dims import dims as _dims
 from ._dims import origin as _origin
+from ._dims import _scalar_dim
 from ._dims import same_dim as _same_dim
 
 STANDARD_OPSET = 23
 CONTRIB_DTYPES = {"float32"}  # com.microsoft MultiHeadAttention on ONNX Runtime's CPU provider
+TABLES_KEY = "_fuse_attention_rotary_tables"  # PassContext scratch: rotary tables made in this run
 MASK_FILL_LIMIT = -1e30  # a Where fill this negative zeroes a softmax weight exactly, like a -inf bias
+# ONNX Runtime's opset-23 Attention gives 0 for a row whose bias is all finfo.min, where the exported
+# softmax (and MultiHeadAttention) gives equal weights; with this fill both give equal weights
+STANDARD_FILL = MASK_FILL_LIMIT
 
 
 def _scalar(v: np.ndarray) -> bool:
@@ -45,14 +50,42 @@ def _last_axis(axis) -> bool:
 # ----------------------------------------------------------------------------- patterns
 
 
-def _attention_pattern(keys, scaling, masking, view=False):
+def _rotate_half(op, x, cos, sin, which):
+    """Llama's rotary embedding on split heads x [B, N, S, H] as transformers writes it:
+    x * cos + Concat(-x[..., H/2:], x[..., :H/2]) * sin, cos/sin [1, 1, S, H] (checked in check)."""
+    upper = op.Slice(x, Const(), Const(), Const(), Const(), _bind=f"{which}_upper")
+    lower = op.Slice(x, Const(), Const(), Const(), Const(), _bind=f"{which}_lower")
+    rotated = op.Concat(op.Neg(upper), lower, axis=_last_axis)
+    return op.Add(op.Mul(x, cos), op.Mul(rotated, sin), _bind=f"{which}_rot")
+
+
+def _repeat_kv(op, x, expand_shape, repeat_shape, which):
+    """Grouped-query attention's repeat_kv: [B, K, L, H] -> Unsqueeze 2 -> Expand [B, K, G, L, H]
+    -> Reshape [B, K*G, L, H] (the targets are checked in check)."""
+    grouped = op.Expand(op.Unsqueeze(x, Const(), _bind=f"{which}_unsqueeze"), expand_shape, _bind=f"{which}_expand")
+    return op.Reshape(grouped, repeat_shape, _bind=f"{which}_repeat")
+
+
+def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False):
     def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, view_shape, k3_shape, kt_shape,
+                cos, sin, k_expand_shape, k_repeat_shape, v_expand_shape, v_repeat_shape,
                 scale=Const(_scalar),
                 scale2=Const(_scalar), fill=Const(_scalar)):
         qh = op.Transpose(op.Reshape(q, q_shape, _bind="q_split"), perm=[0, 2, 1, 3], _bind="qh")
         vh = op.Transpose(op.Reshape(v, v_shape, _bind="v_split"), perm=[0, 2, 1, 3], _bind="vh")
         k_split = op.Reshape(k, k_shape, _bind="k_split")
-        if keys == "kt":
+        if rope:
+            qh = _rotate_half(op, qh, cos, sin, "q")
+        if gqa:
+            vh = _repeat_kv(op, vh, v_expand_shape, v_repeat_shape, "v")
+        if rope or gqa:  # Llama: heads split, rotated, repeated, then K^T
+            kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
+            if rope:
+                kh = _rotate_half(op, kh, cos, sin, "k")
+            if gqa:
+                kh = _repeat_kv(op, kh, k_expand_shape, k_repeat_shape, "k")
+            kt = op.Transpose(kh, perm=[0, 1, 3, 2], _bind="kt")
+        elif keys == "kt":
             kt = op.Transpose(k_split, perm=[0, 2, 3, 1], _bind="kt")
         elif keys == "kt_3d":  # the dynamo exporter's SDPA: K^T through a 3-D [-1, L, H] view
             kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
@@ -86,13 +119,16 @@ def _attention_pattern(keys, scaling, masking, view=False):
         merged = op.Transpose(context, perm=[0, 2, 1, 3], _bind="merged")
         return op.Reshape(merged, out_shape, _bind="merge")
 
-    pattern.__name__ = f"attention_{keys}_{scaling}_{masking}{'_view' if view else ''}"
+    pattern.__name__ = (f"attention_{keys}_{scaling}_{masking}{'_view' if view else ''}{'_rope' if rope else ''}"
+                        f"{'_gqa' if gqa else ''}")
     return pattern
 
 
 # The layout of every intermediate, for Shape nodes that read one (B batch, S queries, L keys,
 # N heads, H head size): the replacement computes their value from q and k instead.
-LAYOUTS = {"q_split": "BSNH", "k_split": "BLNH", "v_split": "BLNH", "qh": "BNSH", "kh": "BNLH", "vh": "BNLH",
+LAYOUTS = {"q_split": "BSNH", "k_split": "BLKH", "v_split": "BLKH", "qh": "BNSH", "kh": "BKLH", "vh": "BKLH",
+           "q_rot": "BNSH", "k_rot": "BKLH", "k_unsqueeze": "BK1LH", "v_unsqueeze": "BK1LH", "k_expand": "BKGLH",
+           "v_expand": "BKGLH", "k_repeat": "BNLH", "v_repeat": "BNLH",
            "kt": "BNHL", "scores": "BNSL", "scaled": "BNSL", "masked0": "BNSL", "masked": "BNSL", "probs": "BNSL",
            "context": "BNSH", "merged": "BSNH", "q_scaled": "BNSH", "k_scaled": "BNHL", "nan": "BNSL",
            "guarded": "BNSL", "context_view": "BNSH"}
@@ -101,6 +137,9 @@ PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s 
             for m in ("add_add", "add", "where", "where_inverted", "none")]
 PATTERNS += [_attention_pattern(k, "sdpa", m, view) for k in ("kt", "kt_3d") for m in ("add", "none")
              for view in (True, False)]
+# Llama-class decoders: rotary embedding on the split q and k, K/V heads repeated (grouped-query)
+PATTERNS += [_attention_pattern("two_transposes", s, m, rope=rope, gqa=gqa) for rope, gqa in
+             ((True, True), (True, False), (False, True)) for s in ("mul", "div", "none") for m in ("add", "none")]
 
 
 # ----------------------------------------------------------------------------- shape facts
@@ -221,9 +260,179 @@ def _transposed_through_3d(ctx, kh, k3, kt, size) -> str | None:
     return None
 
 
+def _ints(ctx, t) -> list[int] | None:
+    value = ctx.value(t) if t is not None and t.name else None
+    return None if value is None or value.dtype.kind not in "iu" else [int(x) for x in value.reshape(-1)]
+
+
+def _rotate_half_reason(ctx, upper, lower, size) -> str | None:
+    """None when ``upper`` is x[..., H/2:] and ``lower`` x[..., :H/2] (the rotation covers the
+    whole head: ONNX Runtime's RotaryEmbedding is told no partial rotary dim)."""
+    half = size // 2
+    for node, start, end in ((upper, half, None), (lower, 0, half)):
+        starts, ends, axes, steps = (_ints(ctx, node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2, 3, 4))
+        ends_ok = ends is not None and len(ends) == 1 and (ends[0] >= size if end is None else ends[0] == end)
+        if size % 2 or starts != [start] or not ends_ok or axes not in ([-1], [3]) or steps not in (None, [1]):
+            return f"{node.name!r} does not slice the {'upper' if end is None else 'lower'} half of the head size {size}"
+    return None
+
+
+def _halves_source(ctx, t):
+    """The tensor f where ``t`` = elementwise(Concat(f, f, axis=-1)) (Cos, Sin, Cast, a scalar
+    Mul/Div: each half of t is then the same function of f), or None."""
+    for _ in range(8):
+        node = ctx.producer(t)
+        if node is None:
+            return None
+        if node.op in ("Cos", "Sin", "Cast", "Identity") and len(node.inputs) == 1:
+            t = node.inputs[0]
+        elif node.op in ("Mul", "Div") and len(node.inputs) == 2:
+            consts = [i for i, x in enumerate(node.inputs) if ctx.value(x) is not None and ctx.value(x).size == 1]
+            if not consts or (node.op == "Div" and consts != [1]):
+                return None
+            t = node.inputs[1 - consts[0]]
+        elif node.op == "Concat" and len(node.inputs) == 2 and node.inputs[0] is node.inputs[1] \
+                and ctx.attr(node, "axis", 0) in (-1, ctx.rank(t) - 1 if ctx.rank(t) else -1):
+            return node.inputs[0]
+        else:
+            return None
+    return None
+
+
+def _length_source(ctx, t, axis):
+    """("dim", x, i) that dim ``axis`` of ``t`` provably equals, walking back through elementwise ops
+    with constants, Concat on another axis, Unsqueeze and Range(0, n, 1) with n read from a Shape."""
+    for _ in range(16):
+        node = ctx.producer(t)
+        rank = ctx.rank(t)
+        if node is None or rank is None:
+            return None
+        if node.op in ("Cos", "Sin", "Cast", "Identity", "Neg"):
+            t = node.inputs[0]
+        elif node.op in ("Mul", "Div", "Add", "Sub") and len(node.inputs) == 2:
+            full = [x for x in node.inputs if ctx.value(x) is None]
+            const = [x for x in node.inputs if ctx.value(x) is not None]
+            if len(full) != 1 or ctx.rank(full[0]) != rank:
+                return None
+            for c in const:  # a constant must not broadcast the axis
+                shape = ctx.value(c).shape
+                k = axis - (rank - len(shape))
+                if k >= 0 and shape[k] != 1:
+                    return None
+            t = full[0]
+        elif node.op == "Concat" and ctx.attr(node, "axis", 0) % rank != axis:
+            t = node.inputs[0]
+        elif node.op == "Unsqueeze":
+            axes = _ints(ctx, node.inputs[1]) if len(node.inputs) > 1 else ctx.attr(node, "axes", None)
+            if axes is None:
+                return None
+            axes = [a % rank for a in axes]
+            if axis in axes:
+                return None
+            axis -= sum(a < axis for a in axes)
+            t = node.inputs[0]
+        elif node.op == "Range" and axis == 0:
+            start, delta = (ctx.value(x) for x in (node.inputs[0], node.inputs[2]))
+            if start is None or delta is None or start.size != 1 or delta.size != 1 or start.item() != 0 \
+                    or delta.item() != 1:
+                return None
+            limit = node.inputs[1]
+            for _ in range(4):
+                scalar = _scalar_dim(ctx, limit)
+                if isinstance(scalar, tuple):
+                    return scalar
+                producer = ctx.producer(limit)
+                if producer is not None and producer.op == "Squeeze":
+                    entries = _dims(ctx, producer.inputs[0])
+                    return entries[0] if entries and len(entries) == 1 and isinstance(entries[0], tuple) else None
+                if producer is None or producer.op != "Cast":
+                    return None
+                limit = producer.inputs[0]
+            return None
+        else:
+            return None
+    return None
+
+
+def _rotary_cache(ctx, t, size, q, k):
+    """The [1, S, H] cos (sin) table c under the rotary's ``t`` = Unsqueeze(c, [1]), or a reason.
+
+    Row s of c multiplies position s of q and k (it broadcasts over batch and heads), so ONNX
+    Runtime's RotaryEmbedding gets c[0, :, :H/2] as its cache and position offset 0; that holds
+    when c's batch is 1, its halves are equal and its length is provably q's and k's."""
+    node = ctx.producer(t)
+    axes = _ints(ctx, node.inputs[1]) if node is not None and node.op == "Unsqueeze" and len(node.inputs) > 1 else None
+    if axes not in ([1], [-3]):
+        return f"the rotary table {t.name!r} is not Unsqueeze(table, 1)"
+    c = node.inputs[0]
+    shape = ctx.shape(c)
+    if not shape or len(shape) != 3 or shape[0] != 1 or shape[2] != size:
+        return f"the rotary table {c.name!r} is not [1, S, {size}] (per-batch positions are not fused)"
+    if _halves_source(ctx, c) is None:
+        return f"the rotary table {c.name!r} is not computed elementwise from Concat(freqs, freqs)"
+    entry = ("dim", c, 1)
+    source = _length_source(ctx, c, 1)
+    for x in (q, k):
+        if not (_same_dim(ctx, entry, x, 1) or (source is not None and _same_dim(ctx, source, x, 1))):
+            return f"the rotary table {c.name!r} is not provably as long as {x.name!r}"
+    return c
+
+
+def _dim_letter(ctx, entry, letters, k) -> str | None:
+    """The layout letter a ("dim", t, i) entry stands for: t's letter when t is a matched
+    intermediate, B or L when it is provably k's batch or length."""
+    _, t, i = entry
+    if id(t) in letters:
+        return letters[id(t)][i]
+    if _same_dim(ctx, entry, k, 0):
+        return "B"
+    return "L" if _same_dim(ctx, entry, k, 1) else None
+
+
+def _expand_target(ctx, t):
+    """Entries of an Expand's target; Where(Equal(x, -1), 1, x), which torch writes around it, is x."""
+    node = ctx.producer(t)
+    if node is not None and node.op == "Where":
+        equal = ctx.producer(node.inputs[0])
+        ones, minus = ctx.value(node.inputs[1]), None
+        if equal is not None and equal.op == "Equal" and node.inputs[2] in equal.inputs:
+            other = equal.inputs[1] if equal.inputs[0] is node.inputs[2] else equal.inputs[0]
+            minus = ctx.value(other)
+        if ones is None or minus is None or not (ones == 1).all() or not (minus == -1).all():
+            return None
+        entries = _dims(ctx, node.inputs[2])
+        return None if entries is None else [1 if e == -1 else e for e in entries]
+    return _dims(ctx, t)
+
+
+def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, size) -> str | None:
+    """None when Reshape(Expand(Unsqueeze(x, 2), [B, K, G, L, H]), [B, K*G, L, H]) repeats each of
+    x's K heads G = N / K times in a row (transformers' repeat_kv)."""
+    groups = heads // kv_heads
+    if _ints(ctx, unsqueeze.inputs[1]) not in ([2], [-3]):
+        return f"{unsqueeze.name!r} does not add the group axis 2"
+    wanted = ("B", kv_heads, groups, "L", size)
+    target = _expand_target(ctx, expand.inputs[1])
+    if target is None or len(target) != 5:
+        return f"cannot read the target shape of {expand.name!r}"
+    for i, (e, want) in enumerate(zip(target, wanted)):
+        letter = _dim_letter(ctx, e, letters, k) if isinstance(e, tuple) else None
+        if not (letter == want or e == want or (e == 1 and i != 2) or (letter == "G" and i == 2)):
+            return f"{expand.name!r} expands to {target}, not [B, {kv_heads}, {groups}, L, {size}]"
+    entries = _dims(ctx, repeat.inputs[1])
+    keep = not ctx.attr(repeat, "allowzero", 0)
+    if entries is None or len(entries) != 4:
+        return f"cannot read the target shape of {repeat.name!r}"
+    e0, e1, e2, e3 = entries
+    letter = [_dim_letter(ctx, e, letters, k) if isinstance(e, tuple) else None for e in (e0, e2)]
+    if not ((letter[0] == "B" or (e0 == 0 and keep)) and e1 == heads and letter[1] == "L" and e3 == size):
+        return f"{repeat.name!r} reshapes to {entries}, not [B, {heads}, L, {size}]"
+    return None
+
+
 def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, mask2=None, scale=None,
           scale2=None, fill=None, context=None, context_view=None, qh=None, q_scaled=None, kh=None, k3=None,
-          kt=None):
+          kt=None, q_rot=None, k_repeat=None, cos=None, sin=None, **bound):
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
@@ -234,16 +443,39 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
     if any(g is None for g in geometry):
         return "head count or head size unknown"
     (heads, size), (k_heads, k_size), (v_heads, v_size) = geometry
-    if (k_heads, k_size) != (heads, size) or v_heads != heads or v_size != size:
+    repeated = k_repeat is not None
+    if (k_size, v_size, v_heads) != (size, size, k_heads) or (k_heads != heads and not repeated) \
+            or heads % k_heads:
         return f"q/k/v head shapes differ: {geometry}"
-    for t in (q, k, v):
+    for t, n in ((q, heads), (k, k_heads), (v, k_heads)):
         shape = ctx.shape(t)
-        if shape is None or len(shape) != 3 or shape[2] != heads * size or ctx.dtype(t) != dtype:
-            return f"{t.name!r} is not a [B, S, {heads * size}] {dtype} tensor"
-    for split in (q_split, k_split, v_split):
-        reason = _keeps_leading(ctx, split, [heads, size])
+        if shape is None or len(shape) != 3 or shape[2] != n * size or ctx.dtype(t) != dtype:
+            return f"{t.name!r} is not a [B, S, {n * size}] {dtype} tensor"
+    for split, n in ((q_split, heads), (k_split, k_heads), (v_split, k_heads)):
+        reason = _keeps_leading(ctx, split, [n, size])
         if reason:
             return reason
+    letters = {id(node.outputs[0]): LAYOUTS[name] for name, node in {**bound, "q_split": q_split, "k_split": k_split,
+               "v_split": v_split, "qh": qh, "kh": kh, "kt": kt, "context": context, "q_rot": q_rot,
+               "k_repeat": k_repeat}.items()
+               if name in LAYOUTS and node is not None}
+    found = {"kv_heads": k_heads, "cache": None}
+    if repeated:
+        for which in "kv":
+            reason = _repeat_reason(ctx, bound[f"{which}_unsqueeze"], bound[f"{which}_expand"],
+                                    k_repeat if which == "k" else bound["v_repeat"], k, letters, heads, k_heads, size)
+            if reason:
+                return reason
+    if q_rot is not None:
+        for which in "qk":
+            reason = _rotate_half_reason(ctx, bound[f"{which}_upper"], bound[f"{which}_lower"], size)
+            if reason:
+                return reason
+        caches = [_rotary_cache(ctx, t, size, q, k) for t in (cos, sin)]
+        for c in caches:
+            if isinstance(c, str):
+                return c
+        found["cache"] = caches
     target = ctx.value(merge.inputs[1])
     flat = target is not None and target.reshape(-1).tolist() == [-1, heads * size]  # the view of Conv1D
     reason = (None if flat else _keeps_leading(ctx, merge, [heads * size], like=q, inner=[heads, size])) or _reshape_uses(ctx, shape_uses)
@@ -264,13 +496,14 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
     divided = any(n.op == "Div" for n in ctx.nodes)
     if divided and scale_value == 0:
         return "division by a zero scale"
-    found = {"form": form, "heads": heads, "size": size, "scale": 1.0 / scale_value if divided else scale_value,
-             "bias": None, "flat": flat}
+    found.update({"form": form, "heads": heads, "size": size, "scale": 1.0 / scale_value if divided else scale_value,
+                  "bias": None, "flat": flat})
     if fill is not None:
         fill_value = float(ctx.value(fill).reshape(-1)[0])
         if fill_value > MASK_FILL_LIMIT:
             return f"Where fills masked scores with {fill_value}, not a value below {MASK_FILL_LIMIT:g}"
         inverted = any(n.op == "Where" and n.inputs[1] is fill for n in ctx.nodes)
+        fill_value = STANDARD_FILL if form == "standard" else fill_value
         found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(fill_value, dtype))
     elif mask is not None:
         for m in (mask, mask2):
@@ -278,6 +511,14 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
             if shape is None or len(shape) > 4 or (m is not None and ctx.dtype(m) != dtype):
                 return f"mask {m.name!r} is not a {dtype} tensor of rank <= 4"
         found["bias"] = "add"
+        where = ctx.producer(mask)
+        if form == "standard" and mask2 is None and where is not None and where.op == "Where":
+            values = [ctx.value(x) for x in where.inputs[1:]]
+            if all(x is not None and _scalar(x) for x in values) and sorted(float(x.reshape(-1)[0]) for x in values)[1] == 0 \
+                    and min(float(x.reshape(-1)[0]) for x in values) <= MASK_FILL_LIMIT:
+                inverted = float(values[0].reshape(-1)[0]) != 0  # Where(cond, fill, 0)
+                found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(STANDARD_FILL, dtype),
+                             mask_cond=where.inputs[0])
     return found
 
 
@@ -307,9 +548,12 @@ def _unit_output(ctx, t, i):
 class _Dims:
     """B, S, L, N, H as 1-D int64 tensors, each built once per replacement."""
 
-    def __init__(self, op, q, k, heads, size):
+    def __init__(self, op, q, k, heads, size, kv_heads=None):
         self.op, self.q, self.k = op, q, k
-        self.made = {"N": np.array([heads], np.int64), "H": np.array([size], np.int64)}
+        kv_heads = kv_heads or heads
+        self.made = {"N": np.array([heads], np.int64), "H": np.array([size], np.int64),
+                     "K": np.array([kv_heads], np.int64), "G": np.array([heads // kv_heads], np.int64),
+                     "1": np.array([1], np.int64)}
         self.shapes = {}
 
     def _shape(self, t):
@@ -332,8 +576,37 @@ class _Dims:
         return parts[0] if len(parts) == 1 else self.op.Concat(*parts, axis=0)
 
 
-def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, mask2=None, fill=None):
-    dims = _Dims(op, q, k, heads, size)
+def _rotary(op, form, x, heads, size, cache, dims, length):
+    """x [B, S, heads*size] rotated as transformers' rotate_half does, by the [1, S, size] tables."""
+    typed = {"_dtype": x.dtype, "_shape": op.ctx.shape(x)}
+    memo = op.ctx.pass_ctx.__dict__.setdefault(TABLES_KEY, {})  # one table per model, not per layer
+
+    def table(c, how):
+        key = (id(c), how)
+        if key not in memo:  # [1, S, H/2]: the two halves of each row are equal (checked)
+            half = op.Slice(c, np.array([0], np.int64), np.array([size // 2], np.int64), np.array([-1], np.int64))
+            memo[key] = half if how == "half" else op.Reshape(half, np.array([-1, size // 2], np.int64))
+        return memo[key]
+
+    if form == "standard":  # opset 23: tables per batch row, no position ids
+        target = op.Concat(dims["B"], dims[length], np.array([size // 2], np.int64), axis=0)
+        cos, sin = (op.Expand(table(c, "half"), target) for c in cache)
+        return op.RotaryEmbedding(x, cos, sin, num_heads=heads, **typed)
+    cos, sin = (table(c, "rows") for c in cache)  # [S, H/2], row s = position s
+    return op.RotaryEmbedding(x, np.array([0], np.int64), cos, sin, _domain="com.microsoft", **typed)
+
+
+def _repeat_heads(op, x, kv_heads, groups, size):
+    """[B, L, K*H] -> [B, L, K*G*H], each head repeated G times in a row (as repeat_kv on [B, K, L, H])."""
+    x = op.Reshape(x, np.array([0, 0, kv_heads, 1, size], np.int64))
+    x = op.Expand(x, np.array([1, 1, 1, groups, 1], np.int64))
+    return op.Reshape(x, np.array([0, 0, kv_heads * groups * size], np.int64))
+
+
+def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, mask2=None, fill=None,
+              kv_heads=None, cache=None, mask_cond=None):
+    kv_heads = kv_heads or heads
+    dims = _Dims(op, q, k, heads, size, kv_heads)
     for name, nodes in shape_uses.items():
         for shape in nodes:
             if shape.op == "Reshape":  # of the merged heads: the same elements as the result
@@ -345,14 +618,20 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
     if bias is not None:
         if bias != "add":
             zero = np.zeros((), fill.dtype)
-            mask = op.Where(mask, zero, fill) if bias == "where" else op.Where(mask, fill, zero)
+            cond = mask if mask_cond is None else mask_cond
+            mask = op.Where(cond, zero, fill) if bias == "where" else op.Where(cond, fill, zero)
         if mask2 is not None:
             mask = op.Add(mask, mask2)
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
     typed = {"_dtype": q.dtype, "_shape": op.ctx.shape(q)}  # [B, S, N*H], for the passes that follow
+    if cache is not None:
+        q = _rotary(op, form, q, heads, size, cache, dims, "S")
+        k = _rotary(op, form, k, kv_heads, size, cache, dims, "L")
     if form == "standard":
-        y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale, **typed)
+        y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=kv_heads, scale=scale, **typed)
     else:
+        if kv_heads != heads:  # MultiHeadAttention has one head count: repeat K and V as the model did
+            k, v = (_repeat_heads(op, t, kv_heads, heads // kv_heads, size) for t in (k, v))
         y = op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale,
                                   **typed)
     return op.Reshape(y, merge.inputs[1]) if flat else y
@@ -395,7 +674,11 @@ def unfused_softmax_reason(graph, ctx, options) -> tuple[int, str | None]:
 @register_pass
 class FuseAttention(_FuseAttentionRules):
     def run(self, graph, ctx):
-        result = super().run(graph, ctx)
+        ctx.__dict__[TABLES_KEY] = {}
+        try:
+            result = super().run(graph, ctx)
+        finally:
+            ctx.__dict__.pop(TABLES_KEY, None)
         count, why = unfused_softmax_reason(graph, ctx, self.opts)
         if count:  # each left Softmax is an attention block left as it was
             result.counters["unfused_softmax"] = count
