@@ -165,3 +165,25 @@ def test_golden_transformers(golden, name):
     diffs = compare_outputs(OrtRunner(model, threads=1).run(feeds), OrtRunner(out, threads=1).run(feeds),
                             Contract.REASSOCIATING)
     assert all(d.ok for d in diffs), [d.describe() for d in diffs]
+
+
+@pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 20)])
+def test_sdpa_export_with_an_all_padding_row_keeps_the_nan_guard(exporter, opset):
+    """torch's SDPA as TorchScript exports it masks with -inf and zeroes the NaN weights of a row
+    whose every key is masked; MultiHeadAttention gives NaN there, so the fused result keeps the
+    guard (Where(IsNaN(y), 0, y)) unless the bias provably has no -inf (the dynamo export's finfo.min)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "real_exports"))
+    from golden_models import real_exports
+    from make_fixtures import TINY, fixture_path
+
+    path = str(fixture_path("bert_sdpa", exporter, opset))
+    out = infoptc.compile(path, opt_level=3).model
+    assert op_histogram(out).get("IsNaN", 0) == (2 if exporter == "torchscript" else 0)
+    feeds = real_exports.example_inputs("bert_sdpa", batch=2, seq=12, overrides=TINY["bert_sdpa"])
+    feeds["attention_mask"][1] = 0
+    expected, got = OrtRunner(onnx.load(path), threads=1).run(feeds), OrtRunner(out, threads=1).run(feeds)
+    diffs = compare_outputs(expected, got, Contract.REASSOCIATING)
+    assert all(d.ok for d in diffs) and not any(np.isnan(v).any() for v in got.values()), [d.describe() for d in diffs]

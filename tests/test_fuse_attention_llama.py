@@ -181,7 +181,7 @@ def test_not_fused_with_the_reason(case, why):
     assert why in report["rejected"]["attention"]
 
 
-def _real_export(exporter, opset):
+def _real_export(name, exporter, opset):
     import sys
     from pathlib import Path
 
@@ -190,18 +190,22 @@ def _real_export(exporter, opset):
     from golden_models import real_exports
     from make_fixtures import TINY, fixture_path
 
-    feeds = [real_exports.example_inputs("llama", batch=2, seq=12, seed=s, overrides=TINY["llama"]) for s in (0, 1)]
-    return str(fixture_path("llama", exporter, opset)), TINY["llama"]["num_hidden_layers"], feeds
+    feeds = [real_exports.example_inputs(name, batch=3, seq=12, seed=s, overrides=TINY[name]) for s in (0, 1)]
+    return str(fixture_path(name, exporter, opset)), TINY[name]["num_hidden_layers"], feeds
 
 
+@pytest.mark.parametrize("name", ["llama", "llama_sdpa"])
 @pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 20)])
-def test_a_real_llama_export_fuses_every_layer_and_matches(exporter, opset):
+def test_a_real_llama_export_fuses_every_layer_and_matches(name, exporter, opset):
     """transformers' LlamaModel (2 layers, 4 query / 2 KV heads) as torch.onnx exported it
-    (tests/fixtures/real_exports/make_fixtures.py): -O3 fuses each layer's attention."""
-    path, n_layers, llama_feeds = _real_export(exporter, opset)
+    (tests/fixtures/real_exports/make_fixtures.py), with eager attention and with transformers'
+    default (torch's scaled_dot_product_attention: sqrt(scale) on q and k, a -inf mask in the
+    TorchScript export, NaN weights zeroed): -O3 fuses each layer's attention."""
+    path, n_layers, llama_feeds = _real_export(name, exporter, opset)
     original = onnx.load(path)
-    for feed in llama_feeds:  # a left-padded row too
+    for feed in llama_feeds:  # row 0 pads its tail; row 1 its head; row 2 is all padding
         feed["attention_mask"][1, :3] = 0
+        feed["attention_mask"][2] = 0
     art = infoptc.compile(path, opt_level=3)
     hist = op_histogram(art.model)
     assert hist["com.microsoft::MultiHeadAttention"] == n_layers and "Softmax" not in hist

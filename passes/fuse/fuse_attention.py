@@ -84,7 +84,11 @@ def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False
                 kh = _rotate_half(op, kh, cos, sin, "k")
             if gqa:
                 kh = _repeat_kv(op, kh, k_expand_shape, k_repeat_shape, "k")
-            kt = op.Transpose(kh, perm=[0, 1, 3, 2], _bind="kt")
+            if keys == "kt_3d":
+                k3t = op.Transpose(op.Reshape(kh, k3_shape, _bind="k3"), perm=[0, 2, 1], _bind="k3t")
+                kt = op.Reshape(k3t, kt_shape, _bind="kt")
+            else:
+                kt = op.Transpose(kh, perm=[0, 1, 3, 2], _bind="kt")
         elif keys == "kt":
             kt = op.Transpose(k_split, perm=[0, 2, 3, 1], _bind="kt")
         elif keys == "kt_3d":  # the dynamo exporter's SDPA: K^T through a 3-D [-1, L, H] view
@@ -138,8 +142,11 @@ PATTERNS = [_attention_pattern(k, s, m) for k in ("kt", "two_transposes") for s 
 PATTERNS += [_attention_pattern(k, "sdpa", m, view) for k in ("kt", "kt_3d") for m in ("add", "none")
              for view in (True, False)]
 # Llama-class decoders: rotary embedding on the split q and k, K/V heads repeated (grouped-query)
-PATTERNS += [_attention_pattern("two_transposes", s, m, rope=rope, gqa=gqa) for rope, gqa in
-             ((True, True), (True, False), (False, True)) for s in ("mul", "div", "none") for m in ("add", "none")]
+LLAMA = ((True, True), (True, False), (False, True))  # (rope, gqa)
+PATTERNS += [_attention_pattern("two_transposes", s, m, rope=rope, gqa=gqa) for rope, gqa in LLAMA
+             for s in ("mul", "div", "none") for m in ("add", "none")]
+PATTERNS += [_attention_pattern(k, "sdpa", m, view, rope=rope, gqa=gqa) for rope, gqa in LLAMA  # transformers' default
+             for k in ("two_transposes", "kt_3d") for m in ("add", "none") for view in (True, False)]
 
 
 # ----------------------------------------------------------------------------- shape facts
@@ -378,6 +385,16 @@ def _rotary_cache(ctx, t, size, q, k):
     return c
 
 
+def _where_fill(ctx, mask) -> float | None:
+    """f when ``mask`` is Where(c, 0, f) or Where(c, f, 0) with constant scalars, else None."""
+    node = ctx.producer(mask)
+    values = [ctx.value(x) for x in node.inputs[1:]] if node is not None and node.op == "Where" else [None]
+    if not all(x is not None and _scalar(x) for x in values):
+        return None
+    pair = sorted((float(x.reshape(-1)[0]) for x in values), key=lambda f: f == 0)
+    return pair[0] if pair[1] == 0 else None
+
+
 def _dim_letter(ctx, entry, letters, k) -> str | None:
     """The layout letter a ("dim", t, i) entry stands for: t's letter when t is a matched
     intermediate, B or L when it is provably k's batch or length."""
@@ -432,7 +449,7 @@ def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, 
 
 def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None, mask2=None, scale=None,
           scale2=None, fill=None, context=None, context_view=None, qh=None, q_scaled=None, kh=None, k3=None,
-          kt=None, q_rot=None, k_repeat=None, cos=None, sin=None, **bound):
+          kt=None, q_rot=None, k_repeat=None, cos=None, sin=None, guarded=None, **bound):
     dtype = ctx.dtype(q)
     form = _form(ctx, dtype)
     if form is None:
@@ -481,13 +498,14 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
     reason = (None if flat else _keeps_leading(ctx, merge, [heads * size], like=q, inner=[heads, size])) or _reshape_uses(ctx, shape_uses)
     if reason:
         return reason
-    if k3 is not None:
-        reason = _transposed_through_3d(ctx, kh, k3, kt, size)
+    if k3 is not None:  # K^T of the split (or rotated, repeated) keys
+        last = next(n for n in (k_repeat, bound.get("k_rot"), kh) if n is not None)
+        reason = _transposed_through_3d(ctx, last, k3, kt, size)
         if reason:
             return reason
     if context_view is not None:
         reason = _noop_view(ctx, context_view, heads, size, context.outputs[0],
-                            [n.outputs[0] for n in (qh, q_scaled, context) if n is not None])
+                            [n.outputs[0] for n in (qh, q_rot, q_scaled, context) if n is not None])
         if reason:
             return reason
     scale_value = 1.0 if scale is None else float(ctx.value(scale).reshape(-1)[0])
@@ -503,7 +521,7 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
         if fill_value > MASK_FILL_LIMIT:
             return f"Where fills masked scores with {fill_value}, not a value below {MASK_FILL_LIMIT:g}"
         inverted = any(n.op == "Where" and n.inputs[1] is fill for n in ctx.nodes)
-        fill_value = STANDARD_FILL if form == "standard" else fill_value
+        fill_value = STANDARD_FILL if form == "standard" and np.isfinite(fill_value) else fill_value
         found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(fill_value, dtype))
     elif mask is not None:
         for m in (mask, mask2):
@@ -511,14 +529,16 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
             if shape is None or len(shape) > 4 or (m is not None and ctx.dtype(m) != dtype):
                 return f"mask {m.name!r} is not a {dtype} tensor of rank <= 4"
         found["bias"] = "add"
-        where = ctx.producer(mask)
-        if form == "standard" and mask2 is None and where is not None and where.op == "Where":
-            values = [ctx.value(x) for x in where.inputs[1:]]
-            if all(x is not None and _scalar(x) for x in values) and sorted(float(x.reshape(-1)[0]) for x in values)[1] == 0 \
-                    and min(float(x.reshape(-1)[0]) for x in values) <= MASK_FILL_LIMIT:
-                inverted = float(values[0].reshape(-1)[0]) != 0  # Where(cond, fill, 0)
-                found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(STANDARD_FILL, dtype),
-                             mask_cond=where.inputs[0])
+        fills = [_where_fill(ctx, m) for m in (mask, mask2) if m is not None]
+        if form == "standard" and mask2 is None and fills[0] is not None and np.isfinite(fills[0]) \
+                and fills[0] <= MASK_FILL_LIMIT:
+            inverted = float(ctx.value(ctx.producer(mask).inputs[1]).reshape(-1)[0]) != 0  # Where(cond, fill, 0)
+            found.update(bias="where_inverted" if inverted else "where", fill=np.asarray(STANDARD_FILL, dtype),
+                         mask_cond=ctx.producer(mask).inputs[0])
+        # the export zeroes the NaN weights of a row whose every key is masked with -inf, where the
+        # attention ops give NaN (MultiHeadAttention) or 0: keep that guard on the result unless the
+        # bias provably has no -inf
+        found["nan_guard"] = guarded is not None and not all(f is not None and np.isfinite(f) for f in fills)
     return found
 
 
@@ -604,7 +624,7 @@ def _repeat_heads(op, x, kv_heads, groups, size):
 
 
 def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, mask2=None, fill=None,
-              kv_heads=None, cache=None, mask_cond=None):
+              kv_heads=None, cache=None, mask_cond=None, nan_guard=False):
     kv_heads = kv_heads or heads
     dims = _Dims(op, q, k, heads, size, kv_heads)
     for name, nodes in shape_uses.items():
@@ -634,6 +654,8 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
             k, v = (_repeat_heads(op, t, kv_heads, heads // kv_heads, size) for t in (k, v))
         y = op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale,
                                   **typed)
+    if nan_guard:
+        y = op.Where(op.IsNaN(y), np.zeros((), y.dtype), y, **typed)
     return op.Reshape(y, merge.inputs[1]) if flat else y
 
 
