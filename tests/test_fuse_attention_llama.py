@@ -211,3 +211,24 @@ def test_a_real_llama_export_fuses_every_layer_and_matches(name, exporter, opset
     assert hist["com.microsoft::MultiHeadAttention"] == n_layers and "Softmax" not in hist
     assert hist["com.microsoft::RotaryEmbedding"] == 2 * n_layers
     check_equivalent(original, art.model, Contract.REASSOCIATING, feeds=llama_feeds)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_sdpa"])
+@pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 20)])
+def test_a_real_llama_export_at_opset_23_gets_the_standard_ops(name, exporter, opset):
+    """The same exports converted to opset 23 (onnx's version converter) with --ops standard:
+    RotaryEmbedding + Attention(kv_num_heads) in every layer (the second layer's sequence length is
+    followed back through the first layer's RotaryEmbedding), only ai.onnx ops."""
+    from onnx import version_converter
+
+    path, n_layers, llama_feeds = _real_export(name, exporter, opset)
+    original = version_converter.convert_version(onnx.load(path), 23)
+    original.ir_version = 10
+    for feed in llama_feeds:
+        feed["attention_mask"][1, :3] = 0
+        feed["attention_mask"][2] = 0
+    out = infoptc.compile(original, opt_level=3, ops="standard").model
+    hist = op_histogram(out)
+    assert hist["Attention"] == n_layers and hist["RotaryEmbedding"] == 2 * n_layers and "Softmax" not in hist
+    assert not any("::" in op for op in hist)
+    check_equivalent(original, out, Contract.REASSOCIATING, feeds=llama_feeds)

@@ -9,6 +9,12 @@
 
 q, k, v are the 3-D [B, S, N*H] projections before the head split, y the merged result, so the
 head split/merge Reshapes and Transposes disappear too. The scale may be a Div, a Mul or absent.
+
+Llama-class blocks: q and k rotated on the split heads (transformers' rotate_half with cos/sin
+tables [1, S, H]) and K/V heads repeated for grouped-query attention (Unsqueeze/Expand/Reshape)
+become RotaryEmbedding on the 3-D q and k (com.microsoft with the tables' first halves as caches
+and position offset 0, or the opset-23 op) and MultiHeadAttention on K/V repeated to N heads
+(or Attention with kv_num_heads); see docs/passes/fuse-attention.md for what is proved first.
 An additive float mask is passed as the attention bias (two of them, as T5 adds its relative
 position bias and then the padding mask, are summed first); a Where mask with a fill of -1e30 or
 below (finfo.min, -inf) becomes the bias Where(cond, 0, fill): adding it gives the same softmax.
