@@ -381,6 +381,8 @@ def _rotary_cache(ctx, t, size, q, k):
     shape = ctx.shape(c)
     if not shape or len(shape) != 3 or shape[0] != 1 or shape[2] != size:
         return f"the rotary table {c.name!r} is not [1, S, {size}] (per-batch positions are not fused)"
+    if ctx.dtype(c) != ctx.dtype(q):
+        return f"the rotary table {c.name!r} is {ctx.dtype(c)}, the query {ctx.dtype(q)}"
     if _halves_source(ctx, c) is None:
         return f"the rotary table {c.name!r} is not computed elementwise from Concat(freqs, freqs)"
     entry = ("dim", c, 1)
