@@ -52,6 +52,7 @@ class Spec:
     model_class: str = "AutoModel"
     note: str = ""
     attn: str = "eager"  # transformers' attention implementation; "sdpa" is its default
+    exporters: tuple = ("torchscript", "dynamo")  # the exporters that export it
 
 
 SPECS: dict[str, Spec] = {
@@ -81,6 +82,12 @@ SPECS: dict[str, Spec] = {
                                            max_position_embeddings=512),
                        kind="decoder", ort_type="gpt2", attn="sdpa",
                        note="llama with transformers' default attention, torch's scaled_dot_product_attention"),
+    "llama_past": Spec("LlamaConfig", dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=8,
+                                           num_key_value_heads=2, intermediate_size=688, vocab_size=32000,
+                                           max_position_embeddings=512),
+                       kind="decoder_past", ort_type="gpt2", exporters=("torchscript",),
+                       note="llama with a KV cache (use_cache=True): past_{i}_k/v in, present_{i}_k/v out; "
+                            "TorchScript only (the dynamo exporter fails on the cache)"),
     "t5_encoder": Spec("T5Config", dict(num_layers=3, d_model=256, num_heads=4, d_kv=64, d_ff=1024, vocab_size=32128),
                        model_class="T5EncoderModel", note="T5 encoder, 3 layers, relative position bias, RMSNorm"),
     "vit": Spec("ViTConfig", dict(num_hidden_layers=4, hidden_size=192, num_attention_heads=3, intermediate_size=768,
@@ -166,9 +173,24 @@ def example_inputs(name: str, batch: int = 2, seq: int = 16, seed: int = 0,
         return {"input_features": rng.uniform(-1, 1, (batch, kw["num_mel_bins"], frames)).astype(np.float32)}
     vocab = kw.get("vocab_size", 30522)
     ids = rng.integers(5, vocab, size=(batch, seq), dtype=np.int64)
-    mask = np.ones((batch, seq), dtype=np.int64)
-    mask[0, seq - max(1, seq // 4):] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    total = 2 * seq if spec.kind == "decoder_past" else seq  # with a KV cache: seq cached tokens, then seq new
+    mask = np.ones((batch, total), dtype=np.int64)
+    mask[0, total - max(1, total // 4):] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if spec.kind == "decoder_past":
+        shape = (batch, kw["num_key_value_heads"], seq, kw["hidden_size"] // kw["num_attention_heads"])
+        for i in range(kw["num_hidden_layers"]):
+            for t in "kv":
+                feeds[f"past_{i}_{t}"] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def output_names(name: str, overrides: dict | None = None) -> list[str]:
+    """The exported model's outputs: the last hidden state (and a KV cache's present keys/values)."""
+    if SPECS[name].kind != "decoder_past":
+        return ["last_hidden_state"]
+    layers = {**SPECS[name].kwargs, **(overrides or {})}["num_hidden_layers"]
+    return ["last_hidden_state"] + [f"present_{i}_{t}" for i in range(layers) for t in "kv"]
 
 
 class _Wrapper:
@@ -190,6 +212,15 @@ class _Wrapper:
                     out = self.model(input_features=args[0])
                 elif kind == "decoder":
                     out = self.model(input_ids=args[0], attention_mask=args[1], use_cache=False)
+                elif kind == "decoder_past":  # past_{i}_k, past_{i}_v per layer -> a transformers cache
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache()
+                    for i in range(0, len(args) - 2, 2):
+                        cache.update(args[2 + i], args[3 + i], i // 2)
+                    out = self.model(input_ids=args[0], attention_mask=args[1], past_key_values=cache, use_cache=True)
+                    presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                    return (out.last_hidden_state, *presents)
                 else:
                     out = self.model(input_ids=args[0], attention_mask=args[1])
                 return out.last_hidden_state
@@ -206,17 +237,24 @@ def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | No
     feeds = example_inputs(name, batch=2, seq=16, overrides=overrides)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     names = list(feeds)
+    outputs = output_names(name, overrides)
     if spec.kind in ("image", "audio"):
         axes = {names[0]: {0: "batch"}}
     else:
         axes = {n: {0: "batch", 1: "seq"} for n in names}
     axes["last_hidden_state"] = {0: "batch"} if spec.kind in ("image", "audio") else {0: "batch", 1: "seq"}
+    if spec.kind == "decoder_past":
+        if exporter != "torchscript":
+            raise RuntimeError(f"{name} exports with the TorchScript exporter only")
+        axes["attention_mask"] = {0: "batch", 1: "total"}
+        axes.update({n: {0: "batch", 2: "past"} for n in names[2:]})
+        axes.update({n: {0: "batch", 2: "total"} for n in outputs[1:]})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            torch.onnx.export(module, args, str(tmp), input_names=names, output_names=["last_hidden_state"],
+            torch.onnx.export(module, args, str(tmp), input_names=names, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
             model = onnx.load(str(tmp))
         else:
@@ -241,11 +279,12 @@ def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | No
 
 
 def variants(names=NAMES, exporters=EXPORTERS, opsets=(17, NEWEST_OPSET)):
-    """(name, exporter, opset) triples: TorchScript at every opset, dynamo at opsets >= 18."""
+    """(name, exporter, opset) triples: TorchScript at every opset, dynamo at opsets >= 18 (where the
+    model exports with it)."""
     for n in names:
         for e in exporters:
             for o in opsets:
-                if e == "dynamo" and o < 18:
+                if (e == "dynamo" and o < 18) or e not in SPECS[n].exporters:
                     continue
                 yield n, e, o
 

@@ -100,7 +100,7 @@ def test_attention_becomes_multi_head_attention_below_opset_23(style, scale):
     model = attention_model(style, scale=scale)
     out, counters = fuse(model)
     hist = op_histogram(out)
-    assert hist["com.microsoft::MultiHeadAttention"] == 1 and counters == {"fused": 1, "attention": 1}
+    assert hist["com.microsoft::MultiHeadAttention"] == 1 and counters == {"fused": 1, "attention": 1, "attention_past": 0}
     assert not {"Softmax", "Transpose", "Reshape"} & set(hist)
     mha = next(n for n in out.graph.node if n.op_type == "MultiHeadAttention")
     attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
@@ -172,13 +172,9 @@ def test_sdpa_export_with_an_all_padding_row_keeps_the_nan_guard(exporter, opset
     """torch's SDPA as TorchScript exports it masks with -inf and zeroes the NaN weights of a row
     whose every key is masked; MultiHeadAttention gives NaN there, so the fused result keeps the
     guard (Where(IsNaN(y), 0, y)) unless the bias provably has no -inf (the dynamo export's finfo.min)."""
-    import sys
-    from pathlib import Path
+    from test_fuse_attention_llama import _fixtures
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "real_exports"))
-    from golden_models import real_exports
-    from make_fixtures import TINY, fixture_path
-
+    real_exports, TINY, fixture_path = _fixtures()
     path = str(fixture_path("bert_sdpa", exporter, opset))
     out = infoptc.compile(path, opt_level=3).model
     assert op_histogram(out).get("IsNaN", 0) == (2 if exporter == "torchscript" else 0)

@@ -181,15 +181,21 @@ def test_not_fused_with_the_reason(case, why):
     assert why in report["rejected"]["attention"]
 
 
-def _real_export(name, exporter, opset):
+def _fixtures():
+    """golden_models.real_exports and the tiny fixtures' TINY / fixture_path
+    (tests/fixtures/real_exports/make_fixtures.py, which made them)."""
     import sys
     from pathlib import Path
 
-    fixtures = Path(__file__).resolve().parent / "fixtures" / "real_exports"
-    sys.path.insert(0, str(fixtures))
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures" / "real_exports"))
     from golden_models import real_exports
     from make_fixtures import TINY, fixture_path
 
+    return real_exports, TINY, fixture_path
+
+
+def _real_export(name, exporter, opset):
+    real_exports, TINY, fixture_path = _fixtures()
     feeds = [real_exports.example_inputs(name, batch=3, seq=12, seed=s, overrides=TINY[name]) for s in (0, 1)]
     return str(fixture_path(name, exporter, opset)), TINY[name]["num_hidden_layers"], feeds
 
@@ -232,3 +238,35 @@ def test_a_real_llama_export_at_opset_23_gets_the_standard_ops(name, exporter, o
     assert hist["Attention"] == n_layers and hist["RotaryEmbedding"] == 2 * n_layers and "Softmax" not in hist
     assert not any("::" in op for op in hist)
     check_equivalent(original, out, Contract.REASSOCIATING, feeds=llama_feeds)
+
+
+def _past_feeds():
+    """Prefill with a cache (12 cached + 12 new tokens; row 1 left-padded, row 2 pads its tail) and
+    a one-token decode step."""
+    real_exports, TINY, _ = _fixtures()
+    prefill = real_exports.example_inputs("llama_past", batch=3, seq=12, overrides=TINY["llama_past"])
+    prefill["attention_mask"][1, :5] = 0
+    step = {k: v[:2] for k, v in real_exports.example_inputs("llama_past", batch=2, seq=1, overrides=TINY["llama_past"]).items()}
+    return [prefill, step]
+
+
+@pytest.mark.parametrize("opset", [17, 23])
+def test_a_real_llama_export_with_past_key_values(opset):
+    """LlamaModel with use_cache=True (TorchScript): present = Concat(past, rotated new k) is a model
+    output. --ops ort: the present keys/values are rebuilt in [B, K, T, H] (RotaryEmbedding on the 4-D
+    new keys) and repeated for MultiHeadAttention; opset 23 (converted) with --ops standard:
+    Attention takes past_key/past_value and returns the presents itself."""
+    from onnx import version_converter
+
+    path, n_layers, _ = _real_export("llama_past", "torchscript", 17)
+    original = onnx.load(path)
+    if opset == 23:
+        original = version_converter.convert_version(original, 23)
+        original.ir_version = 10
+    out = infoptc.compile(original, opt_level=3, ops="ort" if opset == 17 else "standard").model
+    hist = op_histogram(out)
+    attention = "com.microsoft::MultiHeadAttention" if opset == 17 else "Attention"
+    rotary = "com.microsoft::RotaryEmbedding" if opset == 17 else "RotaryEmbedding"
+    assert hist[attention] == n_layers and hist[rotary] == 2 * n_layers and "Softmax" not in hist
+    assert [o.name for o in out.graph.output] == [o.name for o in original.graph.output]
+    check_equivalent(original, out, Contract.REASSOCIATING, feeds=_past_feeds())

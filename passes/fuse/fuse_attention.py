@@ -72,9 +72,9 @@ def _repeat_kv(op, x, expand_shape, repeat_shape, which):
     return op.Reshape(grouped, repeat_shape, _bind=f"{which}_repeat")
 
 
-def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False):
+def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False, past=False):
     def pattern(op, q, k, v, q_shape, k_shape, v_shape, out_shape, mask, mask2, view_shape, k3_shape, kt_shape,
-                cos, sin, k_expand_shape, k_repeat_shape, v_expand_shape, v_repeat_shape,
+                cos, sin, k_expand_shape, k_repeat_shape, v_expand_shape, v_repeat_shape, past_k, past_v,
                 scale=Const(_scalar),
                 scale2=Const(_scalar), fill=Const(_scalar)):
         qh = op.Transpose(op.Reshape(q, q_shape, _bind="q_split"), perm=[0, 2, 1, 3], _bind="qh")
@@ -82,12 +82,16 @@ def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False
         k_split = op.Reshape(k, k_shape, _bind="k_split")
         if rope:
             qh = _rotate_half(op, qh, cos, sin, "q")
+        if past:  # the KV cache: present = Concat(past, new) along the sequence, a model output
+            vh = v_cat = op.Concat(past_v, vh, axis=lambda a: a in (2, -2), _bind="v_cat")
         if gqa:
             vh = _repeat_kv(op, vh, v_expand_shape, v_repeat_shape, "v")
         if rope or gqa:  # Llama: heads split, rotated, repeated, then K^T
             kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
             if rope:
                 kh = _rotate_half(op, kh, cos, sin, "k")
+            if past:
+                kh = k_cat = op.Concat(past_k, kh, axis=lambda a: a in (2, -2), _bind="k_cat")
             if gqa:
                 kh = _repeat_kv(op, kh, k_expand_shape, k_repeat_shape, "k")
             if keys == "kt_3d":
@@ -127,15 +131,17 @@ def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False
         if view:  # a Reshape of the context to its own shape [B, N, S, H], built from Shape nodes
             context = op.Reshape(context, view_shape, _bind="context_view")
         merged = op.Transpose(context, perm=[0, 2, 1, 3], _bind="merged")
-        return op.Reshape(merged, out_shape, _bind="merge")
+        y = op.Reshape(merged, out_shape, _bind="merge")
+        return (y, k_cat, v_cat) if past else y
 
     pattern.__name__ = (f"attention_{keys}_{scaling}_{masking}{'_view' if view else ''}{'_rope' if rope else ''}"
-                        f"{'_gqa' if gqa else ''}")
+                        f"{'_gqa' if gqa else ''}{'_past' if past else ''}")
     return pattern
 
 
 # The layout of every intermediate, for Shape nodes that read one (B batch, S queries, L keys,
 # N heads, H head size): the replacement computes their value from q and k instead.
+NEW_KV = ("k_split", "v_split", "kh", "vh", "k_rot")  # before a KV cache's Concat: the query's length S
 LAYOUTS = {"q_split": "BSNH", "k_split": "BLKH", "v_split": "BLKH", "qh": "BNSH", "kh": "BKLH", "vh": "BKLH",
            "q_rot": "BNSH", "k_rot": "BKLH", "k_unsqueeze": "BK1LH", "v_unsqueeze": "BK1LH", "k_expand": "BKGLH",
            "v_expand": "BKGLH", "k_repeat": "BNLH", "v_repeat": "BNLH",
@@ -153,6 +159,11 @@ PATTERNS += [_attention_pattern("two_transposes", s, m, rope=rope, gqa=gqa) for 
              for s in ("mul", "div", "none") for m in ("add", "none")]
 PATTERNS += [_attention_pattern(k, "sdpa", m, view, rope=rope, gqa=gqa) for rope, gqa in LLAMA  # transformers' default
              for k in ("two_transposes", "kt_3d") for m in ("add", "none") for view in (True, False)]
+# ... with past key/values (the rotary proves q and the new k have one length)
+PAST_PATTERNS = [_attention_pattern("two_transposes", s, "add", rope=True, gqa=gqa, past=True)
+                 for gqa in (True, False) for s in ("mul", "div")]
+PAST_PATTERNS += [_attention_pattern(k, "sdpa", "add", view, rope=True, gqa=gqa, past=True)
+                  for gqa in (True, False) for k in ("two_transposes", "kt_3d") for view in (True, False)]
 
 
 # ----------------------------------------------------------------------------- shape facts
@@ -323,16 +334,16 @@ def _length_source(ctx, t, axis):
         if node.op in ("Cos", "Sin", "Cast", "Identity", "Neg"):
             t = node.inputs[0]
         elif node.op in ("Mul", "Div", "Add", "Sub") and len(node.inputs) == 2:
-            full = [x for x in node.inputs if ctx.value(x) is None]
-            const = [x for x in node.inputs if ctx.value(x) is not None]
-            if len(full) != 1 or ctx.rank(full[0]) != rank:
+            # follow the operand that has the axis; the other must not broadcast it (a constant, or a
+            # scalar such as the past length that a KV cache adds to the positions)
+            shapes = [ctx.value(x).shape if ctx.value(x) is not None else ctx.shape(x) for x in node.inputs]
+            if any(shape is None for shape in shapes):
                 return None
-            for c in const:  # a constant must not broadcast the axis
-                shape = ctx.value(c).shape
-                k = axis - (rank - len(shape))
-                if k >= 0 and shape[k] != 1:
-                    return None
-            t = full[0]
+            spans = [axis - (rank - len(shape)) for shape in shapes]
+            full = [i for i, (shape, k) in enumerate(zip(shapes, spans)) if k >= 0 and shape[k] != 1]
+            if len(full) != 1 or len(shapes[full[0]]) != rank:
+                return None
+            t = node.inputs[full[0]]
         elif node.op == "Concat" and ctx.attr(node, "axis", 0) % rank != axis:
             t = node.inputs[0]
         elif node.op == "Unsqueeze":
@@ -403,15 +414,17 @@ def _where_fill(ctx, mask) -> float | None:
     return pair[0] if pair[1] == 0 else None
 
 
-def _dim_letter(ctx, entry, letters, k) -> str | None:
+def _dim_letter(ctx, entry, letters, k, length=None) -> str | None:
     """The layout letter a ("dim", t, i) entry stands for: t's letter when t is a matched
-    intermediate, B or L when it is provably k's batch or length."""
+    intermediate, B or L when it is provably k's batch or the keys' length (``length``: a tensor
+    and axis, k's dim 1 unless a KV cache makes it longer)."""
     _, t, i = entry
     if id(t) in letters:
         return letters[id(t)][i]
     if _same_dim(ctx, entry, k, 0):
         return "B"
-    return "L" if _same_dim(ctx, entry, k, 1) else None
+    t, axis = length or (k, 1)
+    return "L" if _same_dim(ctx, entry, t, axis) else None
 
 
 def _expand_target(ctx, t):
@@ -430,7 +443,7 @@ def _expand_target(ctx, t):
     return _dims(ctx, t)
 
 
-def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, size) -> str | None:
+def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, size, length=None) -> str | None:
     """None when Reshape(Expand(Unsqueeze(x, 2), [B, K, G, L, H]), [B, K*G, L, H]) repeats each of
     x's K heads G = N / K times in a row (transformers' repeat_kv)."""
     groups = heads // kv_heads
@@ -441,7 +454,7 @@ def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, 
     if target is None or len(target) != 5:
         return f"cannot read the target shape of {expand.name!r}"
     for i, (e, want) in enumerate(zip(target, wanted)):
-        letter = _dim_letter(ctx, e, letters, k) if isinstance(e, tuple) else None
+        letter = _dim_letter(ctx, e, letters, k, length) if isinstance(e, tuple) else None
         if not (letter == want or e == want or (e == 1 and i != 2) or (letter == "G" and i == 2)):
             return f"{expand.name!r} expands to {target}, not [B, {kv_heads}, {groups}, L, {size}]"
     entries = _dims(ctx, repeat.inputs[1])
@@ -449,7 +462,7 @@ def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, 
     if entries is None or len(entries) != 4:
         return f"cannot read the target shape of {repeat.name!r}"
     e0, e1, e2, e3 = entries
-    letter = [_dim_letter(ctx, e, letters, k) if isinstance(e, tuple) else None for e in (e0, e2)]
+    letter = [_dim_letter(ctx, e, letters, k, length) if isinstance(e, tuple) else None for e in (e0, e2)]
     if not ((letter[0] == "B" or (e0 == 0 and keep)) and e1 == heads and letter[1] == "L" and e3 == size):
         return f"{repeat.name!r} reshapes to {entries}, not [B, {heads}, L, {size}]"
     return None
@@ -485,10 +498,22 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
                "k_repeat": k_repeat}.items()
                if name in LAYOUTS and node is not None}
     found = {"kv_heads": k_heads, "cache": None}
+    length = None
+    k_cat = bound.get("k_cat")
+    if k_cat is not None:  # a KV cache: past [B, K, P, H] + the new keys along axis 2
+        for past in (bound["past_k"], bound["past_v"]):
+            shape = ctx.shape(past)
+            if shape is None or len(shape) != 4 or ctx.dtype(past) != dtype or shape[1] not in (k_heads, None) \
+                    or (isinstance(shape[1], int) and shape[1] != k_heads) or (isinstance(shape[3], int) and shape[3] != size):
+                return f"past key/value {past.name!r} is not a [B, {k_heads}, P, {size}] {dtype} tensor"
+        for node in (k_cat, bound["v_cat"]):
+            letters[id(node.outputs[0])] = "BKLH"
+        length = (k_cat.outputs[0], 2)
     if repeated:
         for which in "kv":
             reason = _repeat_reason(ctx, bound[f"{which}_unsqueeze"], bound[f"{which}_expand"],
-                                    k_repeat if which == "k" else bound["v_repeat"], k, letters, heads, k_heads, size)
+                                    k_repeat if which == "k" else bound["v_repeat"], k, letters, heads, k_heads, size,
+                                    length)
             if reason:
                 return reason
     if q_rot is not None:
@@ -631,16 +656,24 @@ def _repeat_heads(op, x, kv_heads, groups, size):
     return op.Reshape(x, np.array([0, 0, kv_heads * groups * size], np.int64))
 
 
+def _repeat_heads_bnsh(op, x, kv_heads, groups, size):
+    """[B, K, T, H] -> [B, K*G, T, H], each head repeated G times in a row (transformers' repeat_kv)."""
+    x = op.Expand(op.Unsqueeze(x, np.array([2], np.int64)), np.array([1, 1, groups, 1, 1], np.int64))
+    return op.Reshape(x, np.array([0, kv_heads * groups, -1, size], np.int64))
+
+
 def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_uses, mask=None, mask2=None, fill=None,
-              kv_heads=None, cache=None, mask_cond=None, nan_guard=False):
+              kv_heads=None, cache=None, mask_cond=None, nan_guard=False, past_k=None, past_v=None, k_cat=None):
     kv_heads = kv_heads or heads
     dims = _Dims(op, q, k, heads, size, kv_heads)
+    if past_k is not None:  # the keys' length: past + new
+        dims.made["L"] = op.Add(op.Gather(op.Shape(past_k), np.array([2], np.int64), axis=0), dims["S"])
     for name, nodes in shape_uses.items():
         for shape in nodes:
             if shape.op == "Reshape":  # of the merged heads: the same elements as the result
                 shape.inputs[0] = merge.outputs[0]
                 continue
-            layout = LAYOUTS[name]
+            layout = LAYOUTS[name] if past_k is None or name not in NEW_KV else LAYOUTS[name].replace("L", "S")
             start, end = shape.attrs.get("start", 0), shape.attrs.get("end", len(layout))
             op.replace_uses(shape.outputs[0], dims.shape(layout[start:end]))
     if bias is not None:
@@ -652,22 +685,41 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
             mask = op.Add(mask, mask2)
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
     typed = {"_dtype": q.dtype, "_shape": op.ctx.shape(q)}  # [B, S, N*H], for the passes that follow
+    presents = None
+    if past_k is not None and form != "standard":  # present = Concat(past, new) in [B, K, T, H], as the model's
+        cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])}
+        kh, vh = (op.Transpose(op.Reshape(t, np.array([0, 0, kv_heads, size], np.int64)), perm=[0, 2, 1, 3])
+                  for t in (k, v))
+        kh = _rotary(op, form, kh, kv_heads, size, cache, dims, "S")  # 4-D: the same tables, by position
+        presents = (op.Concat(past_k, kh, axis=2, **cat), op.Concat(past_v, vh, axis=2, **cat))
+        k, v = presents if kv_heads == heads else (_repeat_heads_bnsh(op, t, kv_heads, heads // kv_heads, size)
+                                                   for t in presents)  # MultiHeadAttention takes [B, N, T, H] keys
     if cache is not None:
         q = _rotary(op, form, q, heads, size, cache, dims, "S")
-        k = _rotary(op, form, k, kv_heads, size, cache, dims, "L")
-    if form == "standard":
+        if presents is None:
+            k = _rotary(op, form, k, kv_heads, size, cache, dims, "S" if past_k is not None else "L")
+    if form == "standard" and past_k is not None:
+        cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])}
+        y, *presents = op.Attention(q, k, v, mask, past_k, past_v, q_num_heads=heads, kv_num_heads=kv_heads,
+                                    scale=scale, _outputs=3)
+        for t in (y, *presents):
+            t.dtype = q.dtype
+        y.shape, presents[0].shape, presents[1].shape = typed["_shape"], cat["_shape"], cat["_shape"]
+    elif form == "standard":
         y = op.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=kv_heads, scale=scale, **typed)
     else:
-        if kv_heads != heads:  # MultiHeadAttention has one head count: repeat K and V as the model did
+        if kv_heads != heads and presents is None:  # MultiHeadAttention has one head count: repeat K and V
             k, v = (_repeat_heads(op, t, kv_heads, heads // kv_heads, size) for t in (k, v))
         y = op.MultiHeadAttention(q, k, v, None, None, mask, _domain="com.microsoft", num_heads=heads, scale=scale,
                                   **typed)
     if nan_guard:
         y = op.Where(op.IsNaN(y), np.zeros((), y.dtype), y, **typed)
-    return op.Reshape(y, merge.inputs[1]) if flat else y
+    y = op.Reshape(y, merge.inputs[1]) if flat else y
+    return y if past_k is None else (y, *presents)
 
 
-RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=("Shape", "Reshape"))]
+RULES = [Rule("attention", PATTERNS, attention, check, allow_shape_uses=("Shape", "Reshape")),
+         Rule("attention_past", PAST_PATTERNS, attention, check, allow_shape_uses=("Shape", "Reshape"))]
 
 _FuseAttentionRules = rewrite_pass(
     "fuse-attention",
