@@ -49,7 +49,7 @@ class Builder:
 
 
 def llama_attention(exporter="torchscript", opset=20, kv_heads=KV_HEADS, half=SIZE // 2, table_batch=1,
-                    groups=None):
+                    groups=None, rotary=True):
     """hidden x [B, S, HIDDEN] and attention_mask [B, S] -> LlamaAttention's output [B, S, HIDDEN]."""
     b = Builder()
     rng = np.random.default_rng(7)
@@ -92,7 +92,7 @@ def llama_attention(exporter="torchscript", opset=20, kv_heads=KV_HEADS, half=SI
             merged = b.op("Concat", b.dim(x, 0, exporter), b.c([HEADS]), b.dim(x, 2, exporter), b.c([SIZE]), axis=0)
         return b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.c([2])), target), merged, **zero)
 
-    q, k, v = rotate(heads["q"]), rotate(heads["k"]), heads["v"]
+    q, k, v = (rotate(heads["q"]), rotate(heads["k"]), heads["v"]) if rotary else (heads["q"], heads["k"], heads["v"])
     if kv_heads != HEADS:
         k, v = repeat(k), repeat(v)
     # causal + padding mask: Where(j <= i and mask[b, j], 0, finfo.min), [B, 1, S, S]
@@ -148,6 +148,16 @@ def test_llama_attention_becomes_rotary_embedding_and_multi_head_attention(expor
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_grouped_query_attention_without_rotary(exporter):
+    model = llama_attention(exporter, rotary=False)
+    out, counters, _ = fused(model)
+    hist = op_histogram(out)
+    assert counters["attention"] == 1 and hist["com.microsoft::MultiHeadAttention"] == 1
+    assert "Softmax" not in hist and "com.microsoft::RotaryEmbedding" not in hist
+    assert_matches(model, out)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_standard_attention_and_rotary_embedding_at_opset_23(exporter):
     model = llama_attention(exporter, opset=23)
     out, counters, _ = fused(model, ops="standard")
@@ -157,6 +167,7 @@ def test_standard_attention_and_rotary_embedding_at_opset_23(exporter):
     attention = next(n for n in out.graph.node if n.op_type == "Attention")
     attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
     assert (attrs["q_num_heads"], attrs["kv_num_heads"]) == (HEADS, KV_HEADS)
+    onnx.checker.check_model(out, full_check=True)
     assert_matches(model, out)
 
 
@@ -237,6 +248,7 @@ def test_a_real_llama_export_at_opset_23_gets_the_standard_ops(name, exporter, o
     hist = op_histogram(out)
     assert hist["Attention"] == n_layers and hist["RotaryEmbedding"] == 2 * n_layers and "Softmax" not in hist
     assert not any("::" in op for op in hist)
+    onnx.checker.check_model(out)
     check_equivalent(original, out, Contract.REASSOCIATING, feeds=llama_feeds)
 
 
