@@ -52,7 +52,6 @@ class Spec:
     model_class: str = "AutoModel"
     note: str = ""
     attn: str = "eager"  # transformers' attention implementation; "sdpa" is its default
-    exporters: tuple = ("torchscript", "dynamo")  # the exporters that export it
 
 
 SPECS: dict[str, Spec] = {
@@ -85,9 +84,8 @@ SPECS: dict[str, Spec] = {
     "llama_past": Spec("LlamaConfig", dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=8,
                                            num_key_value_heads=2, intermediate_size=688, vocab_size=32000,
                                            max_position_embeddings=512),
-                       kind="decoder_past", ort_type="gpt2", exporters=("torchscript",),
-                       note="llama with a KV cache (use_cache=True): past_{i}_k/v in, present_{i}_k/v out; "
-                            "TorchScript only (the dynamo exporter fails on the cache)"),
+                       kind="decoder_past", ort_type="gpt2",
+                       note="llama with a KV cache (use_cache=True): past_{i}_k/v in, present_{i}_k/v out"),
     "t5_encoder": Spec("T5Config", dict(num_layers=3, d_model=256, num_heads=4, d_kv=64, d_ff=1024, vocab_size=32128),
                        model_class="T5EncoderModel", note="T5 encoder, 3 layers, relative position bias, RMSNorm"),
     "vit": Spec("ViTConfig", dict(num_hidden_layers=4, hidden_size=192, num_attention_heads=3, intermediate_size=768,
@@ -244,8 +242,6 @@ def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | No
         axes = {n: {0: "batch", 1: "seq"} for n in names}
     axes["last_hidden_state"] = {0: "batch"} if spec.kind in ("image", "audio") else {0: "batch", 1: "seq"}
     if spec.kind == "decoder_past":
-        if exporter != "torchscript":
-            raise RuntimeError(f"{name} exports with the TorchScript exporter only")
         axes["attention_mask"] = {0: "batch", 1: "total"}
         axes.update({n: {0: "batch", 2: "past"} for n in names[2:]})
         axes.update({n: {0: "batch", 2: "total"} for n in outputs[1:]})
@@ -263,7 +259,11 @@ def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | No
             batch = Dim("batch", min=1, max=64)
             shapes = ([{0: batch}] if spec.kind in ("image", "audio")
                       else [{0: batch, 1: Dim("seq", min=2, max=512)}] * 2)
-            program = torch.onnx.export(module, args, input_names=names, output_names=["last_hidden_state"],
+            if spec.kind == "decoder_past":  # the mask spans past + new: its own dim (torch.export cannot add two)
+                past = Dim("past", min=2, max=512)
+                shapes[1] = {0: batch, 1: Dim("total", min=4, max=1024)}
+                shapes += [{0: batch, 2: past}] * (len(names) - 2)
+            program = torch.onnx.export(module, args, input_names=names, output_names=outputs,
                                         dynamic_shapes=(tuple(shapes),), opset_version=opset, dynamo=True,
                                         optimize=True, verbose=False)
             model = program.model_proto
@@ -279,12 +279,11 @@ def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | No
 
 
 def variants(names=NAMES, exporters=EXPORTERS, opsets=(17, NEWEST_OPSET)):
-    """(name, exporter, opset) triples: TorchScript at every opset, dynamo at opsets >= 18 (where the
-    model exports with it)."""
+    """(name, exporter, opset) triples: TorchScript at every opset, dynamo at opsets >= 18."""
     for n in names:
         for e in exporters:
             for o in opsets:
-                if (e == "dynamo" and o < 18) or e not in SPECS[n].exporters:
+                if e == "dynamo" and o < 18:
                     continue
                 yield n, e, o
 

@@ -255,30 +255,32 @@ def test_a_real_llama_export_at_opset_23_gets_the_standard_ops(name, exporter, o
 def _past_feeds():
     """Prefill with a cache (12 cached + 12 new tokens; row 1 left-padded, row 2 pads its tail) and
     a one-token decode step."""
-    real_exports, TINY, _ = _fixtures()
+    real_exports, TINY, _ = _fixtures()  # the feeds do not depend on the exporter
     prefill = real_exports.example_inputs("llama_past", batch=3, seq=12, overrides=TINY["llama_past"])
     prefill["attention_mask"][1, :5] = 0
     step = {k: v[:2] for k, v in real_exports.example_inputs("llama_past", batch=2, seq=1, overrides=TINY["llama_past"]).items()}
     return [prefill, step]
 
 
-@pytest.mark.parametrize("opset", [17, 23])
-def test_a_real_llama_export_with_past_key_values(opset):
+@pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 20)])
+@pytest.mark.parametrize("standard", [False, True])
+def test_a_real_llama_export_with_past_key_values(exporter, opset, standard):
     """LlamaModel with use_cache=True (TorchScript): present = Concat(past, rotated new k) is a model
     output. --ops ort: the present keys/values are rebuilt in [B, K, T, H] (RotaryEmbedding on the 4-D
     new keys) and repeated for MultiHeadAttention; opset 23 (converted) with --ops standard:
-    Attention takes past_key/past_value and returns the presents itself."""
+    Attention takes past_key/past_value and returns the presents itself. The dynamo export reads
+    the total length as Reshape(past length + new length) in the repeat's targets."""
     from onnx import version_converter
 
-    path, n_layers, _ = _real_export("llama_past", "torchscript", 17)
+    path, n_layers, _ = _real_export("llama_past", exporter, opset)
     original = onnx.load(path)
-    if opset == 23:
+    if standard:
         original = version_converter.convert_version(original, 23)
         original.ir_version = 10
-    out = infoptc.compile(original, opt_level=3, ops="ort" if opset == 17 else "standard").model
+    out = infoptc.compile(original, opt_level=3, ops="standard" if standard else "ort").model
     hist = op_histogram(out)
-    attention = "com.microsoft::MultiHeadAttention" if opset == 17 else "Attention"
-    rotary = "com.microsoft::RotaryEmbedding" if opset == 17 else "RotaryEmbedding"
+    attention = "Attention" if standard else "com.microsoft::MultiHeadAttention"
+    rotary = "RotaryEmbedding" if standard else "com.microsoft::RotaryEmbedding"
     assert hist[attention] == n_layers and hist[rotary] == 2 * n_layers and "Softmax" not in hist
     assert [o.name for o in out.graph.output] == [o.name for o in original.graph.output]
     check_equivalent(original, out, Contract.REASSOCIATING, feeds=_past_feeds())

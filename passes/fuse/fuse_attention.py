@@ -323,6 +323,22 @@ def _halves_source(ctx, t):
     return None
 
 
+def _scalar_source(ctx, t):
+    """("dim", x, i) that a scalar equals: Gather(Shape(x), i), Squeeze(Shape(x, i, i + 1)), via Casts."""
+    for _ in range(4):
+        scalar = _scalar_dim(ctx, t)
+        if isinstance(scalar, tuple):
+            return scalar
+        producer = ctx.producer(t)
+        if producer is not None and producer.op == "Squeeze":
+            entries = _dims(ctx, producer.inputs[0])
+            return entries[0] if entries and len(entries) == 1 and isinstance(entries[0], tuple) else None
+        if producer is None or producer.op != "Cast":
+            return None
+        t = producer.inputs[0]
+    return None
+
+
 def _length_source(ctx, t, axis):
     """("dim", x, i) that dim ``axis`` of ``t`` provably equals, walking back through elementwise ops
     with constants, Concat on another axis, Unsqueeze and Range(0, n, 1) with n read from a Shape."""
@@ -360,19 +376,7 @@ def _length_source(ctx, t, axis):
             if start is None or delta is None or start.size != 1 or delta.size != 1 or start.item() != 0 \
                     or delta.item() != 1:
                 return None
-            limit = node.inputs[1]
-            for _ in range(4):
-                scalar = _scalar_dim(ctx, limit)
-                if isinstance(scalar, tuple):
-                    return scalar
-                producer = ctx.producer(limit)
-                if producer is not None and producer.op == "Squeeze":
-                    entries = _dims(ctx, producer.inputs[0])
-                    return entries[0] if entries and len(entries) == 1 and isinstance(entries[0], tuple) else None
-                if producer is None or producer.op != "Cast":
-                    return None
-                limit = producer.inputs[0]
-            return None
+            return _scalar_source(ctx, node.inputs[1])
         else:
             return None
     return None
@@ -443,26 +447,52 @@ def _expand_target(ctx, t):
     return _dims(ctx, t)
 
 
-def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, size, length=None) -> str | None:
+def _target_entries(ctx, t, past=None, k=None):
+    """Entries of a shape target (see _expand_target); with a KV cache, a 1-element part
+    Reshape/Unsqueeze(past length + new length) (the dynamo exporter's total length) is "L"."""
+    entries = _expand_target(ctx, t)
+    node = ctx.producer(t)
+    if entries is not None or past is None or node is None or node.op != "Concat":
+        return entries
+    out = []
+    for part in node.inputs:
+        got = _dims(ctx, part)
+        if got is None:
+            one = ctx.producer(part)
+            add = ctx.producer(one.inputs[0]) if one is not None and one.op in ("Reshape", "Unsqueeze") else None
+            if add is None or add.op != "Add" or ctx.rank(one.inputs[0]) != 0:
+                return None
+            a, b = (_scalar_source(ctx, x) for x in add.inputs)
+            if a is None or b is None or not any(_same_dim(ctx, x, past, 2) and _same_dim(ctx, y, k, 1)
+                                                 for x, y in ((a, b), (b, a))):
+                return None
+            got = ["L"]
+        out += got
+    return out
+
+
+def _repeat_reason(ctx, unsqueeze, expand, repeat, k, letters, heads, kv_heads, size, length=None,
+                   past=None) -> str | None:
     """None when Reshape(Expand(Unsqueeze(x, 2), [B, K, G, L, H]), [B, K*G, L, H]) repeats each of
     x's K heads G = N / K times in a row (transformers' repeat_kv)."""
     groups = heads // kv_heads
     if _ints(ctx, unsqueeze.inputs[1]) not in ([2], [-3]):
         return f"{unsqueeze.name!r} does not add the group axis 2"
     wanted = ("B", kv_heads, groups, "L", size)
-    target = _expand_target(ctx, expand.inputs[1])
+    target = _target_entries(ctx, expand.inputs[1], past, k)
     if target is None or len(target) != 5:
         return f"cannot read the target shape of {expand.name!r}"
     for i, (e, want) in enumerate(zip(target, wanted)):
-        letter = _dim_letter(ctx, e, letters, k, length) if isinstance(e, tuple) else None
+        letter = _dim_letter(ctx, e, letters, k, length) if isinstance(e, tuple) else e if e == "L" else None
         if not (letter == want or e == want or (e == 1 and i != 2) or (letter == "G" and i == 2)):
             return f"{expand.name!r} expands to {target}, not [B, {kv_heads}, {groups}, L, {size}]"
-    entries = _dims(ctx, repeat.inputs[1])
+    entries = _target_entries(ctx, repeat.inputs[1], past, k)
     keep = not ctx.attr(repeat, "allowzero", 0)
     if entries is None or len(entries) != 4:
         return f"cannot read the target shape of {repeat.name!r}"
     e0, e1, e2, e3 = entries
-    letter = [_dim_letter(ctx, e, letters, k, length) if isinstance(e, tuple) else None for e in (e0, e2)]
+    letter = [_dim_letter(ctx, e, letters, k, length) if isinstance(e, tuple) else e if e == "L" else None
+              for e in (e0, e2)]
     if not ((letter[0] == "B" or (e0 == 0 and keep)) and e1 == heads and letter[1] == "L" and e3 == size):
         return f"{repeat.name!r} reshapes to {entries}, not [B, {heads}, L, {size}]"
     return None
@@ -513,7 +543,7 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
         for which in "kv":
             reason = _repeat_reason(ctx, bound[f"{which}_unsqueeze"], bound[f"{which}_expand"],
                                     k_repeat if which == "k" else bound["v_repeat"], k, letters, heads, k_heads, size,
-                                    length)
+                                    length, bound.get("past_k"))
             if reason:
                 return reason
     if q_rot is not None:
