@@ -533,8 +533,8 @@ def check(ctx, q, k, v, q_split, k_split, v_split, merge, shape_uses, mask=None,
     if k_cat is not None:  # a KV cache: past [B, K, P, H] + the new keys along axis 2
         for past in (bound["past_k"], bound["past_v"]):
             shape = ctx.shape(past)
-            if shape is None or len(shape) != 4 or ctx.dtype(past) != dtype or shape[1] not in (k_heads, None) \
-                    or (isinstance(shape[1], int) and shape[1] != k_heads) or (isinstance(shape[3], int) and shape[3] != size):
+            if shape is None or len(shape) != 4 or ctx.dtype(past) != dtype \
+                    or any(isinstance(d, int) and d != want for d, want in ((shape[1], k_heads), (shape[3], size))):
                 return f"past key/value {past.name!r} is not a [B, {k_heads}, P, {size}] {dtype} tensor"
         for node in (k_cat, bound["v_cat"]):
             letters[id(node.outputs[0])] = "BKLH"
@@ -716,8 +716,8 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
     typed = {"_dtype": q.dtype, "_shape": op.ctx.shape(q)}  # [B, S, N*H], for the passes that follow
     presents = None
-    if past_k is not None and form != "standard":  # present = Concat(past, new) in [B, K, T, H], as the model's
-        cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])}
+    cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])} if past_k is not None else {}  # [B, K, T, H]
+    if past_k is not None and form != "standard":  # present = Concat(past, new), as the model's
         kh, vh = (op.Transpose(op.Reshape(t, np.array([0, 0, kv_heads, size], np.int64)), perm=[0, 2, 1, 3])
                   for t in (k, v))
         kh = _rotary(op, form, kh, kv_heads, size, cache, dims, "S")  # 4-D: the same tables, by position
@@ -729,7 +729,6 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
         if presents is None:
             k = _rotary(op, form, k, kv_heads, size, cache, dims, "S" if past_k is not None else "L")
     if form == "standard" and past_k is not None:
-        cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])}
         y, *presents = op.Attention(q, k, v, mask, past_k, past_v, q_num_heads=heads, kv_num_heads=kv_heads,
                                     scale=scale, _outputs=3)
         for t in (y, *presents):
