@@ -86,6 +86,8 @@ SPECS: dict[str, Spec] = {
                                            max_position_embeddings=512),
                        kind="decoder_past", ort_type="gpt2",
                        note="llama with a KV cache (use_cache=True): past_{i}_k/v in, present_{i}_k/v out"),
+    "gpt2_past": Spec("GPT2Config", dict(n_layer=4, n_embd=256, n_head=4, vocab_size=50257, n_positions=1024),
+                      kind="decoder_past", ort_type="gpt2", note="gpt2 with a KV cache (use_cache=True)"),
     "t5_encoder": Spec("T5Config", dict(num_layers=3, d_model=256, num_heads=4, d_kv=64, d_ff=1024, vocab_size=32128),
                        model_class="T5EncoderModel", note="T5 encoder, 3 layers, relative position bias, RMSNorm"),
     "vit": Spec("ViTConfig", dict(num_hidden_layers=4, hidden_size=192, num_attention_heads=3, intermediate_size=768,
@@ -100,12 +102,15 @@ SPECS: dict[str, Spec] = {
 NAMES = tuple(SPECS)
 
 
+HEADS_KEYS = ("num_attention_heads", "n_heads", "n_head", "num_heads", "encoder_attention_heads")
+HIDDEN_KEYS = ("hidden_size", "dim", "n_embd", "d_model")
+
+
 def geometry(name: str) -> tuple[int, int]:
     """(attention heads, hidden size) of ``name``, as ONNX Runtime's optimizer asks for them."""
     kw = SPECS[name].kwargs
-    heads = next(kw[k] for k in ("num_attention_heads", "n_heads", "n_head", "num_heads", "encoder_attention_heads")
-                 if k in kw)
-    hidden = next(kw[k] for k in ("hidden_size", "dim", "n_embd", "d_model") if k in kw)
+    heads = next(kw[k] for k in HEADS_KEYS if k in kw)
+    hidden = next(kw[k] for k in HIDDEN_KEYS if k in kw)
     return heads, hidden
 
 
@@ -176,8 +181,9 @@ def example_inputs(name: str, batch: int = 2, seq: int = 16, seed: int = 0,
     mask[0, total - max(1, total // 4):] = 0
     feeds = {"input_ids": ids, "attention_mask": mask}
     if spec.kind == "decoder_past":
-        shape = (batch, kw["num_key_value_heads"], seq, kw["hidden_size"] // kw["num_attention_heads"])
-        for i in range(kw["num_hidden_layers"]):
+        heads, hidden = (next(kw[k] for k in keys if k in kw) for keys in (HEADS_KEYS, HIDDEN_KEYS))
+        shape = (batch, kw.get("num_key_value_heads", heads), seq, hidden // heads)
+        for i in range(num_layers(kw)):
             for t in "kv":
                 feeds[f"past_{i}_{t}"] = rng.standard_normal(shape).astype(np.float32)
     return feeds
@@ -187,8 +193,13 @@ def output_names(name: str, overrides: dict | None = None) -> list[str]:
     """The exported model's outputs: the last hidden state (and a KV cache's present keys/values)."""
     if SPECS[name].kind != "decoder_past":
         return ["last_hidden_state"]
-    layers = {**SPECS[name].kwargs, **(overrides or {})}["num_hidden_layers"]
+    layers = num_layers({**SPECS[name].kwargs, **(overrides or {})})
     return ["last_hidden_state"] + [f"present_{i}_{t}" for i in range(layers) for t in "kv"]
+
+
+def num_layers(kw: dict) -> int:
+    """The layer count in a config's keyword arguments (``num_hidden_layers`` or GPT-2's ``n_layer``)."""
+    return next(kw[k] for k in ("num_hidden_layers", "n_layer") if k in kw)
 
 
 class _Wrapper:

@@ -208,7 +208,7 @@ def _fixtures():
 def _real_export(name, exporter, opset):
     real_exports, TINY, fixture_path = _fixtures()
     feeds = [real_exports.example_inputs(name, batch=3, seq=12, seed=s, overrides=TINY[name]) for s in (0, 1)]
-    return str(fixture_path(name, exporter, opset)), TINY[name]["num_hidden_layers"], feeds
+    return str(fixture_path(name, exporter, opset)), real_exports.num_layers(TINY[name]), feeds
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_sdpa"])
@@ -252,27 +252,29 @@ def test_a_real_llama_export_at_opset_23_gets_the_standard_ops(name, exporter, o
     check_equivalent(original, out, Contract.REASSOCIATING, feeds=llama_feeds)
 
 
-def _past_feeds():
+def _past_feeds(name):
     """Prefill with a cache (12 cached + 12 new tokens; row 1 left-padded, row 2 pads its tail) and
     a one-token decode step."""
     real_exports, TINY, _ = _fixtures()  # the feeds do not depend on the exporter
-    prefill = real_exports.example_inputs("llama_past", batch=3, seq=12, overrides=TINY["llama_past"])
+    prefill = real_exports.example_inputs(name, batch=3, seq=12, overrides=TINY[name])
     prefill["attention_mask"][1, :5] = 0
-    step = {k: v[:2] for k, v in real_exports.example_inputs("llama_past", batch=2, seq=1, overrides=TINY["llama_past"]).items()}
+    step = {k: v[:2] for k, v in real_exports.example_inputs(name, batch=2, seq=1, overrides=TINY[name]).items()}
     return [prefill, step]
 
 
+@pytest.mark.parametrize("name", ["llama_past", "gpt2_past"])
 @pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 20)])
 @pytest.mark.parametrize("standard", [False, True])
-def test_a_real_llama_export_with_past_key_values(exporter, opset, standard):
-    """LlamaModel with use_cache=True (TorchScript): present = Concat(past, rotated new k) is a model
-    output. --ops ort: the present keys/values are rebuilt in [B, K, T, H] (RotaryEmbedding on the 4-D
-    new keys) and repeated for MultiHeadAttention; opset 23 (converted) with --ops standard:
-    Attention takes past_key/past_value and returns the presents itself. The dynamo export reads
-    the total length as Reshape(past length + new length) in the repeat's targets."""
+def test_a_real_export_with_past_key_values(name, exporter, opset, standard):
+    """LlamaModel / GPT2Model with use_cache=True: present = Concat(past, new k) (rotated, for
+    llama) is a model output. --ops ort: the presents are rebuilt in [B, K, T, H] (RotaryEmbedding
+    on the 4-D new keys) and repeated for MultiHeadAttention; opset 23 (converted) with --ops
+    standard: Attention takes past_key/past_value and returns the presents itself. The dynamo
+    llama export reads the total length as Reshape(past length + new length) in the repeat's
+    targets."""
     from onnx import version_converter
 
-    path, n_layers, _ = _real_export("llama_past", exporter, opset)
+    path, n_layers, _ = _real_export(name, exporter, opset)
     original = onnx.load(path)
     if standard:
         original = version_converter.convert_version(original, 23)
@@ -281,6 +283,7 @@ def test_a_real_llama_export_with_past_key_values(exporter, opset, standard):
     hist = op_histogram(out)
     attention = "Attention" if standard else "com.microsoft::MultiHeadAttention"
     rotary = "RotaryEmbedding" if standard else "com.microsoft::RotaryEmbedding"
-    assert hist[attention] == n_layers and hist[rotary] == 2 * n_layers and "Softmax" not in hist
+    assert hist[attention] == n_layers and "Softmax" not in hist
+    assert hist.get(rotary, 0) == (2 * n_layers if name == "llama_past" else 0)
     assert [o.name for o in out.graph.output] == [o.name for o in original.graph.output]
-    check_equivalent(original, out, Contract.REASSOCIATING, feeds=_past_feeds())
+    check_equivalent(original, out, Contract.REASSOCIATING, feeds=_past_feeds(name))

@@ -86,7 +86,7 @@ def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False
             vh = v_cat = op.Concat(past_v, vh, axis=lambda a: a in (2, -2), _bind="v_cat")
         if gqa:
             vh = _repeat_kv(op, vh, v_expand_shape, v_repeat_shape, "v")
-        if rope or gqa:  # Llama: heads split, rotated, repeated, then K^T
+        if rope or gqa or past:  # Llama: heads split, rotated, (cached,) repeated, then K^T
             kh = op.Transpose(k_split, perm=[0, 2, 1, 3], _bind="kh")
             if rope:
                 kh = _rotate_half(op, kh, cos, sin, "k")
@@ -141,7 +141,7 @@ def _attention_pattern(keys, scaling, masking, view=False, rope=False, gqa=False
 
 # The layout of every intermediate, for Shape nodes that read one (B batch, S queries, L keys,
 # N heads, H head size): the replacement computes their value from q and k instead.
-NEW_KV = ("k_split", "v_split", "kh", "vh", "k_rot")  # before a KV cache's Concat: the query's length S
+NEW_KV = ("k_split", "v_split", "kh", "vh", "k_rot")  # before a KV cache's Concat: the new keys' length L
 LAYOUTS = {"q_split": "BSNH", "k_split": "BLKH", "v_split": "BLKH", "qh": "BNSH", "kh": "BKLH", "vh": "BKLH",
            "q_rot": "BNSH", "k_rot": "BKLH", "k_unsqueeze": "BK1LH", "v_unsqueeze": "BK1LH", "k_expand": "BKGLH",
            "v_expand": "BKGLH", "k_repeat": "BNLH", "v_repeat": "BNLH",
@@ -159,9 +159,9 @@ PATTERNS += [_attention_pattern("two_transposes", s, m, rope=rope, gqa=gqa) for 
              for s in ("mul", "div", "none") for m in ("add", "none")]
 PATTERNS += [_attention_pattern(k, "sdpa", m, view, rope=rope, gqa=gqa) for rope, gqa in LLAMA  # transformers' default
              for k in ("two_transposes", "kt_3d") for m in ("add", "none") for view in (True, False)]
-# ... with past key/values (the rotary proves q and the new k have one length)
-PAST_PATTERNS = [_attention_pattern("two_transposes", s, "add", rope=True, gqa=gqa, past=True)
-                 for gqa in (True, False) for s in ("mul", "div")]
+# ... with past key/values (and GPT-2's: no rotary, no repeat)
+PAST_PATTERNS = [_attention_pattern("two_transposes", s, "add", rope=rope, gqa=gqa, past=True)
+                 for rope, gqa in LLAMA + ((False, False),) for s in ("mul", "div")]
 PAST_PATTERNS += [_attention_pattern(k, "sdpa", "add", view, rope=True, gqa=gqa, past=True)
                   for gqa in (True, False) for k in ("two_transposes", "kt_3d") for view in (True, False)]
 
@@ -696,14 +696,16 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
               kv_heads=None, cache=None, mask_cond=None, nan_guard=False, past_k=None, past_v=None, k_cat=None):
     kv_heads = kv_heads or heads
     dims = _Dims(op, q, k, heads, size, kv_heads)
-    if past_k is not None:  # the keys' length: past + new
-        dims.made["L"] = op.Add(op.Gather(op.Shape(past_k), np.array([2], np.int64), axis=0), dims["S"])
+    total = "L"  # the keys' length; with a KV cache T, past + new
+    if past_k is not None:
+        total = "T"
+        dims.made["T"] = op.Add(op.Gather(op.Shape(past_k), np.array([2], np.int64), axis=0), dims["L"])
     for name, nodes in shape_uses.items():
         for shape in nodes:
             if shape.op == "Reshape":  # of the merged heads: the same elements as the result
                 shape.inputs[0] = merge.outputs[0]
                 continue
-            layout = LAYOUTS[name] if past_k is None or name not in NEW_KV else LAYOUTS[name].replace("L", "S")
+            layout = LAYOUTS[name] if name in NEW_KV else LAYOUTS[name].replace("L", total)
             start, end = shape.attrs.get("start", 0), shape.attrs.get("end", len(layout))
             op.replace_uses(shape.outputs[0], dims.shape(layout[start:end]))
     if bias is not None:
@@ -713,21 +715,22 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
             mask = op.Where(cond, zero, fill) if bias == "where" else op.Where(cond, fill, zero)
         if mask2 is not None:
             mask = op.Add(mask, mask2)
-        mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims["L"], axis=0))
+        mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims[total], axis=0))
     typed = {"_dtype": q.dtype, "_shape": op.ctx.shape(q)}  # [B, S, N*H], for the passes that follow
     presents = None
     cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])} if past_k is not None else {}  # [B, K, T, H]
     if past_k is not None and form != "standard":  # present = Concat(past, new), as the model's
         kh, vh = (op.Transpose(op.Reshape(t, np.array([0, 0, kv_heads, size], np.int64)), perm=[0, 2, 1, 3])
                   for t in (k, v))
-        kh = _rotary(op, form, kh, kv_heads, size, cache, dims, "S")  # 4-D: the same tables, by position
+        if cache is not None:
+            kh = _rotary(op, form, kh, kv_heads, size, cache, dims, "L")  # 4-D: the same tables, by position
         presents = (op.Concat(past_k, kh, axis=2, **cat), op.Concat(past_v, vh, axis=2, **cat))
         k, v = presents if kv_heads == heads else (_repeat_heads_bnsh(op, t, kv_heads, heads // kv_heads, size)
                                                    for t in presents)  # MultiHeadAttention takes [B, N, T, H] keys
     if cache is not None:
         q = _rotary(op, form, q, heads, size, cache, dims, "S")
         if presents is None:
-            k = _rotary(op, form, k, kv_heads, size, cache, dims, "S" if past_k is not None else "L")
+            k = _rotary(op, form, k, kv_heads, size, cache, dims, "L")
     if form == "standard" and past_k is not None:
         y, *presents = op.Attention(q, k, v, mask, past_k, past_v, q_num_heads=heads, kv_num_heads=kv_heads,
                                     scale=scale, _outputs=3)
