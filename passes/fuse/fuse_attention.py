@@ -697,9 +697,19 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
     kv_heads = kv_heads or heads
     dims = _Dims(op, q, k, heads, size, kv_heads)
     total = "L"  # the keys' length; with a KV cache T, past + new
+    presents = None
+    cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])} if past_k is not None else {}  # [B, K, T, H]
+    if past_k is not None and form != "standard":  # present = Concat(past, new), as the model's
+        kh, vh = (op.Transpose(op.Reshape(t, np.array([0, 0, kv_heads, size], np.int64)), perm=[0, 2, 1, 3])
+                  for t in (k, v))
+        if cache is not None:
+            kh = _rotary(op, form, kh, kv_heads, size, cache, dims, "L")  # 4-D: the same tables, by position
+        presents = (op.Concat(past_k, kh, axis=2, **cat), op.Concat(past_v, vh, axis=2, **cat))
+        dims.made["T"] = op.Gather(op.Shape(presents[0]), np.array([2], np.int64), axis=0)
+    elif past_k is not None:
+        dims.made["T"] = op.Add(op.Gather(op.Shape(past_k), np.array([2], np.int64), axis=0), dims["L"])
     if past_k is not None:
         total = "T"
-        dims.made["T"] = op.Add(op.Gather(op.Shape(past_k), np.array([2], np.int64), axis=0), dims["L"])
     for name, nodes in shape_uses.items():
         for shape in nodes:
             if shape.op == "Reshape":  # of the merged heads: the same elements as the result
@@ -717,16 +727,9 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
             mask = op.Add(mask, mask2)
         mask = op.Expand(mask, op.Concat(np.array([1, 1], np.int64), dims["S"], dims[total], axis=0))
     typed = {"_dtype": q.dtype, "_shape": op.ctx.shape(q)}  # [B, S, N*H], for the passes that follow
-    presents = None
-    cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])} if past_k is not None else {}  # [B, K, T, H]
-    if past_k is not None and form != "standard":  # present = Concat(past, new), as the model's
-        kh, vh = (op.Transpose(op.Reshape(t, np.array([0, 0, kv_heads, size], np.int64)), perm=[0, 2, 1, 3])
-                  for t in (k, v))
-        if cache is not None:
-            kh = _rotary(op, form, kh, kv_heads, size, cache, dims, "L")  # 4-D: the same tables, by position
-        presents = (op.Concat(past_k, kh, axis=2, **cat), op.Concat(past_v, vh, axis=2, **cat))
+    if presents is not None:  # MultiHeadAttention takes the presents as [B, N, T, H] keys and values
         k, v = presents if kv_heads == heads else (_repeat_heads_bnsh(op, t, kv_heads, heads // kv_heads, size)
-                                                   for t in presents)  # MultiHeadAttention takes [B, N, T, H] keys
+                                                   for t in presents)
     if cache is not None:
         q = _rotary(op, form, q, heads, size, cache, dims, "S")
         if presents is None:
