@@ -699,7 +699,9 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
     total = "L"  # the keys' length; with a KV cache T, past + new
     presents = None
     cat = {"_dtype": q.dtype, "_shape": op.ctx.shape(k_cat.outputs[0])} if past_k is not None else {}  # [B, K, T, H]
-    if past_k is not None and form != "standard":  # present = Concat(past, new), as the model's
+    # with as many K/V heads as query heads, the attention op takes the past itself and returns the presents
+    own_past = past_k is not None and (form == "standard" or kv_heads == heads)
+    if past_k is not None and not own_past:  # present = Concat(past, new) as the model's, then repeated
         kh, vh = (op.Transpose(op.Reshape(t, np.array([0, 0, kv_heads, size], np.int64)), perm=[0, 2, 1, 3])
                   for t in (k, v))
         if cache is not None:
@@ -734,9 +736,13 @@ def attention(op, q, k, v, merge, form, heads, size, scale, bias, flat, shape_us
         q = _rotary(op, form, q, heads, size, cache, dims, "S")
         if presents is None:
             k = _rotary(op, form, k, kv_heads, size, cache, dims, "L")
-    if form == "standard" and past_k is not None:
-        y, *presents = op.Attention(q, k, v, mask, past_k, past_v, q_num_heads=heads, kv_num_heads=kv_heads,
-                                    scale=scale, _outputs=3)
+    if own_past:
+        if form == "standard":
+            y, *presents = op.Attention(q, k, v, mask, past_k, past_v, q_num_heads=heads, kv_num_heads=kv_heads,
+                                        scale=scale, _outputs=3)
+        else:
+            y, *presents = op.MultiHeadAttention(q, k, v, None, None, mask, past_k, past_v, _domain="com.microsoft",
+                                                 num_heads=heads, scale=scale, _outputs=3)
         for t in (y, *presents):
             t.dtype = q.dtype
         y.shape, presents[0].shape, presents[1].shape = typed["_shape"], cat["_shape"], cat["_shape"]
