@@ -9,6 +9,10 @@ exported by
   opset both exporters write), and
 * the dynamo exporter (``dynamo=True``) at ``NEWEST_OPSET`` (where it works).
 
+The ``*_past`` decoders are exported with a KV cache (``use_cache=True``): inputs ``input_ids``,
+``attention_mask`` (past + new), ``past_{i}_k`` / ``past_{i}_v`` per layer; outputs
+``last_hidden_state`` and ``present_{i}_k`` / ``present_{i}_v``.
+
     from golden_models import real_exports
     path = real_exports.path("bert", "torchscript", 17)     # builds and caches on first use
     feeds = real_exports.example_inputs("bert", batch=2, seq=16)

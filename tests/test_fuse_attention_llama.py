@@ -1,7 +1,8 @@
 """fuse-attention on Llama-class attention: rotary embedding on the split q and k, grouped-query
-K/V repeated by Unsqueeze/Expand/Reshape, causal + padding mask. Tiny models written the way
-the TorchScript and the dynamo exporter write transformers' LlamaAttention (as -O3 hands them to
-the pass), compared on ONNX Runtime with the original, padded rows included."""
+K/V repeated by Unsqueeze/Expand/Reshape, causal + padding mask, KV caches. Tiny models written
+the way the TorchScript and the dynamo exporter write transformers' LlamaAttention (as -O3 hands
+them to the pass), and tiny real exports (tests/fixtures/real_exports: llama, llama_sdpa,
+llama_past, gpt2_past), compared on ONNX Runtime with the original, padded rows included."""
 
 from __future__ import annotations
 
