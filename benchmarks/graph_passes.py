@@ -182,7 +182,9 @@ class ModelRow:
     variants: dict[str, Variant] = field(default_factory=dict)
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: onnx.ModelProto, disabled_optimizers: tuple[str, ...] = ()):
+    """An ORT_ENABLE_ALL CPU session with THREADS threads (``disabled_optimizers``: ORT's
+    graph transformers to leave out, by name)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -191,7 +193,8 @@ def _session(model: onnx.ModelProto):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 def measure_latency(sessions: dict, feeds: dict, runs: int, budget_s: float) -> dict[str, float]:

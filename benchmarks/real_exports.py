@@ -238,5 +238,48 @@ def main(argv=None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- EmbedLayerNormalization
+# --device gpu: also the embeddings as EmbedLayerNormalization (fuse-embed-layer-norm keeps the
+# lookups for ONNX Runtime's CPU provider, see docs/passes/fuse-embed-layer-norm.md), before
+# fuse-skip-layer-norm, which would otherwise take an embedding sum of two same-shape lookups
+GPU_PASSES = GPU_PASSES.replace("fuse-skip-layer-norm{device=gpu}",
+                                "fuse-embed-layer-norm{device=gpu},fuse-skip-layer-norm{device=gpu}")
+
+
+# ----------------------------------------------------------------------------- --opset N
+# infoptc with the model's ai.onnx opset raised first (compile(opset=N), `infoptc compile
+# --opset N`): with --ops standard, 23 lets the fusions emit the standard Attention and
+# RMSNormalization. The original (the reference and the latency baseline) and ORT's optimizer
+# keep the exported opset.
+#     python benchmarks/real_exports.py bert gpt2 llama t5_encoder --exporters torchscript --opsets 17 \
+#         --ops standard --opset 23
+_main_without_opset = main
+
+
+def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--opset", type=int, default=None,
+                     help="raise each model's opset to this before infoptc optimizes it (default: keep it)")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.opset is None:
+        return _main_without_opset(rest)
+    global run_infoptc
+    keep = run_infoptc
+
+    def run_infoptc(path: Path, ops: str, device: str = "cpu") -> onnx.ModelProto:
+        import infoptc
+
+        if device == "gpu":
+            return infoptc.optimize(str(path), passes=GPU_PASSES, ops=ops, opset=known.opset)
+        return infoptc.optimize(str(path), opt_level=3, ops=ops, opset=known.opset)
+
+    try:
+        code = _main_without_opset(rest)
+    finally:
+        run_infoptc = keep
+    print(f"infoptc's input: each model's opset raised to {known.opset} first (--opset {known.opset})")
+    return code
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import onnx
-import onnx.version_converter
 import onnx_graphsurgeon as gs
 
 from . import ir, op_policy, plugins
 from .errors import UsageError
 from .instruments import BisectLimit, VerifyEach
+from .opset import convert_opset, raise_opset
 from .pass_manager import Instrument, PassContext, PassManager, paused_gc
 from .pipelines import compress_pipeline, memory_limited_pipeline, pipeline_before_quantization, pipeline_for_level, quantize_pipeline
 from .progress import stage
@@ -38,6 +38,7 @@ def compile(
     memory_limit: int | None = None,
     ops: str | None = None,
     compress: Sequence[str] = (),
+    opset: int | str | None = None,
     **target_options: Any,
 ) -> Artifact:
     """Optimize ``model`` and lower it for ``target``; the artifact can ``save`` and ``run``.
@@ -58,6 +59,8 @@ def compile(
     ``compress`` lists compression passes as pipeline text (``"prune-channels{ratio=0.3}"``,
     ``"low-rank{energy=0.99}"``...), placed around the pipeline by ``pipelines.compress_pipeline``;
     they read ``calibration`` too.
+    ``opset`` raises the model's ai.onnx opset first (``opset.raise_opset``: ONNX's version
+    converter, the result checked against the original on ONNX Runtime); default: the model's own.
     The artifact also carries ``source`` (the loaded input model), ``pass_records`` and
     ``reports`` (what passes reported, by pass name, e.g. the quantizer's per-tensor table).
     ``memory_limit`` (bytes) ends the pipeline with ``reorder-for-memory``, which raises
@@ -75,7 +78,8 @@ def compile(
         quantize_options = {**getattr(backend, "quantize_defaults", {}).get(quantize, {}), **(quantize_options or {})}
     with paused_gc():  # importing and exporting a graph makes as many node<->tensor cycles as passes do
         source = ir.load_model(model)
-        working = upgrade_for_quantization(source) if quantize is not None else source
+        working = raise_opset(source, opset) if opset is not None else source
+        working = upgrade_for_quantization(working) if quantize is not None else working
         graph = ir.to_graph(ir.infer_shapes(working))
         bind_input_shapes(graph, input_shapes or {})
         if freeze_initializers:
@@ -127,12 +131,7 @@ def upgrade_for_quantization(model: onnx.ModelProto) -> onnx.ModelProto:
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), QUANTIZE_MIN_OPSET)
     if current >= QUANTIZE_MIN_OPSET:
         return model
-    try:
-        upgraded = onnx.version_converter.convert_version(model, QUANTIZE_MIN_OPSET)
-    except Exception as e:  # the converter raises bare RuntimeErrors on ops it does not know
-        raise UsageError(f"quantization needs opset {QUANTIZE_MIN_OPSET}; converting this opset-{current} model "
-                         f"failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    return upgraded
+    return convert_opset(model, QUANTIZE_MIN_OPSET, f"quantization needs opset {QUANTIZE_MIN_OPSET}")
 
 
 def prepare_for_quantization(model: ir.ModelSource, opt_level: int | str = 3) -> onnx.ModelProto:

@@ -43,6 +43,8 @@ OPT_LEVELS: dict[str, str] = {
           "dedup-initializers),"
           "fuse-pad,fuse-matmul-add,fuse-transposes,fuse-layer-norm,fuse-gelu,"
           "fuse-rms-norm,fuse-attention,fuse-qkv-projection,fuse-attention-mask,fuse-gemm-reshape,fuse-activation,fuse-skip-layer-norm,fuse-bias-gelu,"
+          # last: the fusions above follow the embeddings' dims back to the input ids
+          "fuse-embed-layer-norm,"
           "toposort",
     # Size: O2's simplifications, but folding may grow the model by at most 16 KB per node, weights
     # included (ConstantOfShape/Expand/Tile stay as ops), and identical initializers always merge.
@@ -62,7 +64,7 @@ QUANTIZERS = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic", 
 QUANTIZERS.update({"fp16": "convert-float", "bf16": "convert-float", "int4": "quantize-int4"})
 MODE_OPTIONS = {"fp16": {"to": "fp16"}, "bf16": {"to": "bf16"}}
 _HIDES_FROM_QUANTIZER = ("fuse-attention", "fuse-activation", "fuse-skip-layer-norm", "fuse-bias-gelu",
-                         "fuse-qkv-projection", "fuse-attention-mask")
+                         "fuse-qkv-projection", "fuse-attention-mask", "fuse-embed-layer-norm")
 
 
 def quantize_pipeline(level_or_pipeline: int | str, mode: str, options: dict | None = None, *,

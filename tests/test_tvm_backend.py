@@ -506,6 +506,62 @@ def test_weight_strips_stay_in_cache_across_row_tiles(m, k, n, columns_outside):
     _check_llvm(model, feeds)
 
 
+@pytest.mark.parametrize("size,channels,columns_outside", [(7, 128, True), (27, 32, False)])  # odd: no Winograd
+def test_conv_weight_strips_stay_in_cache_across_output_rows(size, channels, columns_outside):
+    """A conv whose weight outweighs its input (ResNet's last stage: 3x3x512x512 on 7x7) walks
+    column strips outside every output row, so the weight is read once, not once per row; its
+    pad is then one pass of its own, not copied again by every strip. A conv over a large map
+    keeps the output rows outside. Results match ORT."""
+    import re
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(size)
+    w = numpy_helper.from_array(rng.standard_normal((2 * channels, channels, 3, 3)).astype(np.float32) / 30, "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2 * channels, size, size])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (text,) = [f.script() for name, f in kernels_by_name(lowered(model)).items() if "conv2d" in name]
+    conv = text[text.index('T.sblock("packed_conv2d_nhwc_update")'):]
+    row = re.search(rf"v0 = T.axis.spatial\(T.int64\({size}\), (\w+) ([%/]+)", conv)
+    assert row and ("%" if columns_outside else "//") == row.group(2), text
+    own_pass = text.index('T.sblock("pad_temp")') < text.index("T.parallel")  # else copied per tile
+    assert own_pass == columns_outside, text
+    _check_llvm(model, {"x": rng.standard_normal((1, channels, size, size)).astype(np.float32)})
+
+
+def test_conv_transpose_after_nhwc_convs_compiles_and_matches_ort():
+    """A ConvTranspose fed by a conv (which runs NHWC on the CPU): it stays NCHW with transposes
+    around it, since TVM cannot lower an NHWC conv2d_transpose (PP-OCRv4's text detector
+    upsamples this way; it failed with "CodeGenVM cannot emit this Relax operator")."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32) / 9, "w"),
+             numpy_helper.from_array(rng.standard_normal((16, 8, 2, 2)).astype(np.float32) / 4, "wt")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ConvTranspose", ["r", "wt"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "upsample", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 24, 24])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _check_llvm(model, {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)})
+
+
+def test_tvm_errors_read_as_one_line_naming_the_op():
+    from infoptc.backends.tvm.runtime import error_line
+
+    unlowered = RuntimeError("CodeGenVM cannot emit this Relax operator directly. Run the lowering pass.\n"
+                             "Offending call:\nR.nn.conv2d_transpose(alloc108, metadata[0], strides=[2, 2])\n"
+                             "# Metadata omitted. Use show_meta=True in script() method to show it.")
+    assert error_line(unlowered) == "CodeGenVM cannot emit this Relax operator directly: R.nn.conv2d_transpose"
+    assert error_line(ValueError("context\nthe reason\n# Metadata omitted.")) == "the reason"
+    assert error_line(ValueError()) == "ValueError"
+
+
 def test_fast_math_sigmoid_is_polynomial_and_matches_ort():
     """With fast_math, fp32 sigmoid (swish, squeeze-excitation gates) is 1 / (1 + fast_exp(-x)):
     no per-element call of the C library's expf; fast_math=false keeps TOPI's. Inputs span

@@ -264,6 +264,46 @@ def test_quantized_cnn_runs_nhwc_between_its_convs():
     assert len(transposed) == 1 and "round" in transposed[0], transposed  # the input's Q + transpose
 
 
+def small_map_model(size=7, channels=64):
+    """Two 3x3 convs on a ``size`` x ``size`` map (ResNet's last stage is 7x7x512)."""
+    rng = _rng(5)
+    inits, nodes, x = [], [], "x"
+    for i in range(2):
+        inits += [_init(f"w{i}", rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)),
+                  _init(f"b{i}", rng.standard_normal(channels) * 0.1)]
+        nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], kernel_shape=[3, 3], pads=[1] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "small_map", [helper.make_tensor_value_info("x", F, [1, channels, size, size])],
+                              [helper.make_tensor_value_info(x, F, [1, channels, size, size])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_register_tile_favours_products_per_load():
+    """A 7-pixel row with 32 channel vectors: 7 rows x 2 vectors (14 dot products for 9 loads),
+    not the 1 x 4 tile (4 for 5) that the widest channel block would leave; wide rows keep 4 x 4."""
+    from infoptc.backends.tvm.schedule import dot_register_tile
+
+    assert dot_register_tile(7, 32, 24) == (7, 2)
+    assert dot_register_tile(14, 16, 24) == (7, 2)
+    assert dot_register_tile(56, 4, 24) == (4, 4)
+    assert dot_register_tile(None, 6, 24) == (1, 3)
+    for rows_extent in range(1, 60):
+        for vector_extent in (1, 2, 3, 4, 5, 8, 10, 32):
+            rows, vectors = dot_register_tile(rows_extent, vector_extent, 12)
+            assert rows_extent % rows == 0 and vector_extent % vectors == 0 and rows * vectors <= 12
+
+
+@needs_avx2
+@pytest.mark.parametrize("size", [7, 14])
+def test_small_maps_tile_rows_and_agree(size):
+    model = small_map_model(size)
+    qmodel = quantize(model)
+    artifact = infoptc.compile(qmodel, target="llvm", opt_level=0)
+    assert instruction_used(artifact) == {host_instruction()}
+    assert_agrees(qmodel, artifact)
+
+
 def test_pack_weights_layout():
     from infoptc.backends.tvm.int8 import pack_weights
 

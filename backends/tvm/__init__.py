@@ -50,6 +50,7 @@ from .runtime import (  # noqa: F401
     PINNED_FFI,
     PINNED_TVM,
     TUNING_FFI_SERIES,
+    error_line,
     import_tvm,
     native_output_to_log,
     size_thread_pool,
@@ -247,7 +248,7 @@ class TvmArtifact(Artifact):
             with native_output_to_log(), stage(f"linking the TVM library ({self.target})"):
                 self.executable.export_library(str(tmp), **kwargs)
         except Exception as e:  # noqa: BLE001 - linker missing or failing
-            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            first = error_line(e)
             raise CompileError(f"exporting the TVM library failed: {first[:300]}") from None
         return tmp.stat().st_size
 
@@ -274,7 +275,7 @@ class TvmArtifact(Artifact):
         try:
             result = vm["main"](*args)
         except Exception as e:  # noqa: BLE001 - a runtime check failed inside TVM
-            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            first = error_line(e)
             raise CompileError(f"the TVM runtime failed: {first[:300]}") from None
         values = [result] if hasattr(result, "numpy") else list(_flatten(result))
         if len(values) != len(names):
@@ -350,7 +351,7 @@ class TvmArtifact(Artifact):
             try:
                 self._vm = relax.VirtualMachine(module, self._device)
             except Exception as e:  # noqa: BLE001
-                first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                first = error_line(e)
                 raise CompileError(f"cannot start the TVM virtual machine: {first[:300]}") from None
         return self._vm, self._device
 
@@ -478,7 +479,7 @@ def _load_library(path: Path):
         try:
             return tvm.runtime.load_module(str(target))
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            first = error_line(e)
             raise InvalidModelError(f"{path}: TVM cannot load this library here: {first[:300]}") from None
 
 
@@ -633,7 +634,7 @@ class TvmTarget(Target):
             except Exception as e:  # symbolic shapes failed in a pass: compile static shapes
                 if not prepared.symbolic_dims:
                     raise
-                first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                first = error_line(e)
                 failed = f"TVM failed to compile them ({first[:200]})"
                 dynamic = False
         facts.update(more)

@@ -48,13 +48,16 @@ from tvm.s_tir import dlight as dl
 from . import bf16, int8, packing, winograd
 from . import schedule as rules
 from .prepare import bound_value, op_name, relax_pass, tensor_dims
-from .runtime import PINNED_FFI, TUNING_FFI_SERIES, size_thread_pool
+from .runtime import PINNED_FFI, TUNING_FFI_SERIES, error_line, size_thread_pool
 
 log = logging.getLogger("infoptc.backends.tvm")
 
 # Conv layout for CPU code: output channels contiguous, so the vector axis of every conv
 # (strided, depthwise or not) is a plain load/store and inputs are broadcast scalars.
-CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+# conv2d_transpose stays NCHW, with transposes around it: left to ConvertLayout it follows its
+# input into NHWC, which TVM cannot lower ("CodeGenVM cannot emit ... conv2d_transpose":
+# PP-OCRv4's text detector upsamples with two of them).
+CPU_CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 # A tuned kernel replaces the rules' only when it is this much faster: timing noise on a shared
 # machine is a few percent, and a coin toss should keep the schedule that needs no database.
@@ -319,7 +322,7 @@ def open_database(work_dir: Path):
     try:
         return ms.database.JSONDatabase(work_dir=str(work_dir))
     except Exception as e:  # noqa: BLE001 - TVM raises its own errors for a bad record
-        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        first = error_line(e)
         for path in work_dir.glob("database_*.json"):
             path.replace(path.with_name(path.name + ".unreadable"))
         log.warning("tuning database %s is unreadable (%s): set aside as *.unreadable, tuning again", work_dir,
@@ -656,7 +659,7 @@ def build(mod, target) -> object:
             mod = relax.get_pipeline("default")(mod)
         return tvm.compile(accept_unaligned_inputs(mod), target=target, relax_pipeline=None)
     except Exception as e:  # noqa: BLE001 - TVM raises many types; one line for the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        first = error_line(e)
         raise CompileError(f"TVM failed to compile the model for {target.kind.name}: {first[:400]}") from None
 
 

@@ -493,12 +493,11 @@ class Int8Contraction(CPUScheduleRule):
         x = outer.pop() if outer else None
         *window, c = reduction
         features = rules._extent(sch, f)
-        vectors = rules._largest_divisor(features // lanes, MAX_VECTORS)
-        fo, fb, fi = sch.split(f, factors=[None, vectors, lanes])
-        co, ci = sch.split(c, factors=[None, 4])
         registers = 24 if lanes == 16 or rules.vector_bits(target) >= 512 else 12
         rows_extent = rules._extent(sch, x) if x is not None else None
-        rows = rules._largest_divisor(rows_extent, max(1, registers // vectors)) if rows_extent else 1
+        rows, vectors = rules.dot_register_tile(rows_extent, features // lanes, registers, MAX_VECTORS)
+        fo, fb, fi = sch.split(f, factors=[None, vectors, lanes])
+        co, ci = sch.split(c, factors=[None, 4])
         if x is not None and rows > 1:
             xo, xi = sch.split(x, factors=[None, rows])
             inner = [xi]

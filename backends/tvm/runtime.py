@@ -99,3 +99,19 @@ def size_thread_pool(threads: int) -> None:
     share_all_cores = -3  # threading::ThreadGroup::kSpecifyThreadShareAllCore
     tvm_ffi.get_global_func("runtime.config_threadpool")(
         share_all_cores, min(threads, len(cpus)), [str(c) for c in cpus])
+
+
+def error_line(e: BaseException) -> str:
+    """One line for the user from a TVM exception: its last line, less the IR printer's footer
+    ("# Metadata omitted ..."), and the op of an "Offending call:" TVM names (an op it cannot
+    lower reads "CodeGenVM cannot emit this Relax operator ...: R.nn.conv2d_transpose")."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith("#")] or lines or [type(e).__name__]
+    line = kept[-1]
+    if "Offending call:" in lines:
+        call = lines[lines.index("Offending call:") + 1:][:1]
+        reason = next((x for x in lines if "cannot" in x), "offending call")
+        reason = reason.split(". ")[0].rstrip(".")
+        line = f"{reason}: {call[0].split('(')[0]}" if call else reason
+    return line
+

@@ -235,6 +235,23 @@ def padded_rows(extent: int, most: int) -> int:
     return most if 2 * rows < most and extent > most else rows
 
 
+def dot_register_tile(rows_extent: int | None, vector_extent: int, accumulators: int, max_vectors: int = 4
+                      ) -> tuple[int, int]:
+    """``(rows, vectors)`` of a dot-product kernel's register tile (int8 ``vpdpbusd``, bf16
+    ``vdpbf16ps``): ``vectors`` divides the output's channel vectors, ``rows`` the row extent,
+    ``rows * vectors`` accumulators at most. Each step of the reduction loads ``vectors`` weight
+    vectors and broadcasts ``rows`` inputs for ``rows * vectors`` dot products, so the tile with
+    the most products per load wins (the larger tile on a tie). A 7-wide map: 7 x 2 (14 products
+    for 9 loads), not 1 x 4 (4 for 5) as the widest channel block alone would give."""
+    best = (0.0, 0, 1, 1)
+    for vectors in range(min(max_vectors, vector_extent), 0, -1):
+        if vector_extent % vectors:
+            continue
+        rows = _largest_divisor(rows_extent, max(1, accumulators // vectors)) if rows_extent else 1
+        best = max(best, (rows * vectors / (rows + vectors), rows * vectors, rows, vectors))
+    return best[2], best[3]
+
+
 def _strided_innermost(sch: s_tir.Schedule, block) -> bool:
     """Whether the innermost iterator also indexes a non-last dimension of some input."""
     from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
@@ -437,13 +454,19 @@ class Contraction(CPUScheduleRule):
         # processes); per row, 66-69 us, and ResNet's 7x7 stem 301 -> 291 us.
         row_pads = [info for info in prologue if self._pads_by_rows(sch, info.block_rv, lanes, reduction)] \
             if len(outer) >= 2 else []
-        if not row_pads and vec_pos in outer_of and row_pos in outer_of and outer_of[row_pos] < outer_of[vec_pos] \
-                and self._columns_outweigh_rows(sch, main, s_iters[vec_pos].var, s_iters[row_pos].var):
-            # Column strips outside row tiles: each strip of the larger operand (a weight) is
-            # read from memory once and stays in cache while every row tile uses it, instead of
-            # the whole weight streaming past once per row tile.
-            a, b = outer_of[row_pos], outer_of[vec_pos]
-            outer[a], outer[b] = outer[b], outer[a]
+        columns_outer = False
+        if not row_pads and vec_pos in outer_of and row_pos is not None:
+            weight_vars = self._column_operand_vars(sch, main, s_iters[vec_pos].var, s_iters[row_pos].var)
+            rows_outside = [outer_of[i] for i in outer_of if i != vec_pos and outer_of[i] < outer_of[vec_pos]
+                            and s_iters[i].var.name not in weight_vars] if weight_vars is not None else []
+            if rows_outside:
+                # Column strips outside the row tiles (a matmul's rows, a conv's output rows):
+                # each strip of the larger operand (a weight) is read from memory once and stays
+                # in cache while every row tile uses it, instead of the whole weight streaming
+                # past once per row tile (ResNet's 3x3 512->512 conv on 7x7: 9.4 MB of weights,
+                # read 7 times).
+                outer.insert(min(rows_outside), outer.pop(outer_of[vec_pos]))
+                columns_outer = True
         sch.reorder(*outer, *[it.loop_rv for it in r_iters], *inner_loops)
         rows_loop = None
         if row_pads:
@@ -489,28 +512,31 @@ class Contraction(CPUScheduleRule):
             conditional = _has_if_then_else(sch.get(info.block_rv))
             if (not conditional or reduction <= INLINE_PAD_MAX_REDUCTION) and _try(sch.compute_inline, info.block_rv):
                 continue  # a plain copy always goes
-            if conditional and fused is not None and self._pad_per_tile(sch, info.block_rv, fused, lanes):
+            # Not per tile under column strips: every strip would copy the same input patch again.
+            if conditional and fused is not None and not columns_outer \
+                    and self._pad_per_tile(sch, info.block_rv, fused, lanes):
                 continue
             _parallelize_vectorize(sch, info.block_rv, lanes)
         return serial_when_small(sch, [total_work])
 
     @staticmethod
-    def _columns_outweigh_rows(sch: s_tir.Schedule, main, column, row) -> bool:
-        """Whether the operand the column (vector) axis indexes, and the row axis does not, is
-        larger than the one the row axis indexes and the column axis does not: a matmul's
-        weight larger than its activations (batch-1 inference), not a conv over a large image."""
+    def _column_operand_vars(sch: s_tir.Schedule, main, column, row) -> set[str] | None:
+        """The names of the block vars that index the operand the column (vector) axis indexes
+        and the row axis does not, if it is larger than the one the row axis indexes and the
+        column axis does not (a matmul's weight larger than its activations at batch 1, not a
+        conv over a large image); else None."""
         from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
-        def size(uses, avoids):
-            total = 0
+        def largest(uses, avoids):
+            best = (0, set())
             for region in sch.get(main.block_rv).reads:
                 used = {v.name for r in region.region for v in collect_vars_used_in_prim_expr(r.min)}
                 if uses.name in used and avoids.name not in used:
-                    dims = [_static(d) for d in region.source.shape]
-                    total = max(total, _work(dims))
-            return total
+                    best = max(best, (_work(_static(d) for d in region.source.shape), used), key=lambda b: b[0])
+            return best
 
-        return size(column, row) > size(row, column)
+        weight, activation = largest(column, row), largest(row, column)
+        return weight[1] if weight[0] > activation[0] else None
 
     @staticmethod
     def _pads_by_rows(sch: s_tir.Schedule, block, lanes: int, reduction: int) -> bool:

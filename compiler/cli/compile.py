@@ -45,6 +45,10 @@ def add_parser(subparsers, common) -> dict:
                    help="op policy of the fusions: ort (default) may emit ONNX Runtime's com.microsoft ops "
                         "(FusedConv, Gelu, SkipLayerNormalization, MultiHeadAttention...); standard emits only "
                         "ai.onnx ops at the model's opset. Recorded in the output's metadata as infoptc.ops")
+    c.add_argument("--opset", default=None, metavar="N",
+                   help="raise the model's ai.onnx opset to N first (ONNX's version converter; the converted "
+                        "model is checked against the original on ONNX Runtime). Default: keep the model's opset. "
+                        "--ops standard --opset 23 lets the fusions emit Attention and RMSNormalization")
     tv = c.add_argument_group("TVM targets (llvm, cuda)")
     tv.add_argument("--tune", type=int, default=None, metavar="TRIALS",
                     help="MetaSchedule trial budget (default: untuned rule-based schedules)")
@@ -187,7 +191,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         freeze_initializers=bool(args.freeze_initializers),
         verify_each=bool(args.verify_each), opt_bisect_limit=args.opt_bisect_limit,
         **{**_quantize_arguments(args), **_compress_arguments(args)}, **_memory_arguments(args), **target_options,
-        ops=args.ops,
+        ops=args.ops, opset=args.opset,
     )
     if args.opt_bisect_limit is not None:
         for rec in artifact.pass_records:
