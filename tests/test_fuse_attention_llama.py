@@ -234,18 +234,15 @@ def test_a_real_llama_export_fuses_every_layer_and_matches(name, exporter, opset
 @pytest.mark.parametrize("name", ["llama", "llama_sdpa"])
 @pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 20)])
 def test_a_real_llama_export_at_opset_23_gets_the_standard_ops(name, exporter, opset):
-    """The same exports converted to opset 23 (onnx's version converter) with --ops standard:
-    RotaryEmbedding + Attention(kv_num_heads) in every layer (the second layer's sequence length is
-    followed back through the first layer's RotaryEmbedding), only ai.onnx ops."""
-    from onnx import version_converter
-
+    """The same exports with --ops standard --opset 23: RotaryEmbedding + Attention(kv_num_heads) in
+    every layer (the second layer's sequence length is followed back through the first layer's
+    RotaryEmbedding), only ai.onnx ops, matching the original export."""
     path, n_layers, llama_feeds = _real_export(name, exporter, opset)
-    original = version_converter.convert_version(onnx.load(path), 23)
-    original.ir_version = 10
+    original = onnx.load(path)
     for feed in llama_feeds:
         feed["attention_mask"][1, :3] = 0
         feed["attention_mask"][2] = 0
-    out = infoptc.compile(original, opt_level=3, ops="standard").model
+    out = infoptc.compile(path, opt_level=3, ops="standard", opset=23).model
     hist = op_histogram(out)
     assert hist["Attention"] == n_layers and hist["RotaryEmbedding"] == 2 * n_layers and "Softmax" not in hist
     assert not any("::" in op for op in hist)
@@ -269,18 +266,14 @@ def _past_feeds(name):
 def test_a_real_export_with_past_key_values(name, exporter, opset, standard):
     """LlamaModel / GPT2Model with use_cache=True: present = Concat(past, new k) (rotated, for
     llama) is a model output. --ops ort: the presents are rebuilt in [B, K, T, H] (RotaryEmbedding
-    on the 4-D new keys) and repeated for MultiHeadAttention; opset 23 (converted) with --ops
-    standard: Attention takes past_key/past_value and returns the presents itself. The dynamo
-    llama export reads the total length as Reshape(past length + new length) in the repeat's
-    targets."""
-    from onnx import version_converter
-
+    on the 4-D new keys) and repeated for MultiHeadAttention, or given to it as past_key/past_value
+    where the heads agree (gpt2); --ops standard --opset 23: Attention takes past_key/past_value
+    and returns the presents itself. The dynamo llama export reads the total length as
+    Reshape(past length + new length) in the repeat's targets."""
     path, n_layers, _ = _real_export(name, exporter, opset)
     original = onnx.load(path)
-    if standard:
-        original = version_converter.convert_version(original, 23)
-        original.ir_version = 10
-    out = infoptc.compile(original, opt_level=3, ops="standard" if standard else "ort").model
+    options = {"ops": "standard", "opset": 23} if standard else {}
+    out = infoptc.compile(path, opt_level=3, **options).model
     hist = op_histogram(out)
     attention = "Attention" if standard else "com.microsoft::MultiHeadAttention"
     rotary = "RotaryEmbedding" if standard else "com.microsoft::RotaryEmbedding"
