@@ -9,6 +9,10 @@ exported by
   opset both exporters write), and
 * the dynamo exporter (``dynamo=True``) at ``NEWEST_OPSET`` (where it works).
 
+The ``*_past`` decoders are exported with a KV cache (``use_cache=True``): inputs ``input_ids``,
+``attention_mask`` (past + new), ``past_{i}_k`` / ``past_{i}_v`` per layer; outputs
+``last_hidden_state`` and ``present_{i}_k`` / ``present_{i}_v``.
+
     from golden_models import real_exports
     path = real_exports.path("bert", "torchscript", 17)     # builds and caches on first use
     feeds = real_exports.example_inputs("bert", batch=2, seq=16)
@@ -76,6 +80,18 @@ SPECS: dict[str, Spec] = {
                                       max_position_embeddings=512),
                   kind="decoder", ort_type="gpt2",
                   note="2 layers, hidden 256, 8 query / 2 KV heads (GQA), RMSNorm, rotary, SiLU-gated MLP"),
+    "llama_sdpa": Spec("LlamaConfig", dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=8,
+                                           num_key_value_heads=2, intermediate_size=688, vocab_size=32000,
+                                           max_position_embeddings=512),
+                       kind="decoder", ort_type="gpt2", attn="sdpa",
+                       note="llama with transformers' default attention, torch's scaled_dot_product_attention"),
+    "llama_past": Spec("LlamaConfig", dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=8,
+                                           num_key_value_heads=2, intermediate_size=688, vocab_size=32000,
+                                           max_position_embeddings=512),
+                       kind="decoder_past", ort_type="gpt2",
+                       note="llama with a KV cache (use_cache=True): past_{i}_k/v in, present_{i}_k/v out"),
+    "gpt2_past": Spec("GPT2Config", dict(n_layer=4, n_embd=256, n_head=4, vocab_size=50257, n_positions=1024),
+                      kind="decoder_past", ort_type="gpt2", note="gpt2 with a KV cache (use_cache=True)"),
     "t5_encoder": Spec("T5Config", dict(num_layers=3, d_model=256, num_heads=4, d_kv=64, d_ff=1024, vocab_size=32128),
                        model_class="T5EncoderModel", note="T5 encoder, 3 layers, relative position bias, RMSNorm"),
     "vit": Spec("ViTConfig", dict(num_hidden_layers=4, hidden_size=192, num_attention_heads=3, intermediate_size=768,
@@ -90,12 +106,15 @@ SPECS: dict[str, Spec] = {
 NAMES = tuple(SPECS)
 
 
+HEADS_KEYS = ("num_attention_heads", "n_heads", "n_head", "num_heads", "encoder_attention_heads")
+HIDDEN_KEYS = ("hidden_size", "dim", "n_embd", "d_model")
+
+
 def geometry(name: str) -> tuple[int, int]:
     """(attention heads, hidden size) of ``name``, as ONNX Runtime's optimizer asks for them."""
     kw = SPECS[name].kwargs
-    heads = next(kw[k] for k in ("num_attention_heads", "n_heads", "n_head", "num_heads", "encoder_attention_heads")
-                 if k in kw)
-    hidden = next(kw[k] for k in ("hidden_size", "dim", "n_embd", "d_model") if k in kw)
+    heads = next(kw[k] for k in HEADS_KEYS if k in kw)
+    hidden = next(kw[k] for k in HIDDEN_KEYS if k in kw)
     return heads, hidden
 
 
@@ -161,9 +180,30 @@ def example_inputs(name: str, batch: int = 2, seq: int = 16, seed: int = 0,
         return {"input_features": rng.uniform(-1, 1, (batch, kw["num_mel_bins"], frames)).astype(np.float32)}
     vocab = kw.get("vocab_size", 30522)
     ids = rng.integers(5, vocab, size=(batch, seq), dtype=np.int64)
-    mask = np.ones((batch, seq), dtype=np.int64)
-    mask[0, seq - max(1, seq // 4):] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    total = 2 * seq if spec.kind == "decoder_past" else seq  # with a KV cache: seq cached tokens, then seq new
+    mask = np.ones((batch, total), dtype=np.int64)
+    mask[0, total - max(1, total // 4):] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if spec.kind == "decoder_past":
+        heads, hidden = (next(kw[k] for k in keys if k in kw) for keys in (HEADS_KEYS, HIDDEN_KEYS))
+        shape = (batch, kw.get("num_key_value_heads", heads), seq, hidden // heads)
+        for i in range(num_layers(kw)):
+            for t in "kv":
+                feeds[f"past_{i}_{t}"] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def output_names(name: str, overrides: dict | None = None) -> list[str]:
+    """The exported model's outputs: the last hidden state (and a KV cache's present keys/values)."""
+    if SPECS[name].kind != "decoder_past":
+        return ["last_hidden_state"]
+    layers = num_layers({**SPECS[name].kwargs, **(overrides or {})})
+    return ["last_hidden_state"] + [f"present_{i}_{t}" for i in range(layers) for t in "kv"]
+
+
+def num_layers(kw: dict) -> int:
+    """The layer count in a config's keyword arguments (``num_hidden_layers`` or GPT-2's ``n_layer``)."""
+    return next(kw[k] for k in ("num_hidden_layers", "n_layer") if k in kw)
 
 
 class _Wrapper:
@@ -185,6 +225,15 @@ class _Wrapper:
                     out = self.model(input_features=args[0])
                 elif kind == "decoder":
                     out = self.model(input_ids=args[0], attention_mask=args[1], use_cache=False)
+                elif kind == "decoder_past":  # past_{i}_k, past_{i}_v per layer -> a transformers cache
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache()
+                    for i in range(0, len(args) - 2, 2):
+                        cache.update(args[2 + i], args[3 + i], i // 2)
+                    out = self.model(input_ids=args[0], attention_mask=args[1], past_key_values=cache, use_cache=True)
+                    presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                    return (out.last_hidden_state, *presents)
                 else:
                     out = self.model(input_ids=args[0], attention_mask=args[1])
                 return out.last_hidden_state
@@ -201,17 +250,22 @@ def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | No
     feeds = example_inputs(name, batch=2, seq=16, overrides=overrides)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     names = list(feeds)
+    outputs = output_names(name, overrides)
     if spec.kind in ("image", "audio"):
         axes = {names[0]: {0: "batch"}}
     else:
         axes = {n: {0: "batch", 1: "seq"} for n in names}
     axes["last_hidden_state"] = {0: "batch"} if spec.kind in ("image", "audio") else {0: "batch", 1: "seq"}
+    if spec.kind == "decoder_past":
+        axes["attention_mask"] = {0: "batch", 1: "total"}
+        axes.update({n: {0: "batch", 2: "past"} for n in names[2:]})
+        axes.update({n: {0: "batch", 2: "total"} for n in outputs[1:]})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            torch.onnx.export(module, args, str(tmp), input_names=names, output_names=["last_hidden_state"],
+            torch.onnx.export(module, args, str(tmp), input_names=names, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
             model = onnx.load(str(tmp))
         else:
@@ -220,7 +274,11 @@ def export(name: str, exporter: str, opset: int, out: Path, overrides: dict | No
             batch = Dim("batch", min=1, max=64)
             shapes = ([{0: batch}] if spec.kind in ("image", "audio")
                       else [{0: batch, 1: Dim("seq", min=2, max=512)}] * 2)
-            program = torch.onnx.export(module, args, input_names=names, output_names=["last_hidden_state"],
+            if spec.kind == "decoder_past":  # the mask spans past + new: its own dim (torch.export cannot add two)
+                past = Dim("past", min=2, max=512)
+                shapes[1] = {0: batch, 1: Dim("total", min=4, max=1024)}
+                shapes += [{0: batch, 2: past}] * (len(names) - 2)
+            program = torch.onnx.export(module, args, input_names=names, output_names=outputs,
                                         dynamic_shapes=(tuple(shapes),), opset_version=opset, dynamo=True,
                                         optimize=True, verbose=False)
             model = program.model_proto

@@ -100,7 +100,7 @@ def test_attention_becomes_multi_head_attention_below_opset_23(style, scale):
     model = attention_model(style, scale=scale)
     out, counters = fuse(model)
     hist = op_histogram(out)
-    assert hist["com.microsoft::MultiHeadAttention"] == 1 and counters == {"fused": 1, "attention": 1}
+    assert hist["com.microsoft::MultiHeadAttention"] == 1 and counters == {"fused": 1, "attention": 1, "attention_past": 0}
     assert not {"Softmax", "Transpose", "Reshape"} & set(hist)
     mha = next(n for n in out.graph.node if n.op_type == "MultiHeadAttention")
     attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
@@ -135,14 +135,15 @@ def test_not_fused(case):
 
 
 def test_an_attention_block_no_pattern_describes_says_why_in_stats():
-    """Llama's rotary embedding on the split heads: no pattern's structure is there, so the engine
-    has no refused match to report; the Softmax left over is the rejected count, with the
-    pattern engine's best partial match at the merge Reshape after it as the reason."""
+    """Something computed on the split heads that is not transformers' rotate_half (the rotary
+    the patterns describe, tests/test_fuse_attention_llama.py): no pattern's structure is there, so
+    the engine has no refused match to report; the Softmax left over is the rejected count, with
+    the pattern engine's best partial match at the merge Reshape after it as the reason."""
     art = infoptc.compile(attention_model(rotary=True), passes="fuse-attention")
     counters = art.pass_records[-1].counters
     assert counters["fused"] == 0 and counters["unfused_softmax"] == 1 and counters["rejected"] == 1
     why = art.reports["fuse-attention"]["rejected"]["softmax"]
-    assert why.startswith("at '/attn/Softmax_") and "wants Transpose, found Add node" in why
+    assert why.startswith("at '/attn/Softmax_") and "no match: Concat#9 wants Concat, found Transpose node" in why
 
 
 def test_not_fused_for_a_target_without_the_contrib_op():
@@ -164,3 +165,21 @@ def test_golden_transformers(golden, name):
     diffs = compare_outputs(OrtRunner(model, threads=1).run(feeds), OrtRunner(out, threads=1).run(feeds),
                             Contract.REASSOCIATING)
     assert all(d.ok for d in diffs), [d.describe() for d in diffs]
+
+
+@pytest.mark.parametrize("exporter, opset", [("torchscript", 17), ("dynamo", 20)])
+def test_sdpa_export_with_an_all_padding_row_keeps_the_nan_guard(exporter, opset):
+    """torch's SDPA as TorchScript exports it masks with -inf and zeroes the NaN weights of a row
+    whose every key is masked; MultiHeadAttention gives NaN there, so the fused result keeps the
+    guard (Where(IsNaN(y), 0, y)) unless the bias provably has no -inf (the dynamo export's finfo.min)."""
+    from test_fuse_attention_llama import _fixtures
+
+    real_exports, TINY, fixture_path = _fixtures()
+    path = str(fixture_path("bert_sdpa", exporter, opset))
+    out = infoptc.compile(path, opt_level=3).model
+    assert op_histogram(out).get("IsNaN", 0) == (2 if exporter == "torchscript" else 0)
+    feeds = real_exports.example_inputs("bert_sdpa", batch=2, seq=12, overrides=TINY["bert_sdpa"])
+    feeds["attention_mask"][1] = 0
+    expected, got = OrtRunner(onnx.load(path), threads=1).run(feeds), OrtRunner(out, threads=1).run(feeds)
+    diffs = compare_outputs(expected, got, Contract.REASSOCIATING)
+    assert all(d.ok for d in diffs) and not any(np.isnan(v).any() for v in got.values()), [d.describe() for d in diffs]

@@ -117,6 +117,13 @@ def _origin(ctx, t, i, depth: int = 0):
         return origin(ctx, src, i, depth + 1)
     if node.op in ("MultiHeadAttention", "Attention") and ctx.rank(src) == 3 and rank == 3 and i < 2:
         return origin(ctx, src, i, depth + 1)  # [B, S, hidden] of the query
+    if node.op == "RotaryEmbedding" and t is node.outputs[0]:
+        return origin(ctx, src, i, depth + 1)  # the output has its input's shape
+    if node.op == "Where" and len(node.inputs) == 3:  # Where(IsNaN(x), c, x), fuse-attention's NaN guard
+        guard, fill = ctx.producer(node.inputs[0]), ctx.value(node.inputs[1])
+        if guard is not None and guard.op == "IsNaN" and guard.inputs[0] is node.inputs[2] and fill is not None \
+                and fill.size == 1:
+            return origin(ctx, node.inputs[2], i, depth + 1)
     if node.op == "MatMul":
         w = ctx.shape(node.inputs[1])
         if ctx.rank(src) != rank or i == rank - 1 or w is None or (len(w) != 2 and i != rank - 2):
