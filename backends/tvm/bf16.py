@@ -322,6 +322,22 @@ def _void(dtype) -> bool:
     return str(dtype) in ("", "None", "void")
 
 
+def _users(mod) -> dict:
+    """Each variable of ``mod``'s Relax functions -> the number of bindings that read it."""
+    counts = {}
+    for _, func in (mod.functions_items() if mod is not None else []):
+        if isinstance(func, relax.Function):
+            for block in func.body.blocks:
+                if isinstance(block, relax.DataflowBlock):
+                    for var, users in relax.analysis.udchain(block).items():
+                        counts[var] = counts.get(var, 0) + len(users)
+                else:
+                    for binding in block.bindings:
+                        for var in relax.analysis.free_vars(binding.value):
+                            counts[var] = counts.get(var, 0) + 1
+    return counts
+
+
 def rewrite_pass(target):
     """A Relax pass: bf16 matmul/conv2d -> packed dot-product kernels (``has_bf16``), or fp32
     accumulation for the rest; see the module docstring."""
@@ -332,6 +348,7 @@ def rewrite_pass(target):
         def __init__(self, mod=None):
             super().__init__(mod)
             self.widened = set()  # the fp32 values this pass made (a model's own Casts stay)
+            self.users = _users(mod)  # the input module's vars -> how many bindings read them
 
         def _rounded(self, fp32):
             """``fp32`` bound to a variable the epilogues may read, rounded to bf16."""
@@ -340,6 +357,7 @@ def rewrite_pass(target):
             return relax.op.astype(var, "bfloat16")
 
         def visit_call_(self, call):
+            shared = bool(call.args) and self.users.get(call.args[0], 0) > 1
             call = super().visit_call_(call)
             name = op_name(call)
             if name in FP32_NORMS and _dtype(call.args[0]) == "bfloat16":
@@ -353,7 +371,7 @@ def rewrite_pass(target):
             if dtypes != {"bfloat16"} or not (_void(call.attrs.out_dtype) or str(call.attrs.out_dtype) == "bfloat16"):
                 return call
             fp32 = (self._depthwise(call) if name == "relax.nn.conv2d" else None) if packing else None
-            fp32 = fp32 if fp32 is not None else self._packed(call, name) if packing else None
+            fp32 = fp32 if fp32 is not None else self._packed(call, name, shared) if packing else None
             if fp32 is None:  # TVM's own kernel, accumulating in fp32
                 if name == "relax.matmul":
                     fp32 = relax.op.matmul(call.args[0], call.args[1], out_dtype="float32")
@@ -408,7 +426,7 @@ def rewrite_pass(target):
                                          [int(v) for v in a.dilation], primfunc_name_hint=DEPTHWISE,
                                          primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE})
 
-        def _packed(self, call, name):
+        def _packed(self, call, name, shared=False):
             weight = constant_value(self, call.args[1])
             dims = tensor_dims(call.args[0])
             if dims is None or dims[-1] is None or (None in dims and (weight is None or name != "relax.matmul")):
@@ -440,9 +458,11 @@ def rewrite_pass(target):
             copies = dims[-1] % PAIR or (rows is None or rows != dims[-2] if name == "relax.matmul" else
                                          any(int(v) for v in a.padding) or a.data_layout != "NHWC")
             if op_name(value) == "relax.astype" and _dtype(value.args[0]) == "float32" \
-                    and (copies or not any(value.args[0].same_as(v) for v in self.widened)):
-                # an fp32 input (the model's), or a kernel that copies its input anyway: it rounds
-                # as it copies. Else the producer's epilogue rounds: half the bytes to write and read.
+                    and (copies or shared or not any(value.args[0].same_as(v) for v in self.widened)):
+                # An fp32 input (the model's), a kernel that copies its input anyway, or an input
+                # that others read too (a residual sum: its rounding would be a kernel of its own,
+                # as the fp32 value stays for them): the kernel rounds as it copies. Else the
+                # producer's epilogue rounds: half the bytes to write and read, and no copy.
                 data = value.args[0]
             if name == "relax.matmul":
                 return self.builder_.call_te(dense, data, packed, rows, features,
