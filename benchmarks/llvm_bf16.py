@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/llvm_bf16.py [MODELS...] [--threads 2] [--seq 128] [--rounds 4]
                                             [--block 10] [--profile] [--json]
 
-Per model (default: resnet18 mobilenetv2 bert_small vit_tiny, batch 1, symbolic sequence dims
+Per model (default: resnet18 mobilenetv2 efficientnet_b0 bert_small vit_tiny, batch 1, symbolic sequence dims
 set by --seq), in interleaved turns (benchmarks/backends.py's protocol: a pause, a few untimed
 runs, then --block timed ones, runners in rotation): ONNX Runtime fp32 on the original model,
 ``infoptc.compile(model, target="llvm", opt_level=3)`` (llvm fp32), the same with
@@ -40,7 +40,7 @@ from infoptc.verify import random_inputs
 
 from golden_models import BUILDERS, REAL_SIZE_BUILDERS
 
-DEFAULT_MODELS = ["resnet18", "mobilenetv2", "bert_small", "vit_tiny"]
+DEFAULT_MODELS = ["resnet18", "mobilenetv2", "efficientnet_b0", "bert_small", "vit_tiny"]
 
 
 def openvino_note() -> str | None:

@@ -208,3 +208,96 @@ def test_round_to_bf16_bits_is_round_to_nearest_even():
     got = out.numpy()
     np.testing.assert_array_equal(got[:-1], values[:-1].astype(ml_dtypes.bfloat16).view(np.uint16))
     assert np.isnan(got[-1:].view(ml_dtypes.bfloat16).astype(np.float32)).all()
+
+
+def _kernels(artifact) -> str:
+    """The assembly of the artifact's kernels (their symbols name the fused Relax functions)."""
+    module = artifact.executable.mod
+    llvm = [m for m in module.imports if m.kind == "llvm"] or [module]
+    return llvm[0].inspect_source("asm")
+
+
+@pytest.mark.parametrize("kernel, stride, channels", [(3, 1, 32), (5, 2, 48)])
+def test_depthwise_conv_runs_the_bf16_depthwise_kernel_within_the_bound(kernel, stride, channels):
+    """One group per channel: bf16 inputs widened in the kernel, fp32 multiply-adds, the bias and
+    ReLU6 on the fp32 result (the padding read as zeros at every border)."""
+    rng = np.random.default_rng(kernel)
+    size = 15
+    w = (rng.standard_normal((channels, 1, kernel, kernel)) / kernel).astype(np.float32)
+    b = rng.standard_normal(channels).astype(np.float32)
+    x = rng.standard_normal((1, channels, size, size)).astype(np.float32)
+    pad = kernel // 2
+    conv = dict(kernel_shape=[kernel, kernel], pads=[pad] * 4, strides=[stride, stride], group=channels)
+    out = (size + 2 * pad - kernel) // stride + 1
+    shape = [1, channels, out, out]
+    model = _model([helper.make_node("Conv", ["x", "w", "b"], ["c"], **conv),
+                    helper.make_node("Clip", ["c", "lo", "hi"], ["y"])], [("x", [1, channels, size, size])], shape,
+                   {"w": w, "b": b, "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)})
+    contraction = _model([helper.make_node("Conv", ["x", "w"], ["y"], **conv)], [("x", [1, channels, size, size])],
+                         shape, {"w": w})
+    bias = b.reshape(1, -1, 1, 1)
+    artifact = _check(model, contraction, {"x": x}, kernel * kernel, lambda m: [(m, 0), (m + bias, np.abs(bias))])
+    assert "bf16_depthwise" in _kernels(artifact)
+
+
+def test_conv_with_24_output_channels_pads_them_to_vectors_within_the_bound():
+    """MobileNet's projections to 24 channels: weights padded to 32 columns, the padded ones
+    dropped from the output."""
+    rng = np.random.default_rng(24)
+    channels, features, size = 48, 24, 10
+    w = (rng.standard_normal((features, channels, 1, 1)) / 4).astype(np.float32)
+    b = rng.standard_normal(features).astype(np.float32)
+    x = rng.standard_normal((1, channels, size, size)).astype(np.float32)
+    shape = [1, features, size, size]
+    model = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"])], [("x", [1, channels, size, size])], shape,
+                   {"w": w, "b": b})
+    contraction = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [("x", [1, channels, size, size])], shape,
+                         {"w": w})
+    bias = b.reshape(1, -1, 1, 1)
+    artifact = _check(model, contraction, {"x": x}, channels, lambda m: [(m, 0), (m + bias, np.abs(bias))])
+    assert _dpbf16_count(artifact) > 0
+
+
+def test_one_row_dense_with_1000_columns_runs_vdpbf16ps_within_the_bound():
+    """A classifier at batch 1: 1000 columns padded to 1024 (whole tiles of 4 vectors), one row."""
+    rng = np.random.default_rng(1000)
+    k, n = 320, 1000
+    w = (rng.standard_normal((k, n)) / 8).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                   [("x", [1, k])], [1, n], {"w": w, "b": b})
+    contraction = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, k])], [1, n], {"w": w})
+    artifact = _check(model, contraction, {"x": x}, k, lambda m: [(m, 0), (m + b, np.abs(b))])
+    assert _dpbf16_count(artifact) > 0
+
+
+@pytest.mark.parametrize("bf16_kernels", [True, False])
+def test_squeeze_excitation_block_within_the_rounding_stages(bf16_kernels):
+    """Depthwise conv, SiLU, global average pool (on the fp32 result), two small 1x1 convs, a
+    sigmoid gate multiplied back, a 1x1 projection: each bf16 stage rounds to 2^-8 of its value,
+    with two more input roundings per contraction (as the transformer block's test). Without
+    avx512bf16 the same graph compiles to TVM's kernels, accumulating in fp32."""
+    rng = np.random.default_rng(5)
+    channels, squeeze, size = 32, 8, 12
+    inits = {"dw": (rng.standard_normal((channels, 1, 3, 3)) / 3).astype(np.float32),
+             "db": rng.standard_normal(channels).astype(np.float32) / 4,
+             "s1": (rng.standard_normal((squeeze, channels, 1, 1)) / 4).astype(np.float32),
+             "s2": (rng.standard_normal((channels, squeeze, 1, 1)) / 2).astype(np.float32),
+             "pw": (rng.standard_normal((16, channels, 1, 1)) / 4).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "dw", "db"], ["d"], kernel_shape=[3, 3], pads=[1] * 4, group=channels),
+             helper.make_node("Sigmoid", ["d"], ["ds"]), helper.make_node("Mul", ["d", "ds"], ["a"]),
+             helper.make_node("GlobalAveragePool", ["a"], ["p"]), helper.make_node("Conv", ["p", "s1"], ["q"]),
+             helper.make_node("Relu", ["q"], ["r"]), helper.make_node("Conv", ["r", "s2"], ["e"]),
+             helper.make_node("Sigmoid", ["e"], ["g"]), helper.make_node("Mul", ["a", "g"], ["z"]),
+             helper.make_node("Conv", ["z", "pw"], ["y"])]
+    model = _model(nodes, [("x", [1, channels, size, size])], [1, 16, size, size], inits)
+    x = rng.standard_normal((1, channels, size, size)).astype(np.float32)
+    options = {} if bf16_kernels else {"mattr": "-avx512bf16"}
+    artifact = infoptc.compile(model, target="llvm", opt_level=3, quantize="bf16", **options)
+    got = artifact.run({"x": x})["y"].astype(np.float64)
+    want = _ort(model, {"x": x})
+    error = np.abs(got - want).max()
+    assert 0 < error <= 3 * U * len(nodes) * np.abs(want).max()
+    assert ("bf16_depthwise" in _kernels(artifact)) == bf16_kernels
+    assert (_dpbf16_count(artifact) > 0) == bf16_kernels
