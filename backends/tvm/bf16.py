@@ -478,15 +478,9 @@ def rewrite_pass(target):
 
 
 def register_tile(rows_extent: int, vectors_extent: int) -> tuple[int, int]:
-    """``(rows, vectors)``: vectors of 16 output channels per tile (4, 2 or 1, dividing the
-    channel vectors), rows the widest divisor of the row extent that keeps the accumulators
-    within ``ACCUMULATORS`` registers."""
-    vectors = next(v for v in (4, 2, 1) if vectors_extent % v == 0)
-    rows = rules._largest_divisor(rows_extent, ACCUMULATORS // vectors)
-    if vectors > 1 and rows < 4:  # few rows (a 7x7 map has 49 = 7 x 7): narrower and taller
-        vectors = 1 if vectors == 2 else 2
-        rows = rules._largest_divisor(rows_extent, ACCUMULATORS // vectors)
-    return rows, vectors
+    """``(rows, vectors)``: the tile with the most dot products per load that divides both
+    extents within ``ACCUMULATORS`` registers (``schedule.dot_register_tile``, as int8's)."""
+    return rules.dot_register_tile(rows_extent, vectors_extent, ACCUMULATORS)
 
 
 class Dot(CPUScheduleRule):
