@@ -304,6 +304,20 @@ def test_small_maps_tile_rows_and_agree(size):
     assert_agrees(qmodel, artifact)
 
 
+def test_requantization_is_one_multiply_add_per_element():
+    """The dequantization scale, the bias and the next quantization's 1 / scale fold into one
+    per-channel multiply-add before the rounding (fold_requantization_pass), as ONNX Runtime's
+    int8 kernels requantize; outputs stay within a step of ORT's on the same QDQ graph."""
+    qmodel = quantize(small_map_model(7, 32))
+    texts = [f.script() for name, f in kernels_by_name(lowered(qmodel)).items() if "int8_conv2d" in name]
+    requantized = [t for t in texts if "T.nearbyint(" in t]
+    assert requantized, texts
+    for text in requantized:
+        rounded = text[text.index("T.nearbyint(") + len("T.nearbyint("):]
+        assert rounded.startswith('T.Cast("float32"'), rounded[:200]  # not ((float(acc) * s + b) * c)
+    assert_agrees(qmodel, infoptc.compile(qmodel, target="llvm", opt_level=0))
+
+
 def test_pack_weights_layout():
     from infoptc.backends.tvm.int8 import pack_weights
 

@@ -55,7 +55,7 @@ from tvm.script import tirx as T
 from tvm.target.codegen import llvm_cpu_has_features
 
 from . import schedule as rules
-from .prepare import bound_value, op_name, relax_pass, tensor_dims
+from .prepare import bound_value, constant_value, op_name, relax_pass, tensor_dims
 
 log = logging.getLogger("infoptc.backends.tvm")
 
@@ -288,6 +288,32 @@ def decompose_qdq_pass():
             return relax.op.astype(value, out_dtype)
 
     return relax_pass("DecomposeActivationQDQ", Decompose)
+
+
+def fold_requantization_pass():
+    """A pass: ``(float(acc) * A + B) * C`` with constants ``A``, ``B``, ``C`` (an int8 kernel's
+    dequantization, the bias, the next quantization's ``1 / scale``) -> ``float(acc) * (A * C) +
+    B * C``: one multiply-add per element in the kernel's epilogue instead of a multiply-add and a
+    multiply, as ONNX Runtime's int8 kernels requantize with one scale per output channel. fp32
+    reassociation before the rounding: the u8 result can differ on a tie, within one step."""
+
+    @relax.expr_functor.mutator
+    class Fold(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            c = constant_value(self, call.args[1]) if op_name(call) == "relax.multiply" else None
+            shifted = bound_value(self, call.args[0]) if c is not None else None
+            b = constant_value(self, shifted.args[1]) if op_name(shifted) == "relax.add" else None
+            scaled = bound_value(self, shifted.args[0]) if b is not None else None
+            a = constant_value(self, scaled.args[1]) if op_name(scaled) == "relax.multiply" else None
+            cast = bound_value(self, scaled.args[0]) if a is not None else None
+            if (op_name(cast) != "relax.astype" or str(cast.args[0].ty.dtype) != "int32"  # an integer accumulator's
+                    or any(v.dtype != np.float32 for v in (a, b, c)) or c.size != 1):
+                return call
+            return relax.op.add(relax.op.multiply(scaled.args[0], relax.const((a * c).astype(np.float32))),
+                                relax.const((b * c).astype(np.float32)))
+
+    return relax_pass("FoldRequantization", Fold)
 
 
 def rewrite_pass(target):
