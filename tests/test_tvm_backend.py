@@ -571,6 +571,20 @@ def test_tvm_errors_read_as_one_line_naming_the_op():
     assert error_line(ValueError()) == "ValueError"
 
 
+def test_a_tvm_failure_in_its_graph_passes_is_a_one_line_compile_error(monkeypatch):
+    """A static-shape model whose Relax passes fail inside TVM: CompileError (exit 4) with one
+    line, not TVM's own exception and traceback (the bf16 ViT build hit one in FoldConstant)."""
+    from infoptc.backends.tvm import build
+    from infoptc.errors import CompileError
+
+    def failing(*_args, **_kwargs):
+        raise RuntimeError("Check failed: layer_norm: only support float32 and float16 for now\n# Metadata omitted.")
+
+    monkeypatch.setattr(build, "optimize", failing)
+    with pytest.raises(CompileError, match=r"^TVM failed to compile the model for llvm: Check failed: layer_norm"):
+        infoptc.compile(_two_input_matmul(4, 8, 16, np.random.default_rng(0))[0], target="llvm", opt_level=0)
+
+
 def test_fast_math_sigmoid_is_polynomial_and_matches_ort():
     """With fast_math, fp32 sigmoid (swish, squeeze-excitation gates) is 1 / (1 + fast_exp(-x)):
     no per-element call of the C library's expf; fast_math=false keeps TOPI's. Inputs span

@@ -169,8 +169,8 @@ def test_transformer_block_within_the_rounding_stages():
     rng = np.random.default_rng(3)
     seq, dim = 16, 64
     inits = {name: (rng.standard_normal((dim, dim)) / 8).astype(np.float32) for name in ("wq", "wk", "wv", "wo")}
-    inits.update(gamma=np.ones(dim, np.float32), beta=np.zeros(dim, np.float32),
-                 scale=np.array(1 / 8, np.float32))
+    inits.update(gamma=(1 + rng.standard_normal(dim) / 10).astype(np.float32),
+                 beta=(rng.standard_normal(dim) / 10).astype(np.float32), scale=np.array(1 / 8, np.float32))
     nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1),
              helper.make_node("MatMul", ["n", "wq"], ["q"]), helper.make_node("MatMul", ["n", "wk"], ["k"]),
              helper.make_node("MatMul", ["n", "wv"], ["v"]),

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from infoptc.errors import CompileError, InvalidModelError, MissingDependencyError, UsageError
+from infoptc.errors import CompileError, InfoptcError, InvalidModelError, MissingDependencyError, UsageError
 from infoptc.pass_manager import parse_bool
 from infoptc.progress import stage
 from infoptc.targets import Artifact, Target, TensorSpec, register_target
@@ -633,7 +633,10 @@ class TvmTarget(Target):
                 break
             except Exception as e:  # symbolic shapes failed in a pass: compile static shapes
                 if not prepared.symbolic_dims:
-                    raise
+                    if isinstance(e, InfoptcError):
+                        raise
+                    raise CompileError(f"TVM failed to compile the model for {self.name}: {error_line(e)[:400]}") \
+                        from None
                 first = error_line(e)
                 failed = f"TVM failed to compile them ({first[:200]})"
                 dynamic = False

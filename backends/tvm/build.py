@@ -108,11 +108,12 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
     if is_cpu and cpu_layout:
         lanes = rules.vector_lanes(target)
         first += [int8.decompose_qdq_pass(), relax.transform.ConvertLayout(CPU_CONV_LAYOUT),
-                  int8.rewrite_pass(target), relax.transform.FoldConstant(), int8.fold_requantization_pass(),
-                  read_narrow_inputs_in_place(lanes),
+                  int8.rewrite_pass(target), read_narrow_inputs_in_place(lanes),
                   winograd.rewrite_pass(lanes)]
     if is_cpu:  # bf16 matmuls and convs: AVX512_BF16 kernels, or at least fp32 accumulation
         first.append(bf16.rewrite_pass(target))
+    if is_cpu and cpu_layout:  # after the bf16 rewrite, which matches its norms' unfolded constants
+        first += [relax.transform.FoldConstant(), int8.fold_requantization_pass()]
     if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
     if is_cpu and pack_weights and schedules == "rules":  # constant weights packed in the rules' column strips
