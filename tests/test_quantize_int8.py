@@ -317,14 +317,24 @@ def test_cli_refuses_bad_quantization_input(cli, golden, tmp_path, args, message
 
 
 def test_speed_check_keeps_fp32_where_int8_is_slower(caplog):
-    """A 4x4 Conv runs in microseconds: Q/DQ and int8 kernel set-up cost more than the product."""
+    """A 4x4 Conv runs in microseconds, where Q/DQ and int8 kernel set-up usually cost more than
+    the product. The real timing decides (and on a noisy machine it can go either way), so what
+    must hold is that the model written is the one the measured times call for: fp32 with the
+    warning unless an int8 candidate took at most INT8_MARGIN of fp32's time."""
+    from infoptc.passes.quantize.speed import INT8_MARGIN
+
     model = conv_model(4, 4, 1, 1, False, hw=4)
     with caplog.at_level(logging.WARNING, logger="infoptc"):
         art = infoptc.compile(model, quantize="int8", calibration=feeds((1, 4, 4, 4), 2, name="x"))
-    assert [n.op_type for n in art.model.graph.node] == ["Conv"]
-    assert "not faster than fp32" in caplog.text
     speed = art.reports["quantize-int8"]["speed"]
-    assert speed["chosen"] is None and speed["fp32_ms"] <= min(speed["candidates_ms"].values())
+    limit, rounding = INT8_MARGIN * speed["fp32_ms"], 1e-4  # the report rounds to 4 decimals
+    ops = [n.op_type for n in art.model.graph.node]
+    if speed["chosen"] is None:  # then the first candidate (the fullest int8) was over the margin
+        assert next(iter(speed["candidates_ms"].values())) > limit - rounding, speed
+        assert ops == ["Conv"] and "not faster than fp32" in caplog.text
+    else:
+        assert speed["candidates_ms"][speed["chosen"]] <= limit + rounding, speed
+        assert "QuantizeLinear" in ops and "not faster than fp32" not in caplog.text
 
 
 def test_speed_check_choice(monkeypatch):
