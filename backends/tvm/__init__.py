@@ -50,6 +50,7 @@ from .runtime import (  # noqa: F401
     PINNED_FFI,
     PINNED_TVM,
     TUNING_FFI_SERIES,
+    compile_error,
     error_line,
     import_tvm,
     native_output_to_log,
@@ -635,8 +636,7 @@ class TvmTarget(Target):
                 if not prepared.symbolic_dims:
                     if isinstance(e, InfoptcError):
                         raise
-                    raise CompileError(f"TVM failed to compile the model for {self.name}: {error_line(e)[:400]}") \
-                        from None
+                    raise compile_error(self.name, e) from None
                 first = error_line(e)
                 failed = f"TVM failed to compile them ({first[:200]})"
                 dynamic = False

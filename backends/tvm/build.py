@@ -48,7 +48,7 @@ from tvm.s_tir import dlight as dl
 from . import bf16, int8, packing, winograd
 from . import schedule as rules
 from .prepare import bound_value, op_name, relax_pass, tensor_dims
-from .runtime import PINNED_FFI, TUNING_FFI_SERIES, error_line, size_thread_pool
+from .runtime import PINNED_FFI, TUNING_FFI_SERIES, compile_error, error_line, size_thread_pool
 
 log = logging.getLogger("infoptc.backends.tvm")
 
@@ -112,12 +112,15 @@ def optimize(mod, target, *, cpu_layout: bool, schedules: str, tuning: TuningBud
                   winograd.rewrite_pass(lanes)]
     if is_cpu:  # bf16 matmuls and convs: AVX512_BF16 kernels, or at least fp32 accumulation
         first.append(bf16.rewrite_pass(target))
-    if is_cpu and cpu_layout:  # after the bf16 rewrite, which matches its norms' unfolded constants
-        first += [relax.transform.FoldConstant(), int8.fold_requantization_pass()]
+    packs = is_cpu and pack_weights and schedules == "rules"
+    if is_cpu and (cpu_layout or packs):  # weights and biases behind layout transposes become constants;
+        first.append(relax.transform.FoldConstant())  # after the bf16 rewrite, which matches unfolded ones
+    if is_cpu and cpu_layout:
+        first.append(int8.fold_requantization_pass())
     if fast_math:  # on Relax ops: before anything legalizes them
         first.append(relax.transform.FastMathTransform())
-    if is_cpu and pack_weights and schedules == "rules":  # constant weights packed in the rules' column strips
-        first += [relax.transform.FoldConstant(), packing.pack_weights_pass(target)]
+    if packs:  # constant weights packed in the rules' column strips
+        first.append(packing.pack_weights_pass(target))
     legalize = {}  # before the zero pipeline's LegalizeOps, which then finds these ops done
     if is_cpu and cpu_layout:  # our NCHW-in, NHWC-out conv
         legalize["relax.nn.conv2d"] = legalize_conv2d
@@ -662,8 +665,7 @@ def build(mod, target) -> object:
             mod = relax.get_pipeline("default")(mod)
         return tvm.compile(accept_unaligned_inputs(mod), target=target, relax_pipeline=None)
     except Exception as e:  # noqa: BLE001 - TVM raises many types; one line for the user
-        first = error_line(e)
-        raise CompileError(f"TVM failed to compile the model for {target.kind.name}: {first[:400]}") from None
+        raise compile_error(target.kind.name, e) from None
 
 
 def accept_unaligned_inputs(mod):

@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 
-from infoptc.errors import MissingDependencyError
+from infoptc.errors import CompileError, MissingDependencyError
 
 log = logging.getLogger("infoptc.backends.tvm")
 
@@ -115,3 +115,7 @@ def error_line(e: BaseException) -> str:
         line = f"{reason}: {call[0].split('(')[0]}" if call else reason
     return line
 
+
+def compile_error(target: str, e: BaseException):
+    """The CompileError (exit 4) for a TVM failure while compiling for ``target``: one line."""
+    return CompileError(f"TVM failed to compile the model for {target}: {error_line(e)[:400]}")
